@@ -1,0 +1,167 @@
+// Entry points: validation, gates, lane dispatch and build information.
+#include <cstdlib>
+#include <string>
+
+#include "core/validate.h"
+#include "cpu/cpu_lane.h"
+#include "cuda/cuda_lane.h"
+#include "mamba3/mamba3.h"
+#include "reference/reference.h"
+
+#ifndef MAMBA3_VERSION
+#define MAMBA3_VERSION "0.1.0"
+#endif
+
+namespace mamba3 {
+namespace {
+
+constexpr const char* kPsivGate = "MAMBA3_PSIV_CACHE";
+
+// A gate is on for "1", "true", "on", "yes"; off when unset, empty or "0"/"false"/"off"/"no".
+// Anything else is an error so a typo never silently selects a path.
+Status read_gate(const char* name, bool* on) {
+  const char* v = std::getenv(name);
+  *on = false;
+  if (v == nullptr) return Status::Ok();
+  const std::string s(v);
+  if (s.empty() || s == "0" || s == "false" || s == "off" || s == "no") return Status::Ok();
+  if (s == "1" || s == "true" || s == "on" || s == "yes") {
+    *on = true;
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(std::string(name) + ": expected 0 or 1, got \"" + s + "\"");
+}
+
+// PsiV cache (DESIGN.md §3): no lane of this build implements it, so asking for it fails.
+Status check_psiv_gate(Lane lane) {
+  bool on = false;
+  Status st = read_gate(kPsivGate, &on);
+  if (!st.ok()) return st;
+  if (on)
+    return Status::NotSupported(std::string(kPsivGate) + "=1: the PsiV cache is not implemented on the " +
+                                lane_name(lane) +
+                                " lane of this build; unset the gate to run the default path");
+  return Status::Ok();
+}
+
+Lane resolve_lane(Lane requested, const Dims& d, DType activation_dtype) {
+  if (requested != Lane::kAuto) return requested;
+  if (d.device == Device::kCUDA) return Lane::kCuda;
+  return activation_dtype == DType::kF64 ? Lane::kReference : Lane::kCpu;
+}
+
+#define M3_RETURN_IF_ERROR(expr)  \
+  do {                            \
+    ::mamba3::Status _s = (expr); \
+    if (!_s.ok()) return _s;      \
+  } while (0)
+
+}  // namespace
+
+Status validate(const ForwardArgs& args) {
+  Dims d;
+  return validate_forward(args, &d);
+}
+Status validate(const BackwardArgs& args) {
+  Dims d;
+  return validate_backward(args, &d);
+}
+Status validate(const StepArgs& args) {
+  Dims d;
+  return validate_step(args, &d);
+}
+
+Status forward(const ForwardArgs& args) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_forward(args, &d));
+  const Lane lane = resolve_lane(args.lane, d, args.in.v.dtype);
+  M3_RETURN_IF_ERROR(check_psiv_gate(lane));
+  switch (lane) {
+    case Lane::kReference: return reference::forward<double>(args);
+    case Lane::kCpu: return cpu::forward(args, d);
+    case Lane::kCuda: return cuda::forward(args);
+    case Lane::kAuto: break;
+  }
+  return Status::Internal("forward: unresolved lane");
+}
+
+Status backward(const BackwardArgs& args) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_backward(args, &d));
+  const Lane lane = resolve_lane(args.lane, d, args.in.v.dtype);
+  M3_RETURN_IF_ERROR(check_psiv_gate(lane));
+  switch (lane) {
+    case Lane::kReference: return reference::backward<double>(args);
+    case Lane::kCpu: return cpu::backward(args, d);
+    case Lane::kCuda: return cuda::backward(args);
+    case Lane::kAuto: break;
+  }
+  return Status::Internal("backward: unresolved lane");
+}
+
+Status step(const StepArgs& args) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_step(args, &d));
+  const Lane lane = resolve_lane(args.lane, d, args.v.dtype);
+  switch (lane) {
+    case Lane::kReference: return reference::step<double>(args);
+    case Lane::kCpu: return cpu::step(args, d);
+    case Lane::kCuda: return cuda::step(args);
+    case Lane::kAuto: break;
+  }
+  return Status::Internal("step: unresolved lane");
+}
+
+const char* version() { return MAMBA3_VERSION; }
+
+std::vector<LaneInfo> lanes() {
+  std::vector<LaneInfo> out;
+  out.push_back({"reference", true, true, "float64 token-by-token recurrence; forward, backward, step"});
+  out.push_back({"cpu", true, true,
+                 "float32 chunked, " + std::to_string(cpu::max_threads()) + " threads, " +
+                     cpu::matrix_library() + "; forward, backward, step"});
+  const bool cuda_compiled = cuda::compiled();
+  const int devices = cuda_compiled ? cuda::device_count() : 0;
+  out.push_back({"cuda", cuda_compiled, false,
+                 std::string(cuda_compiled ? "built for sm_90a; " : "not built; ") +
+                     std::to_string(devices) + " device(s) visible; " + cuda::device_summary() +
+                     "; kernels not implemented yet (every call returns not supported)"});
+  return out;
+}
+
+std::vector<GateInfo> gates() {
+  bool on = false;
+  Status st = read_gate(kPsivGate, &on);
+  return {{kPsivGate,
+           "MIMO: materialize PsiV = V * psi in the forward and read it in the backward" +
+               std::string(st.ok() ? "" : " (current value invalid: " + st.message() + ")"),
+           on, "none (setting it makes every forward/backward call fail with an error naming it)"}};
+}
+
+std::string build_options() {
+  std::string s;
+  s += "version=" + std::string(version()) + "\n";
+  s += "cuda=" + std::string(cuda::compiled() ? "on (sm_90a)" : "off") + "\n";
+  s += "cpu_matrix_library=" + cpu::matrix_library() + "\n";
+  s += "cpu_threads=" + std::to_string(cpu::max_threads()) + "\n";
+#ifdef NDEBUG
+  s += "build_type=release\n";
+#else
+  s += "build_type=debug (assertions on)\n";
+#endif
+#ifdef __AVX2__
+  s += "cpu_isa=avx2";
+#ifdef __FMA__
+  s += "+fma";
+#endif
+#ifdef __AVX512F__
+  s += "+avx512f";
+#endif
+  s += "\n";
+#else
+  s += "cpu_isa=baseline (no AVX2: configure with MAMBA3_NATIVE=ON for speed)\n";
+#endif
+  return s;
+}
+
+}  // namespace mamba3
