@@ -158,9 +158,11 @@ Inputs Problem::inputs() const {
 }
 
 std::vector<int64_t> Problem::out_shape() const {
+  // L from v, so a problem sliced along time (tests) gets matching buffers.
   const auto& c = cfg_;
-  if (c.R > 1 && !c.has_mimo_o) return {c.B, c.L, c.R, c.H, c.P};
-  return {c.B, c.L, c.H, c.P};
+  const int64_t L = v.shape()[1];
+  if (c.R > 1 && !c.has_mimo_o) return {c.B, L, c.R, c.H, c.P};
+  return {c.B, L, c.H, c.P};
 }
 
 HostTensor Problem::make_out(DType dtype) const { return HostTensor(dtype, out_shape()); }

@@ -9,6 +9,9 @@
 // The backward recomputes the forward once (saving chunk-start states, raw scores and dY) and
 // then walks the chunks in reverse. Parameter and grouped (GQA) gradients are reduced after the
 // parallel region in a fixed order, so results do not depend on the thread count.
+// Products inside a task must not fan out to threads: Eigen's blocking (and so the summation
+// order) depends on its thread count, and results must not depend on how many threads run.
+#define EIGEN_DONT_PARALLELIZE
 #include <omp.h>
 
 #include <Eigen/Core>
@@ -30,7 +33,10 @@ using RMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajo
 using MapM = Eigen::Map<RMat>;
 using CMapM = Eigen::Map<const RMat>;
 using ArrF = Eigen::ArrayXf;
-using Vf = std::vector<float>;
+// Aligned storage: Eigen's vectorized reductions peel to the first aligned element, so the
+// summation order of a Map depends on its address modulo the vector width. Aligned bases make
+// it depend on shapes only, which keeps results bitwise reproducible.
+using Vf = std::vector<float, Eigen::aligned_allocator<float>>;
 
 // Reads `count` elements starting at element offset `off` with element stride `stride`.
 void load_row(const Tensor& t, int64_t off, int64_t stride, int64_t count, float* dst) {
@@ -787,28 +793,6 @@ std::string matrix_library() {
                   std::to_string(EIGEN_MAJOR_VERSION) + "." + std::to_string(EIGEN_MINOR_VERSION);
   s += std::string(" (") + Eigen::SimdInstructionSetsInUse() + ")";
   return s;
-}
-
-double measure_sgemm_gflops(int n, int num_threads, double min_seconds) {
-  const int threads = resolve_threads(num_threads);
-  const int saved = Eigen::nbThreads();
-  Eigen::setNbThreads(threads);
-  RMat A = RMat::Random(n, n), B = RMat::Random(n, n), Cm(n, n);
-  Cm.noalias() = A * B;  // warm-up
-  std::vector<double> rates;
-  double total = 0;
-  while (total < min_seconds || rates.size() < 5) {
-    auto t0 = std::chrono::steady_clock::now();
-    Cm.noalias() = A * B;
-    double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    total += sec;
-    rates.push_back(2.0 * n * static_cast<double>(n) * n / sec * 1e-9);
-  }
-  Eigen::setNbThreads(saved);
-  std::sort(rates.begin(), rates.end());
-  // Keep the result alive so the products are not optimized away.
-  if (!std::isfinite(Cm(0, 0))) return 0.0;
-  return rates[rates.size() / 2];
 }
 
 }  // namespace mamba3::cpu

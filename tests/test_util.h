@@ -1,0 +1,182 @@
+// Shared helpers of the lane tests: run a check::Problem through a lane and collect every
+// output, final state and gradient as float64 vectors by name; compare two such results with
+// the tolerance recipe of CONVENTIONS (2x a naive float32 evaluation + a floor).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "check/compare.h"
+#include "check/problem.h"
+#include "mamba3/mamba3.h"
+#include "reference/reference.h"
+
+namespace mamba3::test {
+
+using Result = std::map<std::string, std::vector<double>>;
+
+enum class Eval { kReference, kNaiveF32, kCpu };
+
+struct RunOptions {
+  bool backward = true;
+  bool final_states = true;
+  DType out_dtype = DType::kF32;  // of the fast lanes' out and grads (reference: float64)
+  int threads = 0;
+  int chunk_size = 64;
+  uint64_t cot_seed = 7;
+};
+
+inline Status run_eval(Eval ev, const ForwardArgs& f) {
+  switch (ev) {
+    case Eval::kReference: return reference::forward<double>(f);
+    case Eval::kNaiveF32: return reference::forward<float>(f);
+    case Eval::kCpu: return forward(f);
+  }
+  return Status::Internal("eval");
+}
+inline Status run_eval(Eval ev, const BackwardArgs& b) {
+  switch (ev) {
+    case Eval::kReference: return reference::backward<double>(b);
+    case Eval::kNaiveF32: return reference::backward<float>(b);
+    case Eval::kCpu: return backward(b);
+  }
+  return Status::Internal("eval");
+}
+
+inline void put(Result* r, const std::string& name, const check::HostTensor& t) {
+  if (t.defined()) (*r)[name] = t.to_double();
+}
+
+// Runs forward (and backward) of `p`; fails the test on a non-ok status.
+inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
+  const bool f64 = ev == Eval::kReference;
+  const DType odt = f64 ? DType::kF64 : o.out_dtype;
+  const DType sdt = f64 ? DType::kF64 : DType::kF32;
+  Result r;
+  check::HostTensor out = p.make_out(odt);
+  check::StateBuffers fs = p.make_states();
+  if (f64) fs = {fs.angle.to(sdt), fs.ssm.to(sdt), fs.k.to(sdt), fs.v.to(sdt)};
+  ForwardArgs f;
+  f.in = p.inputs();
+  f.in.chunk_size = o.chunk_size;
+  f.out = out.view();
+  if (o.final_states) f.final_states = fs.view();
+  f.lane = Lane::kCpu;
+  f.num_threads = o.threads;
+  Status st = run_eval(ev, f);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  put(&r, "out", out);
+  if (o.final_states) {
+    put(&r, "final.angle", fs.angle);
+    put(&r, "final.ssm", fs.ssm);
+    put(&r, "final.k", fs.k);
+    put(&r, "final.v", fs.v);
+  }
+  if (!o.backward) return r;
+  check::HostTensor dout = p.random_d_out(odt, o.cot_seed);
+  check::StateBuffers ds = p.random_d_states(o.cot_seed);
+  check::GradBuffers g = p.make_grads(f64);
+  if (!f64 && o.out_dtype != DType::kF32) {
+    // Gradients of the activations take their input's dtype (make_grads); nothing to do.
+  }
+  BackwardArgs b;
+  b.in = f.in;
+  b.d_out = dout.view();
+  b.d_final = ds.view();
+  b.grads = g.view();
+  b.lane = Lane::kCpu;
+  b.num_threads = o.threads;
+  st = run_eval(ev, b);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);
+  put(&r, "grad.adt", g.adt), put(&r, "grad.dt", g.dt), put(&r, "grad.trap", g.trap);
+  put(&r, "grad.q_bias", g.q_bias), put(&r, "grad.k_bias", g.k_bias);
+  put(&r, "grad.angles", g.angles), put(&r, "grad.d", g.d), put(&r, "grad.z", g.z);
+  put(&r, "grad.mimo_v", g.mimo_v), put(&r, "grad.mimo_z", g.mimo_z);
+  put(&r, "grad.mimo_o", g.mimo_o), put(&r, "grad.norm_weight", g.norm_weight);
+  put(&r, "grad.initial.angle", g.initial.angle), put(&r, "grad.initial.ssm", g.initial.ssm);
+  put(&r, "grad.initial.k", g.initial.k), put(&r, "grad.initial.v", g.initial.v);
+  return r;
+}
+
+// Every entry of `got` within 2 x (naive float32 error) + floor of `ref`.
+inline void expect_within_recipe(const Result& got, const Result& ref, const Result& naive,
+                                 const std::string& ctx) {
+  ASSERT_EQ(got.size(), ref.size()) << ctx;
+  for (const auto& [name, ref_v] : ref) {
+    ASSERT_TRUE(got.count(name) && naive.count(name)) << ctx << ": missing " << name;
+    const bool circ = name == "final.angle";
+    const double err_naive = check::compare(name, naive.at(name), ref_v, 0, circ).rel_l2;
+    check::Metric m = check::compare(name, got.at(name), ref_v,
+                                     check::tolerance_from_naive(err_naive), circ);
+    EXPECT_TRUE(m.pass) << ctx << "\n" << check::format_metric(m) << "  (naive f32 " << err_naive
+                        << ")";
+  }
+}
+
+// Every entry within an absolute relative-L2 tolerance.
+inline void expect_close(const Result& got, const Result& ref, double tol, const std::string& ctx) {
+  ASSERT_EQ(got.size(), ref.size()) << ctx;
+  for (const auto& [name, ref_v] : ref) {
+    ASSERT_TRUE(got.count(name)) << ctx << ": missing " << name;
+    check::Metric m = check::compare(name, got.at(name), ref_v, tol, name == "final.angle");
+    EXPECT_TRUE(m.pass) << ctx << "\n" << check::format_metric(m);
+  }
+}
+
+inline void expect_bitwise_equal(const Result& a, const Result& b, const std::string& ctx) {
+  ASSERT_EQ(a.size(), b.size()) << ctx;
+  for (const auto& [name, va] : a) {
+    const auto& vb = b.at(name);
+    ASSERT_EQ(va.size(), vb.size()) << ctx << " " << name;
+    int64_t diff = 0, first = -1;
+    for (size_t i = 0; i < va.size(); ++i)
+      if (std::memcmp(&va[i], &vb[i], sizeof(double)) != 0) {
+        if (first < 0) first = static_cast<int64_t>(i);
+        ++diff;
+      }
+    EXPECT_EQ(diff, 0) << ctx << ": " << name << " differs in " << diff << " elements, first at "
+                       << first;
+  }
+}
+
+}  // namespace mamba3::test
+
+namespace mamba3::test {
+
+// Elements [begin, end) of `axis` of a row-major HostTensor.
+inline check::HostTensor slice_axis(const check::HostTensor& t, int axis, int64_t begin,
+                                    int64_t end) {
+  if (!t.defined()) return t;
+  std::vector<int64_t> shape = t.shape();
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= shape[d];
+  for (size_t d = axis + 1; d < shape.size(); ++d) inner *= shape[d];
+  const int64_t len = shape[axis];
+  shape[axis] = end - begin;
+  check::HostTensor o(t.dtype(), shape);
+  for (int64_t a = 0; a < outer; ++a)
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t c = 0; c < inner; ++c)
+        o.set((a * (end - begin) + (i - begin)) * inner + c, t.get((a * len + i) * inner + c));
+  return o;
+}
+
+// Tokens [l0, l1) of a problem without packed sequences; initial states replaced by `init`.
+inline check::Problem slice_tokens(const check::Problem& p, int64_t l0, int64_t l1,
+                                   const check::StateBuffers& init) {
+  check::Problem o = p;
+  o.q = slice_axis(p.q, 1, l0, l1), o.k = slice_axis(p.k, 1, l0, l1);
+  o.v = slice_axis(p.v, 1, l0, l1), o.z = slice_axis(p.z, 1, l0, l1);
+  o.angles = slice_axis(p.angles, 1, l0, l1);
+  o.adt = slice_axis(p.adt, 2, l0, l1), o.dt = slice_axis(p.dt, 2, l0, l1);
+  o.trap = slice_axis(p.trap, 2, l0, l1);
+  o.initial = init;
+  return o;
+}
+
+}  // namespace mamba3::test
