@@ -96,6 +96,56 @@ TEST(CpuLane, BitwiseDeterministicAcrossRunsAndThreadCounts) {
   expect_bitwise_equal(a, three, "2 threads vs 3");
 }
 
+// The backward from ForwardArgs::saved gives bitwise the gradients of the recomputing one.
+TEST(CpuLane, SavedActivationsMatchRecompute) {
+  for (int64_t R : {1, 4}) {
+    Case c{"saved", 1, 150, 4, 2, 32, 16, R, 8, true, R > 1, true, {60, 0, 90}, kH, kF};
+    check::Problem p = make(c, 41);
+    RunOptions o;
+    Result plain = run(p, Eval::kCpu, o);
+    o.use_saved = true;
+    Result saved = run(p, Eval::kCpu, o);
+    expect_bitwise_equal(saved, plain, "saved vs recompute, R=" + std::to_string(R));
+  }
+}
+
+TEST(CpuLane, SavedBufferIsChecked) {
+  Case c{"saved_bad", 1, 70, 2, 1, 16, 8, 1, 4, true, false, false, {}, kI, kF};
+  check::Problem p = make(c, 3);
+  check::HostTensor out = p.make_out(DType::kF32);
+  ForwardArgs f;
+  f.in = p.inputs();
+  f.out = out.view();
+  f.lane = Lane::kCpu;
+  int64_t n = 0;
+  ASSERT_TRUE(saved_numel(f, &n).ok());
+  EXPECT_GT(n, 16);
+  std::vector<float> buf(n + 1);
+  f.saved = make_tensor(buf.data(), DType::kF32, {n + 1});
+  Status st = forward(f);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("saved"), std::string::npos) << st.message();
+  f.saved = make_tensor(buf.data(), DType::kF32, {n});
+  ASSERT_TRUE(forward(f).ok());
+  // A backward with a different chunk size cannot use this buffer.
+  check::HostTensor dout = p.random_d_out(DType::kF32, 1);
+  check::GradBuffers g = p.make_grads(false);
+  BackwardArgs b;
+  b.in = f.in;
+  b.in.chunk_size = 32;
+  b.d_out = dout.view();
+  b.grads = g.view();
+  b.lane = Lane::kCpu;
+  int64_t n32 = 0;
+  ForwardArgs f32 = f;
+  f32.in.chunk_size = 32;
+  ASSERT_TRUE(saved_numel(f32, &n32).ok());
+  b.saved = make_tensor(buf.data(), DType::kF32, {n32});
+  st = backward(b);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("saved"), std::string::npos) << st.message();
+}
+
 TEST(CpuLane, ChunkSizeDoesNotChangeResultsBeyondRounding) {
   Case c{"chunks", 1, 200, 2, 1, 32, 16, 2, 8, true, false, true, {}, kI, kF};
   check::Problem p = make(c, 5);

@@ -28,6 +28,7 @@ struct RunOptions {
   int threads = 0;
   int chunk_size = 64;
   uint64_t cot_seed = 7;
+  bool use_saved = false;  // forward fills ForwardArgs::saved, backward reads it
 };
 
 inline Status run_eval(Eval ev, const ForwardArgs& f) {
@@ -67,6 +68,13 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   if (o.final_states) f.final_states = fs.view();
   f.lane = Lane::kCpu;
   f.num_threads = o.threads;
+  std::vector<float> saved;
+  if (o.use_saved) {
+    int64_t n = 0;
+    EXPECT_TRUE(saved_numel(f, &n).ok());
+    saved.assign(static_cast<size_t>(n), -1.f);
+    f.saved = make_tensor(saved.data(), DType::kF32, {n});
+  }
   Status st = run_eval(ev, f);
   EXPECT_TRUE(st.ok()) << st.ToString();
   put(&r, "out", out);
@@ -90,6 +98,7 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   b.grads = g.view();
   b.lane = Lane::kCpu;
   b.num_threads = o.threads;
+  b.saved = f.saved;
   st = run_eval(ev, b);
   EXPECT_TRUE(st.ok()) << st.ToString();
   put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);

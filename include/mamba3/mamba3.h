@@ -137,6 +137,10 @@ struct ForwardArgs {
   // any float dtype is accepted and is what the output is rounded to.
   Tensor out;
   States final_states;  // optional outputs, all four or none; shapes as Inputs::initial
+  // Optional: activations saved for the backward, (saved_numel(args),) float32 on the inputs'
+  // device. Lane-specific contents (cpu: chunk-start states and pre-gate y); hand the same
+  // buffer to BackwardArgs::saved with the same inputs to skip the backward's recomputation.
+  Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;  // cpu lane: 0 = all available
 };
@@ -154,6 +158,10 @@ struct BackwardArgs {
   Tensor d_out;      // cotangent of out, same shape as ForwardArgs::out
   States d_final;    // optional cotangents of the final states (any subset; absent = 0)
   Grads grads;
+  // Optional: ForwardArgs::saved of a forward on the same inputs and lane. Absent: the backward
+  // recomputes what it needs. Its header is checked against the inputs' dimensions; its
+  // values are trusted to come from that forward.
+  Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;
 };
@@ -187,6 +195,10 @@ Status validate(const StepArgs& args);
 Status forward(const ForwardArgs& args);
 Status backward(const BackwardArgs& args);
 Status step(const StepArgs& args);
+
+// Number of float32 elements of ForwardArgs::saved for these arguments on the lane they resolve
+// to (0 when the lane saves nothing: reference). Validates the arguments (saved itself aside).
+Status saved_numel(const ForwardArgs& args, int64_t* numel);
 
 // ---------------------------------------------------------------------------------------------
 // Build and runtime information (used by `mamba3 info`).

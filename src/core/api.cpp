@@ -56,7 +56,42 @@ Lane resolve_lane(Lane requested, const Dims& d, DType activation_dtype) {
     if (!_s.ok()) return _s;      \
   } while (0)
 
+// ForwardArgs::saved / BackwardArgs::saved: optional, 1-D float32, sized for the lane.
+Status check_saved(const Tensor& saved, Lane lane, const Inputs& in, const Dims& d) {
+  if (!saved.defined()) return Status::Ok();
+  int64_t want = 0;
+  if (lane == Lane::kCpu) want = cpu::saved_numel(in, d);
+  if (lane == Lane::kCuda)
+    return Status::NotSupported("saved: the cuda lane has no saved-activation layout yet");
+  if (saved.ndim != 1 || saved.dtype != DType::kF32 || saved.shape[0] != want ||
+      saved.device != d.device || (want > 0 && saved.data == nullptr))
+    return Status::InvalidArgument("saved: expected a (" + std::to_string(want) +
+                                   ",) float32 tensor on the inputs' device for the " +
+                                   lane_name(lane) + " lane, got " + saved.shape_string() + " " +
+                                   dtype_name(saved.dtype));
+  if (want > 0 && saved.strides[0] != 1)
+    return Status::InvalidArgument("saved: must be contiguous (stride 1), got stride " +
+                                   std::to_string(saved.strides[0]));
+  return Status::Ok();
+}
+
 }  // namespace
+
+Status saved_numel(const ForwardArgs& args, int64_t* numel) {
+  Dims d;
+  ForwardArgs a = args;
+  a.saved = Tensor{};
+  M3_RETURN_IF_ERROR(validate_forward(a, &d));
+  const Lane lane = resolve_lane(args.lane, d, args.in.v.dtype);
+  switch (lane) {
+    case Lane::kReference: *numel = 0; return Status::Ok();
+    case Lane::kCpu: *numel = cpu::saved_numel(args.in, d); return Status::Ok();
+    case Lane::kCuda:
+      return Status::NotSupported("saved: the cuda lane has no saved-activation layout yet");
+    case Lane::kAuto: break;
+  }
+  return Status::Internal("saved_numel: unresolved lane");
+}
 
 Status validate(const ForwardArgs& args) {
   Dims d;
@@ -76,6 +111,7 @@ Status forward(const ForwardArgs& args) {
   M3_RETURN_IF_ERROR(validate_forward(args, &d));
   const Lane lane = resolve_lane(args.lane, d, args.in.v.dtype);
   M3_RETURN_IF_ERROR(check_psiv_gate(lane));
+  M3_RETURN_IF_ERROR(check_saved(args.saved, lane, args.in, d));
   switch (lane) {
     case Lane::kReference: return reference::forward<double>(args);
     case Lane::kCpu: return cpu::forward(args, d);
@@ -90,6 +126,7 @@ Status backward(const BackwardArgs& args) {
   M3_RETURN_IF_ERROR(validate_backward(args, &d));
   const Lane lane = resolve_lane(args.lane, d, args.in.v.dtype);
   M3_RETURN_IF_ERROR(check_psiv_gate(lane));
+  M3_RETURN_IF_ERROR(check_saved(args.saved, lane, args.in, d));
   switch (lane) {
     case Lane::kReference: return reference::backward<double>(args);
     case Lane::kCpu: return cpu::backward(args, d);

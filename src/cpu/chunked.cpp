@@ -16,7 +16,6 @@
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -115,7 +114,6 @@ struct Task {
   const HeadParams* hp = nullptr;
   int64_t s = 0, h = 0, g = 0, batch = 0, begin = 0, n = 0, C = 64;
   RopePairing pairing = RopePairing::kInterleaved;
-  Vf qt, kt;          // (n*R, N) biased, not rotated (kept for the backward's rotation adjoint)
   Vf qh, kh;          // (n*R, N) rotated
   Vf v, vr;           // (n, P) raw; (n*R, P) v * psi_r
   Vf z;               // (n, P) or empty
@@ -130,9 +128,21 @@ struct Task {
   int64_t chunks() const { return (n + C - 1) / C; }
 };
 
+// Copies the entries of an N-vector that no rope pair touches.
+void copy_unrotated(const Task& tk, const float* x, float* out) {
+  const int64_t N = tk.d->N, NA = tk.d->NA;
+  if (tk.pairing == RopePairing::kInterleaved) {
+    for (int64_t i = 2 * NA; i < N; ++i) out[i] = x[i];
+  } else {
+    const int64_t half = N / 2;
+    for (int64_t i = NA; i < half; ++i) out[i] = x[i];
+    for (int64_t i = half + NA; i < N; ++i) out[i] = x[i];
+  }
+}
+
 void rotate_rows(const Task& tk, const float* cosv, const float* sinv, const float* x, float* out) {
   const int64_t N = tk.d->N, NA = tk.d->NA;
-  std::memcpy(out, x, sizeof(float) * N);
+  copy_unrotated(tk, x, out);
   if (tk.pairing == RopePairing::kInterleaved) {
     for (int64_t i = 0; i < NA; ++i) {
       const float a = x[2 * i], b = x[2 * i + 1];
@@ -150,7 +160,7 @@ void rotate_rows(const Task& tk, const float* cosv, const float* sinv, const flo
 }
 
 void gather(const Inputs& in, const Dims& d, const HeadParams& hp, int64_t s, int64_t h,
-            bool keep_unrotated, Task* tk) {
+            bool for_backward, Task* tk) {
   const SeqRange range = seq_range(in, d, s);
   const int64_t R = d.R, N = d.N, P = d.P, NA = d.NA;
   tk->d = &d;
@@ -197,7 +207,7 @@ void gather(const Inputs& in, const Dims& d, const HeadParams& hp, int64_t s, in
                in.angles.strides[3], NA, &raw[t * NA]);
     Eigen::Map<ArrF> ra(raw.data(), n * NA);
     ra = ra.tanh();
-    if (keep_unrotated) tk->tanh_ang = raw;
+    if (for_backward) tk->tanh_ang = raw;
     std::vector<double>& th = tk->theta_last;
     const double two_pi = 2.0 * kPi;
     for (int64_t t = 0; t < n; ++t)
@@ -212,7 +222,6 @@ void gather(const Inputs& in, const Dims& d, const HeadParams& hp, int64_t s, in
 
   // q, k (biased, rotated), v, v * psi, z.
   tk->qh.resize(n * R * N), tk->kh.resize(n * R * N);
-  if (keep_unrotated) tk->qt.resize(n * R * N), tk->kt.resize(n * R * N);
   Vf qrow(N), krow(N);
   const int64_t qs = in.q.strides[in.q.ndim - 1], ks = in.k.strides[in.k.ndim - 1];
   for (int64_t t = 0; t < n; ++t)
@@ -224,10 +233,6 @@ void gather(const Inputs& in, const Dims& d, const HeadParams& hp, int64_t s, in
         krow[i] += hp.kb[r * N + i];
       }
       const int64_t row = (t * R + r) * N;
-      if (keep_unrotated) {
-        std::memcpy(&tk->qt[row], qrow.data(), sizeof(float) * N);
-        std::memcpy(&tk->kt[row], krow.data(), sizeof(float) * N);
-      }
       rotate_rows(*tk, &tk->cosv[t * NA], &tk->sinv[t * NA], qrow.data(), &tk->qh[row]);
       rotate_rows(*tk, &tk->cosv[t * NA], &tk->sinv[t * NA], krow.data(), &tk->kh[row]);
     }
@@ -318,18 +323,25 @@ void initial_state(const Task& tk, RMat* S) {
 }
 
 // Forward over every chunk. Y (n*R x P) receives y_{t,r} before the epilogue. Optional saves
-// for the backward: chunk-start states (chunks x P x N) and raw scores per chunk.
+// for the backward: chunk-start states (chunks, P, N) and raw scores of each chunk.
 struct ForwardSaves {
-  std::vector<RMat> s_prev, scores;
+  float* s_prev = nullptr;  // (chunks, P, N) or null
+  float* scores = nullptr;  // (chunks, C*R, C*R) or null
+  int64_t score_stride = 0;
 };
+
+// Per-thread buffers reused across tasks and calls (OpenMP keeps its threads), so large
+// arrays are not re-allocated and re-faulted for every (sequence, head).
+struct Scratch {
+  Vf y, dy, dz, dqh, dkh, dvr, s_prev, scores;
+};
+thread_local Task tls_task;
+thread_local Scratch tls_scratch;
 
 void forward_chunks(const Task& tk, RMat* S, float* y_out, ForwardSaves* saves) {
   const int64_t R = tk.d->R, N = tk.d->N, P = tk.d->P;
   RMat M, E, A, QS;
-  if (saves) {
-    saves->s_prev.resize(tk.chunks());
-    saves->scores.resize(tk.chunks());
-  }
+
   for (int64_t c = 0; c < tk.chunks(); ++c) {
     const int64_t t0 = c * tk.C, m = std::min(tk.C, tk.n - t0), mr = m * R;
     CMapM Q(&tk.qh[t0 * R * N], mr, N), K(&tk.kh[t0 * R * N], mr, N);
@@ -337,10 +349,8 @@ void forward_chunks(const Task& tk, RMat* S, float* y_out, ForwardSaves* saves) 
     MapM Y(y_out + t0 * R * P, mr, P);
     chunk_mask(tk, t0, m, &M, &E);
     A.noalias() = Q * K.transpose();
-    if (saves) {
-      saves->s_prev[c] = *S;
-      saves->scores[c] = A;
-    }
+    if (saves && saves->s_prev) MapM(saves->s_prev + c * P * N, P, N) = *S;
+    if (saves && saves->scores) MapM(saves->scores + c * saves->score_stride, mr, mr) = A;
     apply_mask(M, R, &A);
     Y.noalias() = A * V;
     QS.noalias() = Q * S->transpose();
@@ -384,24 +394,72 @@ void final_ssm(const Task& tk, RMat* S) {
   if (tk.n == 0) *S = CMapM(tk.s0.data(), tk.d->P, tk.d->N);
 }
 
+constexpr int64_t kSavedHeader = 16;
+constexpr int32_t kSavedMagic = 0x4d334356;  // "M3CV"
+
+int64_t task_saved_floats(int64_t n, int64_t C, const Dims& d) {
+  return (n + C - 1) / C * d.P * d.N + n * d.R * d.P;
+}
+
+// Offsets (in floats, after the header) of every (sequence, head) in ForwardArgs::saved.
+std::vector<int64_t> saved_offsets(const Inputs& in, const Dims& d) {
+  const int64_t C = std::max(1, in.chunk_size);
+  std::vector<int64_t> off(d.S * d.H + 1, 0);
+  for (int64_t s = 0; s < d.S; ++s) {
+    const SeqRange r = seq_range(in, d, s);
+    for (int64_t h = 0; h < d.H; ++h)
+      off[s * d.H + h + 1] = off[s * d.H + h] + task_saved_floats(r.end - r.begin, C, d);
+  }
+  return off;
+}
+
+std::vector<int32_t> saved_header(const Inputs& in, const Dims& d) {
+  return {kSavedMagic, 1,
+          static_cast<int32_t>(d.B), static_cast<int32_t>(d.L), static_cast<int32_t>(d.H),
+          static_cast<int32_t>(d.G), static_cast<int32_t>(d.N), static_cast<int32_t>(d.P),
+          static_cast<int32_t>(d.R), static_cast<int32_t>(d.NA), static_cast<int32_t>(d.S),
+          in.chunk_size, d.per_rank_out ? 1 : 0, 0, 0, 0};
+}
+
 }  // namespace
+
+int64_t saved_numel(const Inputs& in, const Dims& d) {
+  return kSavedHeader + saved_offsets(in, d).back();
+}
 
 Status forward(const ForwardArgs& a, const Dims& d) {
   const Inputs& in = a.in;
   const int64_t tasks = d.S * d.H;
   std::vector<HeadParams> params(d.H);
   for (int64_t h = 0; h < d.H; ++h) params[h] = load_params(in, d, h);
-  const int64_t R = d.R, P = d.P;
+  const int64_t R = d.R, P = d.P, N = d.N;
   const int64_t out_cols = d.per_rank_out ? R * P : P;
+  float* saved = a.saved.defined() ? static_cast<float*>(a.saved.data) : nullptr;
+  std::vector<int64_t> offsets;
+  if (saved) {
+    offsets = saved_offsets(in, d);
+    const std::vector<int32_t> hdr = saved_header(in, d);
+    std::memcpy(saved, hdr.data(), sizeof(int32_t) * kSavedHeader);
+  }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(a.num_threads))
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t s = task / d.H, h = task % d.H;
-    Task tk;
+    Task& tk = tls_task;
     gather(in, d, params[h], s, h, false, &tk);
     RMat S;
     initial_state(tk, &S);
-    Vf y(tk.n * R * P), out(out_cols);
-    forward_chunks(tk, &S, y.data(), nullptr);
+    Vf& ybuf = tls_scratch.y;
+    float* y = nullptr;
+    ForwardSaves fs;
+    if (saved) {
+      fs.s_prev = saved + kSavedHeader + offsets[task];
+      y = fs.s_prev + tk.chunks() * P * N;
+    } else {
+      ybuf.resize(tk.n * R * P);
+      y = ybuf.data();
+    }
+    Vf out(out_cols);
+    forward_chunks(tk, &S, y, saved ? &fs : nullptr);
     final_ssm(tk, &S);
     EpilogueParams<float> epi = make_epilogue(tk, in.norm_eps);
     for (int64_t t = 0; t < tk.n; ++t) {
@@ -437,17 +495,19 @@ struct TaskGrads {
 void rotate_rows_backward(const Task& tk, const float* cosv, const float* sinv,
                           const float* rotated, const float* dout, float* dx, float* dtheta) {
   const int64_t N = tk.d->N, NA = tk.d->NA;
-  std::memcpy(dx, dout, sizeof(float) * N);
+  copy_unrotated(tk, dout, dx);
+  const int64_t off_b = tk.pairing == RopePairing::kInterleaved ? 1 : N / 2;
+  const int64_t step = tk.pairing == RopePairing::kInterleaved ? 2 : 1;
   for (int64_t i = 0; i < NA; ++i) {
-    int64_t a, b;
-    rope_pair(tk.pairing, N, i, &a, &b);
+    const int64_t a = i * step, b = a + off_b;
     dx[a] = dout[a] * cosv[i] + dout[b] * sinv[i];
     dx[b] = -dout[a] * sinv[i] + dout[b] * cosv[i];
     dtheta[i] += -dout[a] * rotated[b] + dout[b] * rotated[a];
   }
 }
 
-void backward_task(const BackwardArgs& a, const Task& tk, TaskGrads* tg) {
+// `saved`: this task's region of BackwardArgs::saved, or null to recompute the forward.
+void backward_task(const BackwardArgs& a, const Task& tk, const float* saved, TaskGrads* tg) {
   const Dims& d = *tk.d;
   const Grads& gr = a.grads;
   const States& df = a.d_final;
@@ -455,12 +515,29 @@ void backward_task(const BackwardArgs& a, const Task& tk, TaskGrads* tg) {
   const int64_t out_cols = d.per_rank_out ? R * P : P;
   const HeadParams& hp = *tk.hp;
 
-  // Pass 1: forward, saving chunk-start states and raw scores; the epilogue's adjoint gives dY.
-  RMat S;
-  initial_state(tk, &S);
-  Vf y(n * R * P), dy(n * R * P), dz(tk.z.empty() ? 0 : n * P, 0.f), dout(out_cols);
+  // Pass 1: the forward (or the saved chunk-start states and pre-gate y), then the epilogue's
+  // adjoint gives dY.
+  Scratch& sc = tls_scratch;
+  Vf &dy = sc.dy, &dz = sc.dz, &dqh = sc.dqh, &dkh = sc.dkh, &dvr = sc.dvr;
+  dy.resize(n * R * P), dz.assign(tk.z.empty() ? 0 : n * P, 0.f);
+  Vf dout(out_cols);
   ForwardSaves saves;
-  forward_chunks(tk, &S, y.data(), &saves);
+  const float* y = nullptr;
+  if (saved) {
+    saves.s_prev = const_cast<float*>(saved);
+    y = saved + tk.chunks() * P * N;
+  } else {
+    RMat S;
+    initial_state(tk, &S);
+    sc.y.resize(n * R * P);
+    sc.s_prev.resize(tk.chunks() * P * N);
+    saves.score_stride = tk.C * R * tk.C * R;
+    sc.scores.resize(tk.chunks() * saves.score_stride);
+    saves.s_prev = sc.s_prev.data();
+    saves.scores = sc.scores.data();
+    forward_chunks(tk, &S, sc.y.data(), &saves);
+    y = sc.y.data();
+  }
   tg->dzeta.assign(R * P, 0.f), tg->dphi.assign(R * P, 0.f), tg->dw.assign(P, 0.f);
   EpilogueParams<float> epi = make_epilogue(tk, a.in.norm_eps);
   const Tensor& go = a.d_out;
@@ -486,15 +563,17 @@ void backward_task(const BackwardArgs& a, const Task& tk, TaskGrads* tg) {
     for (int64_t p = 0; p < P; ++p)
       load_row(df.ssm, s * df.ssm.strides[0] + h * df.ssm.strides[1] + p * df.ssm.strides[2],
                df.ssm.strides[3], N, &dS(p, 0));
-  Vf dqh(n * R * N), dkh(n * R * N), dvr(n * R * P), dcs(n, 0.f), dwt(n, 0.f), dgam(n, 0.f);
+  dqh.resize(n * R * N), dkh.resize(n * R * N), dvr.resize(n * R * P);
+  Vf dcs(n, 0.f), dwt(n, 0.f), dgam(n, 0.f);
   float dskip = 0.f;
-  RMat M, E, Am, dA, dQ, dK, dV, T1, KdS, VdS, eY;
+  RMat M, E, Am, dA, T1, KdS, VdS, eY, raw_buf;
   for (int64_t c = tk.chunks() - 1; c >= 0; --c) {
     const int64_t t0 = c * tk.C, m = std::min(tk.C, n - t0), mr = m * R;
     CMapM Q(&tk.qh[t0 * R * N], mr, N), K(&tk.kh[t0 * R * N], mr, N);
     CMapM V(&tk.vr[t0 * R * P], mr, P), dY(&dy[t0 * R * P], mr, P);
-    const RMat& raw = saves.scores[c];
-    const RMat& Sp = saves.s_prev[c];
+    if (!saves.scores) raw_buf.noalias() = Q * K.transpose();
+    CMapM raw(saves.scores ? saves.scores + c * saves.score_stride : raw_buf.data(), mr, mr);
+    CMapM Sp(saves.s_prev + c * P * N, P, N);
     chunk_mask(tk, t0, m, &M, &E);
     Am = raw;
     apply_mask(M, R, &Am);
@@ -515,6 +594,7 @@ void backward_task(const BackwardArgs& a, const Task& tk, TaskGrads* tg) {
         }
       }
     apply_mask(M, R, &dA);
+    MapM dQ(&dqh[t0 * R * N], mr, N), dK(&dkh[t0 * R * N], mr, N), dV(&dvr[t0 * R * P], mr, P);
     dQ.noalias() = dA * K;
     dK.noalias() = dA.transpose() * Q;
     dV.noalias() = Am.transpose() * dY;
@@ -559,9 +639,6 @@ void backward_task(const BackwardArgs& a, const Task& tk, TaskGrads* tg) {
     }
     dS *= el;
     dS.noalias() += eY.transpose() * Q;
-    std::memcpy(&dqh[t0 * R * N], dQ.data(), sizeof(float) * mr * N);
-    std::memcpy(&dkh[t0 * R * N], dK.data(), sizeof(float) * mr * N);
-    std::memcpy(&dvr[t0 * R * P], dV.data(), sizeof(float) * mr * P);
   }
   tg->dskip = dskip;
 
@@ -715,36 +792,57 @@ Status backward(const BackwardArgs& a, const Dims& d) {
   std::vector<HeadParams> params(d.H);
   for (int64_t h = 0; h < d.H; ++h) params[h] = load_params(in, d, h);
   std::vector<TaskGrads> tgs(tasks);
+  const float* saved = a.saved.defined() ? static_cast<const float*>(a.saved.data) : nullptr;
+  std::vector<int64_t> offsets;
+  if (saved) {
+    const std::vector<int32_t> want = saved_header(in, d);
+    std::vector<int32_t> got(kSavedHeader);
+    std::memcpy(got.data(), saved, sizeof(int32_t) * kSavedHeader);
+    if (got != want)
+      return Status::InvalidArgument(
+          "saved: header does not match these inputs (it must come from ForwardArgs::saved of a "
+          "cpu-lane forward with the same shapes and chunk_size)");
+    offsets = saved_offsets(in, d);
+  }
   std::vector<SeqRange> ranges(d.S);
   for (int64_t s = 0; s < d.S; ++s) ranges[s] = seq_range(in, d, s);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(a.num_threads))
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t s = task / d.H, h = task % d.H;
-    Task tk;
+    Task& tk = tls_task;
     gather(in, d, params[h], s, h, true, &tk);
-    backward_task(a, tk, &tgs[task]);
+    backward_task(a, tk, saved ? saved + kSavedHeader + offsets[task] : nullptr, &tgs[task]);
   }
 
-  // Fixed-order reductions: q/k over the heads of a group, parameters over sequences.
+  // Fixed-order reductions: q/k over the heads of a group (parallel over blocks of tokens; the
+  // order inside each sum is fixed), parameters over sequences.
   const int64_t hpg = d.heads_per_group();
+  constexpr int64_t kTokBlock = 64;
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first token)
+  for (int64_t s = 0; s < d.S; ++s)
+    for (int64_t t = 0; t < ranges[s].end - ranges[s].begin; t += kTokBlock) blocks.push_back({s, t});
   for (auto [grad, is_q] : {std::pair{&gr.q, true}, std::pair{&gr.k, false}}) {
     if (!grad->defined()) continue;
     const int64_t st = grad->strides[grad->ndim - 1];
-#pragma omp parallel for num_threads(resolve_threads(a.num_threads))
-    for (int64_t sg = 0; sg < d.S * d.G; ++sg) {
-      const int64_t s = sg / d.G, g = sg % d.G;
+#pragma omp parallel for schedule(static) num_threads(resolve_threads(a.num_threads))
+    for (size_t bi = 0; bi < blocks.size(); ++bi) {
+      const auto [s, tb] = blocks[bi];
       const SeqRange rg = ranges[s];
-      const int64_t n = rg.end - rg.begin;
+      const int64_t te = std::min(rg.end - rg.begin, tb + kTokBlock);
       Vf acc(N);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t r = 0; r < R; ++r) {
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t h = g * hpg; h < (g + 1) * hpg; ++h) {
-            const Vf& src = is_q ? tgs[s * d.H + h].dq : tgs[s * d.H + h].dk;
-            for (int64_t i = 0; i < N; ++i) acc[i] += src[(t * R + r) * N + i];
+      for (int64_t g = 0; g < d.G; ++g)
+        for (int64_t t = tb; t < te; ++t)
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t row = (t * R + r) * N;
+            const TaskGrads& first = tgs[s * d.H + g * hpg];
+            const float* src0 = is_q ? &first.dq[row] : &first.dk[row];
+            std::memcpy(acc.data(), src0, sizeof(float) * N);
+            for (int64_t h = g * hpg + 1; h < (g + 1) * hpg; ++h) {
+              const float* src = is_q ? &tgs[s * d.H + h].dq[row] : &tgs[s * d.H + h].dk[row];
+              for (int64_t i = 0; i < N; ++i) acc[i] += src[i];
+            }
+            store_row(*grad, qk_offset(*grad, rg.batch, rg.begin + t, r, g, 0), st, N, acc.data());
           }
-          store_row(*grad, qk_offset(*grad, rg.batch, rg.begin + t, r, g, 0), st, N, acc.data());
-        }
     }
   }
   for (int64_t h = 0; h < d.H; ++h) {

@@ -12,6 +12,11 @@ Status forward(const ForwardArgs& args, const Dims& dims);
 Status backward(const BackwardArgs& args, const Dims& dims);
 Status step(const StepArgs& args, const Dims& dims);
 
+// Layout of ForwardArgs::saved on this lane: a 16-int32 header (magic, version, dims, chunk
+// size) then, per (sequence, head) in order, the chunk-start states (chunks, P, N) and the
+// pre-gate y (n, R, P), all float32.
+int64_t saved_numel(const Inputs& in, const Dims& dims);
+
 // fp32 n x n matrix-multiply rate (GFLOP/s, median of runs lasting >= min_seconds in total) of
 // the matrix library this lane uses, on `num_threads` threads (0 = all).
 double measure_sgemm_gflops(int n, int num_threads, double min_seconds);

@@ -1,0 +1,37 @@
+// mamba3 info: what this build contains and what is usable on this machine now.
+#include <fmt/core.h>
+
+#include <sstream>
+
+#include "cli/commands.h"
+#include "mamba3/mamba3.h"
+
+namespace mamba3::cli {
+
+int run_info() {
+  fmt::print("mamba3 {}\n\nbuild options:\n", version());
+  std::istringstream options(build_options());
+  for (std::string line; std::getline(options, line);) {
+    if (!line.empty()) fmt::print("  {}\n", line);
+  }
+
+  fmt::print("\nlanes:\n  {:<10} {:<9} {:<10} {}\n", "lane", "compiled", "available", "detail");
+  for (const LaneInfo& lane : lanes()) {
+    fmt::print("  {:<10} {:<9} {:<10} {}\n", lane.name, lane.compiled ? "yes" : "no",
+               lane.available ? "yes" : "no", lane.detail);
+  }
+
+  // No CUDA kernel is compiled yet (issues 4/5); the list will come from the generated
+  // instantiation list once there is one.
+  fmt::print("\ncompiled CUDA configurations (P, N, R, dtype): none yet\n");
+
+  fmt::print(
+      "\ngates (unset = default path; set where not implemented = error naming the gate):\n");
+  for (const GateInfo& gate : gates()) {
+    fmt::print("  {:<20} {}\n", gate.env_var, gate.set ? "set" : "unset");
+    fmt::print("      {}\n      implemented: {}\n", gate.description, gate.implemented);
+  }
+  return 0;
+}
+
+}  // namespace mamba3::cli
