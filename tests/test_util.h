@@ -13,13 +13,14 @@
 #include "check/compare.h"
 #include "check/problem.h"
 #include "mamba3/mamba3.h"
+#include "cuda/cuda_lane.h"
 #include "reference/reference.h"
 
 namespace mamba3::test {
 
 using Result = std::map<std::string, std::vector<double>>;
 
-enum class Eval { kReference, kNaiveF32, kCpu };
+enum class Eval { kReference, kNaiveF32, kCpu, kCuda };  // kCuda: host-staged
 
 struct RunOptions {
   bool backward = true;
@@ -36,6 +37,7 @@ inline Status run_eval(Eval ev, const ForwardArgs& f) {
     case Eval::kReference: return reference::forward<double>(f);
     case Eval::kNaiveF32: return reference::forward<float>(f);
     case Eval::kCpu: return forward(f);
+    case Eval::kCuda: return cuda::forward_staged(f);
   }
   return Status::Internal("eval");
 }
@@ -44,6 +46,7 @@ inline Status run_eval(Eval ev, const BackwardArgs& b) {
     case Eval::kReference: return reference::backward<double>(b);
     case Eval::kNaiveF32: return reference::backward<float>(b);
     case Eval::kCpu: return backward(b);
+    case Eval::kCuda: return cuda::backward_staged(b);
   }
   return Status::Internal("eval");
 }

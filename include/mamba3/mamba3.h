@@ -143,6 +143,7 @@ struct ForwardArgs {
   Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;  // cpu lane: 0 = all available
+  void* stream = nullptr;  // cuda lane: the cudaStream_t to launch on (null: default stream)
 };
 
 // Gradients. Each is optional: a defined tensor is written, an absent one is skipped. A
@@ -164,6 +165,7 @@ struct BackwardArgs {
   Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;
+  void* stream = nullptr;  // cuda lane: the cudaStream_t to launch on (null: default stream)
 };
 
 // One decode token for a batch of sequences; `state` is read and updated in place.
@@ -182,6 +184,9 @@ struct StepArgs {
   RopePairing rope_pairing = RopePairing::kInterleaved;
   float norm_eps = 1e-5f;
   Lane lane = Lane::kAuto;
+  // cuda lane: the cudaStream_t to launch on (null: default stream). The step allocates
+  // nothing and never synchronizes, so it can be captured in a CUDA graph.
+  void* stream = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------

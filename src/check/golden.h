@@ -23,7 +23,10 @@ struct CaseReport {
 // Returns an error (and appends nothing) when the file itself is unreadable or malformed;
 // problems of one case go into that case's report. The cuda lane is refused (NotSupported)
 // until the runner stages device buffers.
-Status run_golden_file(const std::string& path, Lane lane, std::vector<CaseReport>* reports);
+// `forward_only`: outputs and final states only (gradients neither run nor compared). The cuda
+// lane runs on device copies of the host buffers (cuda::forward_staged / backward_staged).
+Status run_golden_file(const std::string& path, Lane lane, std::vector<CaseReport>* reports,
+                       bool forward_only = false);
 
 // The golden directory: $MAMBA3_GOLDEN_DIR when set and non-empty, else `fallback`.
 std::string golden_dir(const std::string& fallback);

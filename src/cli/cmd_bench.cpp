@@ -2,6 +2,7 @@
 // same run's fp32 matrix-multiply rate as the compute ceiling.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -11,6 +12,7 @@
 #include "cli/commands.h"
 #include "cli/util.h"
 #include "cpu/cpu_lane.h"
+#include "cuda/cuda_lane.h"
 
 namespace mamba3::cli {
 namespace {
@@ -29,6 +31,29 @@ const std::map<std::string, NamedShape>& named_shapes() {
 }
 
 constexpr int kStepStream = 64;  // decode steps per timed run
+
+void summarize(Timing* t) {
+  std::vector<double> v = t->samples_s;
+  std::sort(v.begin(), v.end());
+  t->median_s = v.empty() ? 0 : v[v.size() / 2];
+  t->min_s = v.empty() ? 0 : v.front();
+}
+
+// Bytes a forward must move at least: every input read once, every output written once.
+double forward_min_bytes(const Problem& p) {
+  double bytes = 0;
+  for (const HostTensor* t : {&p.q, &p.k, &p.v, &p.adt, &p.dt, &p.trap, &p.q_bias, &p.k_bias,
+                              &p.angles, &p.d, &p.z, &p.mimo_v, &p.mimo_z, &p.mimo_o,
+                              &p.norm_weight, &p.initial.angle, &p.initial.ssm, &p.initial.k,
+                              &p.initial.v})
+    if (t->defined()) bytes += static_cast<double>(t->numel() * dtype_size(t->dtype()));
+  HostTensor out = p.make_out(p.config().dtype);
+  bytes += static_cast<double>(out.numel() * dtype_size(out.dtype()));
+  check::StateBuffers fs = p.make_states();
+  for (const HostTensor* t : {&fs.angle, &fs.ssm, &fs.k, &fs.v})
+    bytes += static_cast<double>(t->numel() * dtype_size(t->dtype()));
+  return bytes;
+}
 
 struct OpResult {
   std::string op;
@@ -58,10 +83,16 @@ Status bench_forward(const Problem& p, Lane lane, const BenchOptions& o, OpResul
   args.final_states = final_states.view();
   args.lane = lane;
   args.num_threads = o.threads;
-  if (Status st = attach_saved(o, &args, &saved); !st.ok()) return st;
   r->op = "fwd";
-  Status st = time_runs(
-      o.warmup, o.iters, [&] { return forward(args); }, &r->timing);
+  Status st;
+  if (lane == Lane::kCuda) {
+    // Device buffers staged once; CUDA events around each call.
+    st = cuda::time_forward_staged(args, o.warmup, o.iters, &r->timing.samples_s);
+    if (st.ok()) summarize(&r->timing);
+  } else {
+    if (st = attach_saved(o, &args, &saved); !st.ok()) return st;
+    st = time_runs(o.warmup, o.iters, [&] { return forward(args); }, &r->timing);
+  }
   if (!st.ok()) return st;
   const auto& c = p.config();
   r->tokens_per_s = static_cast<double>(c.B * c.L) / r->timing.median_s;
@@ -117,6 +148,15 @@ Status bench_step(const check::ProblemConfig& cfg, Lane lane, const BenchOptions
     args.push_back(step_args(p, tok, state.view(), out.view(), lane));
   }
   r->op = "step";
+  if (lane == Lane::kCuda) {
+    // One CUDA graph of kStepStream steps of the first token's inputs, replayed.
+    Status st = cuda::time_step_staged(args[0], o.warmup, o.iters, kStepStream, /*graph=*/true,
+                                       &r->timing.samples_s);
+    if (!st.ok()) return st;
+    summarize(&r->timing);
+    r->tokens_per_s = static_cast<double>(cfg.B) / r->timing.median_s;
+    return Status::Ok();
+  }
   Status st = time_runs(
       o.warmup, o.iters,
       [&] {
@@ -192,6 +232,10 @@ int run_bench(const BenchOptions& o) {
     Status st = op == "fwd"   ? bench_forward(problem, lane, o, &r)
                 : op == "bwd" ? bench_backward(problem, lane, o, &r)
                               : bench_step(cfg, lane, o, &r);
+    if (st.code() == StatusCode::kNotSupported) {
+      fmt::print(rep, "  {}: not run ({})\n", op, st.ToString());
+      continue;
+    }
     if (!st.ok()) return fail(op + ": " + st.ToString());
     results.push_back(r);
   }
@@ -225,6 +269,29 @@ int run_bench(const BenchOptions& o) {
              o.use_saved ? "training mode: the forward also writes final states and the saved "
                            "activations (ForwardArgs::saved) that the backward reads"
                          : "--recompute: the backward recomputes the forward (no saved activations)");
+  double copy_bw = 0, bf16_rate = 0;
+  if (lane == Lane::kCuda) {
+    fmt::print(stderr, "[bench] device copy bandwidth and bf16 matmul rate ...\n");
+    if (Status st = cuda::measure_copy_bandwidth(&copy_bw); !st.ok()) return fail(st.ToString());
+    if (Status st = cuda::measure_bf16_matmul(&bf16_rate); !st.ok()) return fail(st.ToString());
+    fmt::print(rep, "  device: {}\n", cuda::device_summary());
+    fmt::print(rep, "  ceilings (same run): copy {:.2f} TB/s (read + write), bf16 matmul {:.0f} "
+               "TFLOP/s (cuBLAS 8192^3)\n", copy_bw * 1e-12, bf16_rate * 1e-12);
+    if (fwd) {
+      const double floor_s = forward_min_bytes(problem) / copy_bw;
+      fmt::print(rep, "  forward: memory floor {} ({:.3g} bytes at the copy rate): {:.2f}x the "
+                 "floor; useful FLOP/s {:.1f}% of bf16 matmul\n", format_seconds(floor_s),
+                 forward_min_bytes(problem), fwd->timing.median_s / floor_s,
+                 100.0 * fwd->gflops * 1e9 / bf16_rate);
+    }
+    for (const OpResult& r : results)
+      if (r.op == "step") {
+        const auto& c = problem.config();
+        const double state_bytes = 2.0 * c.B * c.H * (c.P * c.N + c.R * c.N + c.P + c.NA) * 4;
+        fmt::print(rep, "  step: fp32 state read + written {:.3g} bytes per step = {:.1f}% of copy "
+                   "bandwidth\n", state_bytes, 100.0 * state_bytes / r.timing.median_s / copy_bw);
+      }
+  }
   if (sgemm > 0) {
     fmt::print(rep, "  fp32 matrix multiply (Eigen, n=1024, same threads): {:.1f} GFLOP/s\n",
                sgemm);
@@ -259,6 +326,11 @@ int run_bench(const BenchOptions& o) {
       if (r.gflops > 0) j["gflops"] = r.gflops;
       if (r.op == "step") j["per"] = "token (stream of " + std::to_string(kStepStream) + ")";
       doc["ops"].push_back(j);
+    }
+    if (copy_bw > 0) {
+      doc["copy_bytes_per_s"] = copy_bw;
+      doc["bf16_matmul_flops"] = bf16_rate;
+      doc["forward_min_bytes"] = forward_min_bytes(problem);
     }
     if (sgemm > 0) {
       doc["sgemm_gflops"] = sgemm;

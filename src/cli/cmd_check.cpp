@@ -45,7 +45,7 @@ int run_check(const CheckOptions& opts) {
     for (const std::string& file : files) {
       std::vector<check::CaseReport> reports;
       if (not_run.empty()) {
-        Status st = check::run_golden_file(file, parse_lane(lane_name), &reports);
+        Status st = check::run_golden_file(file, parse_lane(lane_name), &reports, opts.forward_only);
         if (st.code() == StatusCode::kNotSupported) {
           not_run = st.ToString();
         } else if (!st.ok()) {

@@ -12,6 +12,7 @@ int run_info();
 struct CheckOptions {
   std::vector<std::string> golden;  // empty: the bundled files
   std::string lane = "all";         // reference | cpu | cuda | all
+  bool forward_only = false;  // outputs and final states only, no gradients
 };
 int run_check(const CheckOptions& opts);
 

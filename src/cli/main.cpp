@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   check_cmd->add_option("--golden", check.golden,
                         "Golden .safetensors files (default: the bundled tests/data/golden; "
                         "$MAMBA3_GOLDEN_DIR overrides the folder)");
+  check_cmd->add_flag("--forward-only", check.forward_only,
+                      "Check outputs and final states only (no backward)");
   check_cmd->add_option("--lane", check.lane, "Lane to check")
       ->check(CLI::IsMember({"reference", "cpu", "cuda", "all"}))
       ->capture_default_str();

@@ -159,10 +159,10 @@ std::vector<LaneInfo> lanes() {
                      cpu::matrix_library() + "; forward, backward, step"});
   const bool cuda_compiled = cuda::compiled();
   const int devices = cuda_compiled ? cuda::device_count() : 0;
-  out.push_back({"cuda", cuda_compiled, false,
+  out.push_back({"cuda", cuda_compiled, cuda_compiled && devices > 0,
                  std::string(cuda_compiled ? "built for sm_90a; " : "not built; ") +
-                     std::to_string(devices) + " device(s) visible; " + cuda::device_summary() +
-                     "; kernels not implemented yet (every call returns not supported)"});
+                     std::to_string(devices) + " device(s) visible (" + cuda::device_summary() +
+                     "); " + cuda::supported_configurations()});
   return out;
 }
 

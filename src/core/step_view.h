@@ -48,6 +48,7 @@ inline ForwardArgs step_as_forward(const StepArgs& a) {
   f.out = insert_axis(a.out, 1);       // (B, 1, H, P) or (B, 1, R, H, P)
   f.final_states = a.state;
   f.lane = a.lane;
+  f.stream = a.stream;
   f.num_threads = 1;
   return f;
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "mamba3/mamba3.h"
 
@@ -16,10 +17,36 @@ bool compiled();
 int device_count();
 // One line per device ("0: NVIDIA H200, sm_90, 139 GiB"), or why there is none.
 std::string device_summary();
+// Which (N, P, R) the kernels of this build serve, in words (for `mamba3 info`).
+std::string supported_configurations();
 
-// Arguments are already validated by the caller (mamba3::validate).
+// Arguments are already validated by the caller (mamba3::validate); tensors on the GPU.
 Status forward(const ForwardArgs& args);
 Status backward(const BackwardArgs& args);
 Status step(const StepArgs& args);
+
+// Host-staged runs for tools and tests: every CPU tensor of `args` is copied to the GPU, the
+// cuda lane runs, and the outputs (out, final states / updated states, gradients) are copied
+// back into the host tensors. Synchronous; allocates. Not for production paths.
+Status forward_staged(const ForwardArgs& host_args);
+Status backward_staged(const BackwardArgs& host_args);
+Status step_staged(const StepArgs& host_args);
+
+}  // namespace mamba3::cuda
+
+namespace mamba3::cuda {
+
+// Benchmark support (CUDA events around each run, after warm-up; inputs staged once).
+// Seconds per forward call.
+Status time_forward_staged(const ForwardArgs& host_args, int warmup, int iters,
+                           std::vector<double>* seconds);
+// Seconds per decode step: `steps` consecutive steps per timed run, launched directly or as one
+// captured CUDA graph (`graph`), states updated in place.
+Status time_step_staged(const StepArgs& host_args, int warmup, int iters, int steps, bool graph,
+                        std::vector<double>* seconds_per_step);
+// Device-to-device copy bandwidth (bytes read + written per second) of a large cudaMemcpy.
+Status measure_copy_bandwidth(double* bytes_per_s);
+// Dense bf16 matrix-multiply rate (FLOP/s) of cuBLAS at 8192^3 on random data.
+Status measure_bf16_matmul(double* flops_per_s);
 
 }  // namespace mamba3::cuda

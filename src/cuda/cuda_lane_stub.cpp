@@ -14,9 +14,19 @@ Status no_cuda() {
 bool compiled() { return false; }
 int device_count() { return 0; }
 std::string device_summary() { return "this build has no CUDA"; }
+std::string supported_configurations() { return "none (no CUDA in this build)"; }
 
 Status forward(const ForwardArgs&) { return no_cuda(); }
 Status backward(const BackwardArgs&) { return no_cuda(); }
 Status step(const StepArgs&) { return no_cuda(); }
+Status forward_staged(const ForwardArgs&) { return no_cuda(); }
+Status backward_staged(const BackwardArgs&) { return no_cuda(); }
+Status step_staged(const StepArgs&) { return no_cuda(); }
+Status time_forward_staged(const ForwardArgs&, int, int, std::vector<double>*) { return no_cuda(); }
+Status time_step_staged(const StepArgs&, int, int, int, bool, std::vector<double>*) {
+  return no_cuda();
+}
+Status measure_copy_bandwidth(double*) { return no_cuda(); }
+Status measure_bf16_matmul(double*) { return no_cuda(); }
 
 }  // namespace mamba3::cuda

@@ -1,16 +1,78 @@
-// Runtime dispatch of the CUDA lane: maps runtime values to the compiled kernel set. No kernels
-// are compiled yet (issues 4/5); every compute entry point refuses with a clear status.
+// Runtime dispatch of the CUDA lane: checks the configuration against what the kernels serve,
+// sets up shared memory and launches; host-staged wrappers for tools and tests.
 #include <cuda_runtime.h>
 
 #include <string>
+#include <vector>
 
+#include "core/step_view.h"
+#include "core/validate.h"
+#include "cuda/chunk_fwd/fwd_kernel.cuh"
+#include "cuda/common/check.cuh"
+#include "cuda/common/staging.cuh"
 #include "cuda/cuda_lane.h"
+#include "cuda/step/step_kernel.cuh"
 
 namespace mamba3::cuda {
 namespace {
 
-Status not_implemented() {
-  return Status::NotSupported("cuda lane: kernels not implemented in this build yet (issue 4/5)");
+// The SIMT kernels take N, P, R at run time; these bounds keep their shared memory in budget.
+Status check_supported(const Dims& d) {
+  const bool ok = d.N <= 128 && d.P <= 128 && (d.R == 1 || d.R == 2 || d.R == 4 || d.R == 8);
+  if (!ok)
+    return Status::NotSupported("cuda lane: N = " + std::to_string(d.N) + ", P = " +
+                                std::to_string(d.P) + ", R = " + std::to_string(d.R) +
+                                " not supported (needs N <= 128, P <= 128, R in {1, 2, 4, 8}); "
+                                "the cpu lane runs it");
+  return Status::Ok();
+}
+
+// Packed sequences live on the device; validation could not read them, so check them here.
+Status check_cu_seqlens(const Inputs& in, const Dims& d) {
+  if (!in.cu_seqlens.defined()) return Status::Ok();
+  std::vector<int32_t> cu(d.S + 1);
+  MAMBA3_CHECK_CUDA(cudaMemcpy2D(cu.data(), sizeof(int32_t), in.cu_seqlens.data,
+                                 sizeof(int32_t) * in.cu_seqlens.strides[0], sizeof(int32_t),
+                                 d.S + 1, cudaMemcpyDeviceToHost));
+  if (cu[0] != 0) return Status::InvalidArgument("cu_seqlens: must start at 0");
+  for (int64_t s = 0; s < d.S; ++s)
+    if (cu[s + 1] < cu[s]) return Status::InvalidArgument("cu_seqlens: must be non-decreasing");
+  if (cu[d.S] != d.L)
+    return Status::InvalidArgument("cu_seqlens: must end at L = " + std::to_string(d.L));
+  return Status::Ok();
+}
+
+Status launch_forward(const ForwardArgs& a, const Dims& d) {
+  if (d.S * d.H == 0) return Status::Ok();
+  const CoreParams p = make_params(a, d);
+  const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);
+  const size_t bytes = sizeof(float) * lay.total_floats;
+  MAMBA3_CHECK_CUDA(
+      cudaFuncSetAttribute(fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  fwd_kernel<<<static_cast<unsigned>(d.S * d.H), kFwdThreads, bytes,
+               static_cast<cudaStream_t>(a.stream)>>>(p, lay);
+  MAMBA3_CHECK_LAUNCH("fwd_kernel");
+  return Status::Ok();
+}
+
+#define M3_RETURN_IF_ERROR(expr)  \
+  do {                            \
+    ::mamba3::Status _s = (expr); \
+    if (!_s.ok()) return _s;      \
+  } while (0)
+
+Status stage_inputs(Staging* st, const Inputs& h, Inputs* d) {
+  *d = h;
+  for (auto [src, dst] :
+       {std::pair{&h.q, &d->q}, std::pair{&h.k, &d->k}, std::pair{&h.v, &d->v},
+        std::pair{&h.adt, &d->adt}, std::pair{&h.dt, &d->dt}, std::pair{&h.trap, &d->trap},
+        std::pair{&h.q_bias, &d->q_bias}, std::pair{&h.k_bias, &d->k_bias},
+        std::pair{&h.angles, &d->angles}, std::pair{&h.d, &d->d}, std::pair{&h.z, &d->z},
+        std::pair{&h.mimo_v, &d->mimo_v}, std::pair{&h.mimo_z, &d->mimo_z},
+        std::pair{&h.mimo_o, &d->mimo_o}, std::pair{&h.norm_weight, &d->norm_weight},
+        std::pair{&h.cu_seqlens, &d->cu_seqlens}})
+    M3_RETURN_IF_ERROR(st->mirror(*src, true, dst));
+  return st->mirror_states(h.initial, true, &d->initial);
 }
 
 }  // namespace
@@ -52,8 +114,87 @@ std::string device_summary() {
   return out;
 }
 
-Status forward(const ForwardArgs&) { return not_implemented(); }
-Status backward(const BackwardArgs&) { return not_implemented(); }
-Status step(const StepArgs&) { return not_implemented(); }
+std::string supported_configurations() {
+  return "forward and decode step: any even N <= 128, P <= 128, R in {1, 2, 4, 8} (fp32 SIMT "
+         "kernels); backward: none yet";
+}
+
+Status forward(const ForwardArgs& a) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_forward(a, &d));
+  M3_RETURN_IF_ERROR(check_supported(d));
+  M3_RETURN_IF_ERROR(check_cu_seqlens(a.in, d));
+  return launch_forward(a, d);
+}
+
+Status backward(const BackwardArgs&) {
+  return Status::NotSupported("cuda lane: backward not implemented yet (issue 5)");
+}
+
+Status step(const StepArgs& a) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_step(a, &d));
+  M3_RETURN_IF_ERROR(check_supported(d));
+  if (d.B * d.H == 0) return Status::Ok();
+  const ForwardArgs f = step_as_forward(a);
+  Dims fd;
+  M3_RETURN_IF_ERROR(validate_forward(f, &fd));
+  const CoreParams p = make_params(f, fd);
+  const size_t bytes = step_smem_bytes(p.N, p.P, p.R, p.NA);
+  step_kernel<<<static_cast<unsigned>(d.B * d.H), kStepThreads, bytes,
+                static_cast<cudaStream_t>(a.stream)>>>(p);
+  MAMBA3_CHECK_LAUNCH("step_kernel");
+  return Status::Ok();
+}
+
+Status forward_staged(const ForwardArgs& h) {
+  Staging st;
+  ForwardArgs d = h;
+  d.lane = Lane::kCuda;
+  M3_RETURN_IF_ERROR(stage_inputs(&st, h.in, &d.in));
+  M3_RETURN_IF_ERROR(st.mirror(h.out, true, &d.out));
+  M3_RETURN_IF_ERROR(st.mirror_states(h.final_states, true, &d.final_states));
+  M3_RETURN_IF_ERROR(st.mirror(h.saved, true, &d.saved));
+  M3_RETURN_IF_ERROR(mamba3::forward(d));
+  MAMBA3_CHECK_CUDA(cudaDeviceSynchronize());
+  M3_RETURN_IF_ERROR(st.copy_back(d.out));
+  for (const Tensor* t : {&d.final_states.angle, &d.final_states.ssm, &d.final_states.k,
+                          &d.final_states.v, &d.saved})
+    M3_RETURN_IF_ERROR(st.copy_back(*t));
+  return Status::Ok();
+}
+
+Status backward_staged(const BackwardArgs& h) {
+  BackwardArgs d = h;
+  d.lane = Lane::kCuda;
+  Staging st;
+  M3_RETURN_IF_ERROR(stage_inputs(&st, h.in, &d.in));
+  // Validation (and the not-implemented status) come from the lane itself.
+  M3_RETURN_IF_ERROR(st.mirror(h.d_out, true, &d.d_out));
+  M3_RETURN_IF_ERROR(st.mirror_states(h.d_final, true, &d.d_final));
+  return mamba3::backward(d);
+}
+
+Status step_staged(const StepArgs& h) {
+  Staging st;
+  StepArgs d = h;
+  d.lane = Lane::kCuda;
+  for (auto [src, dst] :
+       {std::pair{&h.q, &d.q}, std::pair{&h.k, &d.k}, std::pair{&h.v, &d.v},
+        std::pair{&h.adt, &d.adt}, std::pair{&h.dt, &d.dt}, std::pair{&h.trap, &d.trap},
+        std::pair{&h.angles, &d.angles}, std::pair{&h.q_bias, &d.q_bias},
+        std::pair{&h.k_bias, &d.k_bias}, std::pair{&h.d, &d.d}, std::pair{&h.z, &d.z},
+        std::pair{&h.mimo_v, &d.mimo_v}, std::pair{&h.mimo_z, &d.mimo_z},
+        std::pair{&h.mimo_o, &d.mimo_o}, std::pair{&h.norm_weight, &d.norm_weight}})
+    M3_RETURN_IF_ERROR(st.mirror(*src, true, dst));
+  M3_RETURN_IF_ERROR(st.mirror_states(h.state, true, &d.state));
+  M3_RETURN_IF_ERROR(st.mirror(h.out, true, &d.out));
+  M3_RETURN_IF_ERROR(mamba3::step(d));
+  MAMBA3_CHECK_CUDA(cudaDeviceSynchronize());
+  M3_RETURN_IF_ERROR(st.copy_back(d.out));
+  for (const Tensor* t : {&d.state.angle, &d.state.ssm, &d.state.k, &d.state.v})
+    M3_RETURN_IF_ERROR(st.copy_back(*t));
+  return Status::Ok();
+}
 
 }  // namespace mamba3::cuda

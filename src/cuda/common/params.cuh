@@ -1,0 +1,100 @@
+// Everything a CUDA kernel of this lane needs, as device views, built once per call on the
+// host from validated arguments (a decode step is built from its one-token forward view).
+#pragma once
+
+#include "core/validate.h"
+#include "cuda/common/device_tensor.cuh"
+
+namespace mamba3::cuda {
+
+struct CoreParams {
+  DTensor q, k, v, adt, dt, trap, q_bias, k_bias, angles, d, z, mimo_v, mimo_z, mimo_o,
+      norm_weight;
+  DTensor init_angle, init_ssm, init_k, init_v;   // absent: zero initial states
+  DTensor fin_angle, fin_ssm, fin_k, fin_v;       // absent: final states not requested
+  DTensor out;
+  const int32_t* cu_seqlens = nullptr;  // (S + 1,) or null
+  int64_t cu_stride = 1;
+  int B = 0, L = 0, H = 0, G = 0, N = 0, P = 0, R = 1, NA = 0, S = 0, hpg = 1;
+  bool per_rank_out = false, interleaved = true;
+  // Decode: the ssm state is fp32, rows contiguous and 16-byte aligned, N/4 divides 32, so
+  // the step kernel streams it with float4 accesses.
+  bool state_vec4 = false;
+  float eps = 1e-5f;
+};
+
+inline CoreParams make_params(const ForwardArgs& a, const Dims& d) {
+  CoreParams p;
+  const Inputs& in = a.in;
+  p.q = to_device_view(in.q), p.k = to_device_view(in.k), p.v = to_device_view(in.v);
+  p.adt = to_device_view(in.adt), p.dt = to_device_view(in.dt), p.trap = to_device_view(in.trap);
+  p.q_bias = to_device_view(in.q_bias), p.k_bias = to_device_view(in.k_bias);
+  p.angles = to_device_view(in.angles), p.d = to_device_view(in.d), p.z = to_device_view(in.z);
+  p.mimo_v = to_device_view(in.mimo_v), p.mimo_z = to_device_view(in.mimo_z);
+  p.mimo_o = to_device_view(in.mimo_o), p.norm_weight = to_device_view(in.norm_weight);
+  if (in.initial.all()) {
+    p.init_angle = to_device_view(in.initial.angle), p.init_ssm = to_device_view(in.initial.ssm);
+    p.init_k = to_device_view(in.initial.k), p.init_v = to_device_view(in.initial.v);
+  }
+  if (a.final_states.all()) {
+    p.fin_angle = to_device_view(a.final_states.angle);
+    p.fin_ssm = to_device_view(a.final_states.ssm);
+    p.fin_k = to_device_view(a.final_states.k), p.fin_v = to_device_view(a.final_states.v);
+  }
+  p.out = to_device_view(a.out);
+  if (in.cu_seqlens.defined()) {
+    p.cu_seqlens = static_cast<const int32_t*>(in.cu_seqlens.data);
+    p.cu_stride = in.cu_seqlens.strides[0];
+  }
+  p.B = static_cast<int>(d.B), p.L = static_cast<int>(d.L), p.H = static_cast<int>(d.H);
+  p.G = static_cast<int>(d.G), p.N = static_cast<int>(d.N), p.P = static_cast<int>(d.P);
+  p.R = static_cast<int>(d.R), p.NA = static_cast<int>(d.NA), p.S = static_cast<int>(d.S);
+  p.hpg = static_cast<int>(d.heads_per_group());
+  p.per_rank_out = d.per_rank_out;
+  p.interleaved = in.rope_pairing == RopePairing::kInterleaved;
+  p.eps = in.norm_eps;
+  auto vec4_ok = [](const Tensor& t) {
+    return t.defined() && t.dtype == DType::kF32 && t.strides[3] == 1 && t.strides[2] % 4 == 0 &&
+           t.strides[1] % 4 == 0 && t.strides[0] % 4 == 0 &&
+           reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+  };
+  p.state_vec4 = d.N % 4 == 0 && d.N <= 128 && 32 % (d.N / 4) == 0 &&
+                 vec4_ok(in.initial.ssm) && vec4_ok(a.final_states.ssm);
+  return p;
+}
+
+// Rotated element n of x (an N-vector read through `x_at`) for rope angles (cos, sin)[i].
+template <typename F>
+__device__ __forceinline__ float rope_element(bool interleaved, int N, int NA, int n,
+                                              const float* cosv, const float* sinv, F x_at) {
+  if (interleaved) {
+    const int i = n >> 1;
+    if (i >= NA) return x_at(n);
+    const float a = x_at(2 * i), b = x_at(2 * i + 1);
+    return (n & 1) ? a * sinv[i] + b * cosv[i] : a * cosv[i] - b * sinv[i];
+  }
+  const int half = N / 2;
+  if (n < NA) return x_at(n) * cosv[n] - x_at(n + half) * sinv[n];
+  if (n >= half && n - half < NA) {
+    const int i = n - half;
+    return x_at(i) * sinv[i] + x_at(n) * cosv[i];
+  }
+  return x_at(n);
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+constexpr double kPiD = 3.14159265358979323846;
+
+__device__ __forceinline__ double wrap_2pi(double x) {
+  const double two_pi = 2.0 * kPiD;
+  double w = x - two_pi * floor(x / two_pi);
+  return (w >= two_pi || w < 0.0) ? 0.0 : w;
+}
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call on the lent H200: GPU tests, sanitizers, golden check and benchmarks of the
+# cuda lane, logs and JSON under $OUT (default bench/results/raw). Binaries come prebuilt in
+# .devbin/ (built here by tools/h200_build.sh) or, when absent, from build/release.
+#   usage: bash tools/h200_run.sh [all|tests|bench]
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mode=${1:-all}
+OUT=${OUT:-bench/results/raw}
+mkdir -p "$OUT"
+bin=.devbin
+[[ -x $bin/mamba3 ]] || bin=build/release
+export LD_LIBRARY_PATH="$PWD/.devbin/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}"
+export MAMBA3_GOLDEN_DIR="$PWD/tests/data/golden"
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { printf '%s\n' "$*" | tee -a "$summary"; }
+step() {  # step NAME TIMEOUT CMD...: runs CMD, logs to $OUT/NAME.log, records pass/fail
+  local name=$1 t=$2
+  shift 2
+  echo "[h200] $name ..." >&2
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  note "$(printf '%-28s rc=%s' "$name" "$rc")"
+  return 0
+}
+
+note "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+note "gpu: $(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1)"
+step info 60 "$bin/mamba3" info
+
+if [[ $mode == all || $mode == tests ]]; then
+  step gpu_tests 400 "$bin/mamba3_gpu_tests"
+  step golden_cuda_forward 120 "$bin/mamba3" check --lane cuda --forward-only
+  step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:CudaStep.*'
+  step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:CudaStep.StepsEqualPrefill'
+  grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda_forward.log \
+    "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -20 | tee -a "$summary"
+  grep -A14 "Failure" "$OUT"/gpu_tests.log | head -60 | tee -a "$summary"
+fi
+
+if [[ $mode == all || $mode == bench ]]; then
+  for shape in train wide megacpp long; do
+    step "bench_fwd_$shape" 240 "$bin/mamba3" bench --lane cuda --shape "$shape" --dtype bf16 \
+      --what fwd --warmup 1 --iters 3 --json "$OUT/bench_fwd_$shape.json"
+  done
+  for R in 1 4; do
+    for B in 1 16 128 512; do
+      step "bench_step_R${R}_B${B}" 120 "$bin/mamba3" bench --lane cuda --shape train -B "$B" -L 1 \
+        -R "$R" --dtype bf16 --what step --warmup 2 --iters 10 --json "$OUT/bench_step_R${R}_B${B}.json"
+    done
+  done
+  for f in "$OUT"/bench_*.log; do
+    printf '%s: ' "$(basename "$f" .log)" >>"$summary"
+    grep -hE "^  (fwd|step) " "$f" | head -1 >>"$summary"
+    grep -hE "floor|of copy" "$f" >>"$summary"
+  done
+fi
+# Everything but the summary in one archive (the device returns at most 8 files).
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=summary.txt ./* && \
+  find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt -delete)
+tail -45 "$summary"
