@@ -33,20 +33,20 @@ if [[ $mode == all || $mode == tests ]]; then
   step gpu_tests 400 "$bin/mamba3_gpu_tests"
   step golden_cuda_forward 120 "$bin/mamba3" check --lane cuda --forward-only
   step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:CudaStep.*'
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:CudaStep.*'
   step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:CudaStep.StepsEqualPrefill'
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:CudaStep.StepsEqualPrefill'
   grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda_forward.log \
     "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -20 | tee -a "$summary"
   grep -A14 "Failure" "$OUT"/gpu_tests.log | head -60 | tee -a "$summary"
 fi
 
 if [[ $mode == all || $mode == bench ]]; then
-  for shape in train wide megacpp long; do
+  for shape in ${SHAPES-train wide megacpp long}; do
     step "bench_fwd_$shape" 240 "$bin/mamba3" bench --lane cuda --shape "$shape" --dtype bf16 \
       --what fwd --warmup 1 --iters 3 --json "$OUT/bench_fwd_$shape.json"
   done
-  for R in 1 4; do
+  for R in ${STEP_RANKS-1 4}; do
     for B in 1 16 128 512; do
       step "bench_step_R${R}_B${B}" 120 "$bin/mamba3" bench --lane cuda --shape train -B "$B" -L 1 \
         -R "$R" --dtype bf16 --what step --warmup 2 --iters 10 --json "$OUT/bench_step_R${R}_B${B}.json"

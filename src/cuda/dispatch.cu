@@ -8,6 +8,7 @@
 #include "core/step_view.h"
 #include "core/validate.h"
 #include "cuda/chunk_fwd/fwd_kernel.cuh"
+#include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
 #include "cuda/common/check.cuh"
 #include "cuda/common/staging.cuh"
 #include "cuda/cuda_lane.h"
@@ -42,9 +43,35 @@ Status check_cu_seqlens(const Inputs& in, const Dims& d) {
   return Status::Ok();
 }
 
+// Tensor-core forward for bf16 activations at the compiled (N, P); everything else takes the
+// fp32 SIMT kernel (fp32 inputs keep fp32 accuracy there; fp16 is not rounded to bf16).
+template <int N, int P>
+Status launch_forward_tc(const CoreParams& p, const Dims& d, cudaStream_t stream) {
+  const size_t bytes = TcLayout<N, P>::kBytes;
+  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  fwd_tc_kernel<N, P><<<static_cast<unsigned>(d.S * d.H), kTcThreads, bytes, stream>>>(p);
+  MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
+  return Status::Ok();
+}
+
+bool use_tensor_cores(const ForwardArgs& a, const Dims& d) {
+  const Inputs& in = a.in;
+  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
+         (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) && kTcRows % d.R == 0 &&
+         d.NA <= 64;
+}
+
 Status launch_forward(const ForwardArgs& a, const Dims& d) {
   if (d.S * d.H == 0) return Status::Ok();
   const CoreParams p = make_params(a, d);
+  const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  if (use_tensor_cores(a, d)) {
+    if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, stream);
+    if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, stream);
+    if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, stream);
+    return launch_forward_tc<128, 128>(p, d, stream);
+  }
   const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);
   const size_t bytes = sizeof(float) * lay.total_floats;
   MAMBA3_CHECK_CUDA(
@@ -115,8 +142,9 @@ std::string device_summary() {
 }
 
 std::string supported_configurations() {
-  return "forward and decode step: any even N <= 128, P <= 128, R in {1, 2, 4, 8} (fp32 SIMT "
-         "kernels); backward: none yet";
+  return "forward: tensor cores (bf16 mma.sync) for bf16 inputs at N, P in {64, 128}, fp32 SIMT "
+         "otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 SIMT; "
+         "backward: none yet";
 }
 
 Status forward(const ForwardArgs& a) {

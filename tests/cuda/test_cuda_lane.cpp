@@ -69,6 +69,20 @@ TEST_P(CudaVsReference, ForwardWithinRecipe) {
   Result ref = run(p, Eval::kReference, o);
   Result naive = run(p, Eval::kNaiveF32, o);
   Result got = run(p, Eval::kCuda, o);
+  if (c.dtype == DType::kBF16 && (c.N == 64 || c.N == 128) && (c.P == 64 || c.P == 128)) {
+    // Tensor-core path: tiles rounded to bf16 inside the chunk (DESIGN §2.6), which a
+    // token-by-token naive evaluation cannot mirror; out and the ssm state are held to the
+    // issue's bf16 accuracy bar (relative L2 <= 5e-3 against float64), the states computed
+    // in fp32 (angle, k, v) to the recipe.
+    expect_close({{"out", got.at("out")}, {"final.ssm", got.at("final.ssm")}},
+                 {{"out", ref.at("out")}, {"final.ssm", ref.at("final.ssm")}}, 5e-3,
+                 p.config().describe() + " (tensor cores)");
+    Result g2, r2, n2;
+    for (const char* k : {"final.angle", "final.k", "final.v"})
+      g2[k] = got.at(k), r2[k] = ref.at(k), n2[k] = naive.at(k);
+    expect_within_recipe(g2, r2, n2, p.config().describe() + " (tensor cores, fp32 states)");
+    return;
+  }
   expect_within_recipe(got, ref, naive, p.config().describe());
 }
 
@@ -93,7 +107,14 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"mimo_r8", 1, 33, 2, 1, 64, 64, 8, 16, true, false, true, {}, kH, kF},
         Case{"varlen", 1, 150, 2, 1, 64, 64, 1, 16, true, false, false, {70, 0, 1, 64, 15}, kI, kF},
         Case{"bf16_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
-        Case{"bf16_mimo", 1, 200, 4, 1, 128, 64, 4, 32, true, true, true, {}, kH, kB}),
+        Case{"bf16_mimo", 1, 200, 4, 1, 128, 64, 4, 32, true, true, true, {}, kH, kB},
+        Case{"tc_siso_L1", 2, 1, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB},
+        Case{"tc_siso_N64_P128", 1, 130, 4, 2, 64, 128, 1, 32, true, true, false, {}, kH, kB},
+        Case{"tc_siso_N128_P128", 1, 129, 2, 1, 128, 128, 1, 64, true, false, false, {}, kI, kB},
+        Case{"tc_mimo_r2_varlen", 1, 200, 2, 1, 64, 64, 2, 16, true, false, true,
+             {80, 0, 63, 57}, kI, kB},
+        Case{"tc_mimo_r8", 1, 70, 2, 1, 128, 64, 8, 32, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_per_rank", 1, 50, 2, 1, 64, 64, 4, 16, false, false, false, {}, kH, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 TEST(CudaForward, BitwiseDeterministic) {

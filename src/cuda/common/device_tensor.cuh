@@ -42,6 +42,22 @@ __device__ __forceinline__ float dload(const DTensor& t, int64_t off) {
   return 0.f;
 }
 
+// Read-only path (non-coherent cache): for tensors no thread writes during the kernel (the
+// inputs and parameters, never the states), so loads can be reordered past shared-memory stores.
+__device__ __forceinline__ float dload_ro(const DTensor& t, int64_t off) {
+  switch (t.dtype) {
+    case DType::kF32: return __ldg(static_cast<const float*>(t.data) + off);
+    case DType::kBF16: {
+      const unsigned short raw = __ldg(static_cast<const unsigned short*>(t.data) + off);
+      return __uint_as_float(static_cast<unsigned int>(raw) << 16);
+    }
+    case DType::kF16: return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(t.data) + off)));
+    case DType::kF64: return static_cast<float>(__ldg(static_cast<const double*>(t.data) + off));
+    case DType::kI32: return static_cast<float>(__ldg(static_cast<const int32_t*>(t.data) + off));
+  }
+  return 0.f;
+}
+
 __device__ __forceinline__ double dload_f64(const DTensor& t, int64_t off) {
   if (t.dtype == DType::kF64) return static_cast<const double*>(t.data)[off];
   return static_cast<double>(dload(t, off));

@@ -1,0 +1,431 @@
+// Chunked prefill forward on the tensor cores (mma.sync m16n8k16, bf16 operands, fp32
+// accumulation) for bf16/fp16 inputs. One CTA of 4 warps per (sequence, head) walks its chunks
+// of kTcRows = 64 rows (C = 64 / R tokens, row t*R + r); warp w owns rows 16w..16w+15:
+//   scores = Q K^T (fp32 fragments) -> mask -> bf16 A fragments kept in registers
+//   Y      = A V + diag(exp(cs)) Q S^T            (to shared memory, fp32)
+//   S      = exp(cs_last) S + (fw V)^T K          (fp32 master copy in shared memory)
+// Rounded to bf16 on the way (DESIGN.md §2.6): rotated q and k, v*psi, the masked scores, the
+// state as the operand of Q S^T, and fw*v. The state itself and every sum stay fp32.
+// The output stage (D, norm, gate, rank reduction) reads Y from shared memory.
+#pragma once
+
+#include "cuda/common/mma.cuh"
+#include "cuda/common/params.cuh"
+
+namespace mamba3::cuda {
+
+inline constexpr int kTcThreads = 128;
+inline constexpr int kTcRows = 64;
+
+template <int N, int P>
+struct TcLayout {
+  static constexpr int kQp = N + 8;   // bf16 pitches padded by 16 bytes: conflict-free ldmatrix
+  static constexpr int kVp = P + 8;
+  static constexpr int kSfp = N + 4;  // fp32 pitches
+  static constexpr int kYp = P + 4;
+  // byte offsets
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kTcRows * kQp * 2;
+  static constexpr int kV = kK + kTcRows * kQp * 2;
+  static constexpr int kVw = kV + kTcRows * kVp * 2;
+  static constexpr int kSs = kVw + kTcRows * kVp * 2;
+  static constexpr int kSf = kSs + P * kQp * 2;
+  static constexpr int kY = kSf + P * kSfp * 4;  // also the chunk's cos/sin table before Y
+  static constexpr int kYBytes = kTcRows * kYp * 4 > 2 * kTcRows * 64 * 4 ? kTcRows * kYp * 4
+                                                                          : 2 * kTcRows * 64 * 4;
+  static constexpr int kScal = kY + kYBytes;        // cs, ex, gam, w, fw, rstd (64 floats each)
+  static constexpr int kTheta = kScal + 6 * kTcRows * 4;  // running angles, float64 (<= 64)
+  static constexpr int kPar = kTheta + 64 * 8;  // psi, zeta, phi (8 x P each, R <= 8), w (P)
+  static constexpr int kBytes = kPar + (3 * 8 * P + P) * 4;
+  static_assert(kBytes <= 227 * 1024, "tensor-core forward exceeds shared memory");
+  static_assert(kQ % 16 == 0 && kK % 16 == 0 && kV % 16 == 0 && kVw % 16 == 0 && kSs % 16 == 0 &&
+                    kSf % 16 == 0 && kY % 16 == 0 && kTheta % 8 == 0,
+                "shared-memory regions must stay 16-byte aligned");
+};
+
+template <int N, int P>
+__global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
+  using Lay = TcLayout<N, P>;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kQ);
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kK);
+  __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kV);
+  __nv_bfloat16* Vw = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kVw);
+  __nv_bfloat16* Ss = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kSs);
+  float* Sf = reinterpret_cast<float*>(smraw + Lay::kSf);
+  float* Yf = reinterpret_cast<float*>(smraw + Lay::kY);
+  float* cosv = Yf;  // (C, NA) before Y is written
+  float* sinv = Yf + kTcRows * 64;
+  float* cs = reinterpret_cast<float*>(smraw + Lay::kScal);
+  float* ex = cs + kTcRows;
+  float* gam = ex + kTcRows;
+  float* w = gam + kTcRows;
+  float* fw = w + kTcRows;
+  float* rstd = fw + kTcRows;
+  double* theta = reinterpret_cast<double*>(smraw + Lay::kTheta);
+  float* psi_s = reinterpret_cast<float*>(smraw + Lay::kPar);  // (R, P) each; absent: 1
+  float* zeta_s = psi_s + 8 * P;
+  float* phi_s = zeta_s + 8 * P;
+  float* wn_s = phi_s + 8 * P;
+
+  const int R = p.R, NA = p.NA, C = kTcRows / R;
+  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / p.hpg;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  int b = s, begin = 0, end = p.L;
+  if (p.cu_seqlens) {
+    b = 0;
+    begin = p.cu_seqlens[s * p.cu_stride];
+    end = p.cu_seqlens[(s + 1) * p.cu_stride];
+  }
+  const int n_tok = end - begin;
+  const bool has_init = p.init_ssm.defined();
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  // Per-head parameters, once per CTA.
+  for (int i = tid; i < R * P; i += kTcThreads) {
+    const int r = i / P, x = i % P;
+    auto par = [&](const DTensor& t) {
+      return t.defined() ? dload_ro(t, h * t.stride[0] + r * t.stride[1] + x * t.stride[2]) : 1.f;
+    };
+    psi_s[i] = par(p.mimo_v);
+    zeta_s[i] = par(p.mimo_z);
+    phi_s[i] = par(p.mimo_o);
+  }
+  for (int x = tid; x < P; x += kTcThreads)
+    wn_s[x] = p.norm_weight.defined()
+                  ? dload_ro(p.norm_weight, h * p.norm_weight.stride[0] + x * p.norm_weight.stride[1])
+                  : 1.f;
+  __syncthreads();
+  auto psi_at = [&](int r, int x) { return psi_s[r * P + x]; };
+  auto lam_at = [&](int l) {
+    return sigmoidf_(dload_ro(p.trap, b * p.trap.stride[0] + h * p.trap.stride[1] + l * p.trap.stride[2]));
+  };
+  auto dt_at = [&](int l) {
+    return dload_ro(p.dt, b * p.dt.stride[0] + h * p.dt.stride[1] + l * p.dt.stride[2]);
+  };
+  auto v_at = [&](int l, int x) {
+    return dload_ro(p.v, b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2] + x * p.v.stride[3]);
+  };
+
+  // Initial state S0 + (1 - lambda_0) dt_0 sum_r (v0 psi_r) k0_r^T, and angle theta0.
+  if (tid < NA)
+    theta[tid] = has_init ? dload_f64(p.init_angle, s * p.init_angle.stride[0] +
+                                                        h * p.init_angle.stride[1] +
+                                                        tid * p.init_angle.stride[2])
+                          : 0.0;
+  const float sg0 = n_tok > 0 ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
+  for (int i = tid; i < P * N; i += kTcThreads) {
+    const int x = i / N, n = i % N;
+    float v0 = 0.f;
+    if (has_init) {
+      v0 = dload(p.init_ssm, s * p.init_ssm.stride[0] + h * p.init_ssm.stride[1] +
+                                 x * p.init_ssm.stride[2] + n * p.init_ssm.stride[3]);
+      if (n_tok > 0) {
+        const float vx = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] +
+                                             x * p.init_v.stride[2]);
+        for (int r = 0; r < R; ++r)
+          v0 += sg0 * vx * psi_at(r, x) * dload(p.init_k, sk_off(p.init_k, s, r, h, n));
+      }
+    }
+    Sf[x * Lay::kSfp + n] = v0;
+    Ss[x * Lay::kQp + n] = __float2bfloat16_rn(v0);
+  }
+  __syncthreads();
+
+  for (int c0 = 0; c0 < n_tok; c0 += C) {
+    const int m = min(C, n_tok - c0), mr = m * R;
+    if (tid < kTcRows) {
+      float lam = 0.f, dl = 0.f, a = 0.f, sg = 0.f;
+      if (tid < m) {
+        const int l = begin + c0 + tid;
+        lam = lam_at(l), dl = dt_at(l);
+        a = dload(p.adt, b * p.adt.stride[0] + h * p.adt.stride[1] + l * p.adt.stride[2]);
+        sg = (c0 + tid + 1 < n_tok) ? (1.f - lam_at(l + 1)) * dt_at(l + 1) : 0.f;
+      }
+      gam[tid] = lam * dl;
+      w[tid] = lam * dl + sg;
+      cs[tid] = a;
+    }
+    __syncthreads();
+    if (tid == 0)
+      for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
+    // Angles: increments pi tanh(a) dt for every (token, angle) in parallel, a short float64
+    // scan per angle over shared memory, then sin/cos in parallel.
+    for (int i = tid; i < m * NA; i += kTcThreads) {
+      const int t = i / NA, a = i % NA, l = begin + c0 + t;
+      const float raw = dload_ro(p.angles, b * p.angles.stride[0] + l * p.angles.stride[1] +
+                                               h * p.angles.stride[2] + a * p.angles.stride[3]);
+      cosv[i] = static_cast<float>(kPiD) * tanhf(raw) * dt_at(l);
+    }
+    __syncthreads();
+    if (tid >= 32 && tid - 32 < NA) {  // warp 0's thread 0 scans cs meanwhile
+      const int a = tid - 32;
+      double th = theta[a];
+      for (int t = 0; t < m; ++t) {
+        th = wrap_2pi(th + static_cast<double>(cosv[t * NA + a]));
+        sinv[t * NA + a] = static_cast<float>(th);
+      }
+      theta[a] = th;
+    }
+    __syncthreads();
+    for (int i = tid; i < m * NA; i += kTcThreads) __sincosf(sinv[i], &sinv[i], &cosv[i]);
+    __syncthreads();  // the rotation below reads other threads' cos/sin
+    if (tid < kTcRows) {
+      ex[tid] = tid < m ? expf(cs[tid]) : 0.f;
+      fw[tid] = tid < m ? expf(cs[m - 1] - cs[tid]) * w[tid] : 0.f;
+    }
+    // Rotated biased q, k and v * psi rows (bf16); rows past the end are zero.
+#pragma unroll 4
+    for (int i = tid; i < kTcRows * N; i += kTcThreads) {
+      const int row = i / N, n = i % N, t = row / R, r = row % R;
+      float qv = 0.f, kv = 0.f;
+      if (row < mr) {
+        const int l = begin + c0 + t;
+        auto qx = [&](int j) {
+          return dload_ro(p.q, qk_off(p.q, b, l, r, g, j)) +
+                 dload_ro(p.q_bias, bias_off(p.q_bias, h, r, j));
+        };
+        auto kx = [&](int j) {
+          return dload_ro(p.k, qk_off(p.k, b, l, r, g, j)) +
+                 dload_ro(p.k_bias, bias_off(p.k_bias, h, r, j));
+        };
+        qv = rope_element(p.interleaved, N, NA, n, cosv + t * NA, sinv + t * NA, qx);
+        kv = rope_element(p.interleaved, N, NA, n, cosv + t * NA, sinv + t * NA, kx);
+      }
+      Qs[row * Lay::kQp + n] = __float2bfloat16_rn(qv);
+      Ks[row * Lay::kQp + n] = __float2bfloat16_rn(kv);
+    }
+    __syncthreads();  // fw ready; cos/sin no longer needed (Y may overwrite them)
+#pragma unroll 4
+    for (int i = tid; i < kTcRows * P; i += kTcThreads) {
+      const int row = i / P, x = i % P, t = row / R, r = row % R;
+      const float vv = row < mr ? v_at(begin + c0 + t, x) * psi_at(r, x) : 0.f;
+      Vs[row * Lay::kVp + x] = __float2bfloat16_rn(vv);
+      Vw[row * Lay::kVp + x] = __float2bfloat16_rn(row < mr ? fw[t] * vv : 0.f);
+    }
+    __syncthreads();
+
+    // ---- Y for this warp's 16 rows.
+    const int r0 = warp * 16;
+    float sc[kTcRows / 8][4];
+#pragma unroll
+    for (int j = 0; j < kTcRows / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+    for (int k0 = 0; k0 < N; k0 += 16) {
+      uint32_t a[4];
+      load_a(a, Qs, Lay::kQp, r0, k0, lane);
+#pragma unroll
+      for (int n0 = 0; n0 < kTcRows; n0 += 16) {
+        uint32_t bb[4];
+        load_b_nk(bb, Ks, Lay::kQp, n0, k0, lane);
+        mma_bf16(sc[n0 / 8], a, bb[0], bb[1]);
+        mma_bf16(sc[n0 / 8 + 1], a, bb[2], bb[3]);
+      }
+    }
+    // Mask: M[i, j] = exp(cs_i - cs_j) w_j (j < i), gamma_i (j == i), 0 (j > i), by token.
+#pragma unroll
+    for (int j = 0; j < kTcRows / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = r0 + gq + (e >> 1) * 8, col = j * 8 + 2 * tq + (e & 1);
+        const int ti = row / R, tj = col / R;
+        float coef = 0.f;
+        if (row < mr && col < mr) {
+          if (tj < ti)
+            coef = __expf(cs[ti] - cs[tj]) * w[tj];
+          else if (tj == ti)
+            coef = gam[ti];
+        }
+        sc[j][e] *= coef;
+      }
+    // Y = diag(exp(cs)) Q S^T, then += A V with A from the score fragments (one accumulator).
+    float ya[P / 8][4];
+#pragma unroll
+    for (int j = 0; j < P / 8; ++j) ya[j][0] = ya[j][1] = ya[j][2] = ya[j][3] = 0.f;
+#pragma unroll
+    for (int k0 = 0; k0 < N; k0 += 16) {
+      uint32_t a[4];
+      load_a(a, Qs, Lay::kQp, r0, k0, lane);
+#pragma unroll
+      for (int n0 = 0; n0 < P; n0 += 16) {
+        uint32_t bb[4];
+        load_b_nk(bb, Ss, Lay::kQp, n0, k0, lane);  // B[k = n][col = x] = S[x][n]
+        mma_bf16(ya[n0 / 8], a, bb[0], bb[1]);
+        mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
+      }
+    }
+    {
+      const int ra = r0 + gq, rb = ra + 8;
+      const float ea = ra < mr ? ex[ra / R] : 0.f, eb = rb < mr ? ex[rb / R] : 0.f;
+#pragma unroll
+      for (int j = 0; j < P / 8; ++j) {
+        ya[j][0] *= ea, ya[j][1] *= ea, ya[j][2] *= eb, ya[j][3] *= eb;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kTcRows / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+      a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+      a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int n0 = 0; n0 < P; n0 += 16) {
+        uint32_t bb[4];
+        load_b_kn(bb, Vs, Lay::kVp, n0, kk * 16, lane);
+        mma_bf16(ya[n0 / 8], a, bb[0], bb[1]);
+        mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < P / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = r0 + gq + (e >> 1) * 8, col = j * 8 + 2 * tq + (e & 1);
+        Yf[row * Lay::kYp + col] = ya[j][e];
+      }
+    __syncthreads();  // every warp has read Ss; Y complete
+
+    // ---- State: S = exp(cs_last) S + (fw V)^T K; warp w owns rows x of S in 16-row tiles.
+    const float el = ex[m - 1];
+#pragma unroll
+    for (int xm = 0; xm < P / 64; ++xm) {
+      const int x0 = (xm * 4 + warp) * 16;
+      float acc[N / 8][4];
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+      for (int k0 = 0; k0 < kTcRows; k0 += 16) {
+        uint32_t a[4];
+        load_a_trans(a, Vw, Lay::kVp, x0, k0, lane);
+#pragma unroll
+        for (int n0 = 0; n0 < N; n0 += 16) {
+          uint32_t bb[4];
+          load_b_kn(bb, Ks, Lay::kQp, n0, k0, lane);
+          mma_bf16(acc[n0 / 8], a, bb[0], bb[1]);
+          mma_bf16(acc[n0 / 8 + 1], a, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int x = x0 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
+          const float sv = el * Sf[x * Lay::kSfp + n] + acc[j][e];
+          Sf[x * Lay::kSfp + n] = sv;
+          Ss[x * Lay::kQp + n] = __float2bfloat16_rn(sv);
+        }
+    }
+
+    // ---- Output stage from Y: D v, per-row RMSNorm, gate, rank reduction.
+    if (p.norm_weight.defined()) {
+      for (int row = warp; row < mr; row += kTcThreads / 32) {
+        const int t = row / R, r = row % R;
+        float ss = 0.f;
+        for (int x = lane; x < P; x += 32) {
+          const float y = Yf[row * Lay::kYp + x] + dskip * v_at(begin + c0 + t, x) * psi_at(r, x);
+          Yf[row * Lay::kYp + x] = y;
+          ss += y * y;
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) rstd[row] = rsqrtf(ss / P + p.eps);
+      }
+    } else if (p.d.defined()) {
+      for (int i = tid; i < mr * P; i += kTcThreads) {
+        const int row = i / P, x = i % P;
+        Yf[row * Lay::kYp + x] += dskip * v_at(begin + c0 + row / R, x) * psi_at(row % R, x);
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < m * P; i += kTcThreads) {
+      const int t = i / P, x = i % P, l = begin + c0 + t;
+      const float z = p.z.defined() ? dload_ro(p.z, b * p.z.stride[0] + l * p.z.stride[1] +
+                                                        h * p.z.stride[2] + x * p.z.stride[3])
+                                    : 0.f;
+      const float wn = wn_s[x];
+      float acc = 0.f;
+      for (int r = 0; r < R; ++r) {
+        const int row = t * R + r;
+        float yn = Yf[row * Lay::kYp + x];
+        if (p.norm_weight.defined()) yn *= rstd[row] * wn;
+        float gate = 1.f;
+        if (p.z.defined()) {
+          const float u = z * zeta_s[r * P + x];
+          gate = u * sigmoidf_(u);
+        }
+        if (p.per_rank_out) {
+          dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + r * p.out.stride[2] +
+                            h * p.out.stride[3] + x * p.out.stride[4],
+                 yn * gate);
+        } else {
+          acc += phi_s[r * P + x] * yn * gate;
+        }
+      }
+      if (!p.per_rank_out)
+        dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + h * p.out.stride[2] +
+                          x * p.out.stride[3],
+               acc);
+    }
+    __syncthreads();
+  }
+
+  // Final states: S (fp32 master), wrapped angle, rotated k of the last token, its raw v.
+  if (p.fin_ssm.defined()) {
+    for (int i = tid; i < P * N; i += kTcThreads) {
+      const int x = i / N, n = i % N;
+      float val = Sf[x * Lay::kSfp + n];
+      if (n_tok == 0)
+        val = has_init ? dload(p.init_ssm, s * p.init_ssm.stride[0] + h * p.init_ssm.stride[1] +
+                                               x * p.init_ssm.stride[2] + n * p.init_ssm.stride[3])
+                       : 0.f;
+      dstore(p.fin_ssm, s * p.fin_ssm.stride[0] + h * p.fin_ssm.stride[1] + x * p.fin_ssm.stride[2] +
+                            n * p.fin_ssm.stride[3],
+             val);
+    }
+    if (tid < NA)
+      dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
+                                  tid * p.fin_angle.stride[2],
+                 wrap_2pi(theta[tid]));
+    // The last token's rotated k, recomputed in fp32 (the bf16 tile copy is rounded).
+    for (int i = tid; i < R * N; i += kTcThreads) {
+      const int r = i / N, n = i % N;
+      float val = 0.f;
+      if (n_tok > 0) {
+        auto kx = [&](int j) {
+          return dload(p.k, qk_off(p.k, b, end - 1, r, g, j)) +
+                 dload(p.k_bias, bias_off(p.k_bias, h, r, j));
+        };
+        // Rope pair of element n: index i0 (or none), first/second member, partner.
+        int i0 = -1, first = 0, partner = 0;
+        if (p.interleaved) {
+          if ((n >> 1) < NA) i0 = n >> 1, first = (n & 1) == 0, partner = n ^ 1;
+        } else {
+          const int half = N / 2;
+          if (n < NA) i0 = n, first = 1, partner = n + half;
+          else if (n >= half && n - half < NA) i0 = n - half, first = 0, partner = n - half;
+        }
+        if (i0 < 0) {
+          val = kx(n);
+        } else {
+          float sn, cn;
+          sincosf(static_cast<float>(theta[i0]), &sn, &cn);
+          const float self = kx(n), other = kx(partner);
+          val = first ? self * cn - other * sn : other * sn + self * cn;
+        }
+      } else if (has_init) {
+        val = dload(p.init_k, sk_off(p.init_k, s, r, h, n));
+      }
+      dstore(p.fin_k, sk_off(p.fin_k, s, r, h, n), val);
+    }
+    for (int x = tid; x < P; x += kTcThreads) {
+      float val = 0.f;
+      if (n_tok > 0)
+        val = v_at(end - 1, x);
+      else if (has_init)
+        val = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + x * p.init_v.stride[2]);
+      dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + x * p.fin_v.stride[2], val);
+    }
+  }
+}
+
+}  // namespace mamba3::cuda
