@@ -43,6 +43,112 @@ struct TcLayout {
                 "shared-memory regions must stay 16-byte aligned");
 };
 
+// 8 bf16 (one 16-byte load) to floats.
+__device__ __forceinline__ void bf16x8_to_float(const uint4& u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ uint4 float8_to_bf16x8(const float (&f)[8]) {
+  return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]),
+                    pack_bf16(f[6], f[7]));
+}
+
+__device__ __forceinline__ uint4 ldg16(const void* ptr) {
+  return __ldg(reinterpret_cast<const uint4*>(ptr));
+}
+
+// Rotated, biased q and k rows of one chunk into bf16 tiles from 16-byte loads: every load of
+// a thread is issued before any is used. Interleaved pairs sit inside one 8-element chunk;
+// halved pairs (i, i + N/2) take a chunk of each half.
+template <int N, bool kInterleaved>
+__device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, int h, int g,
+                                                  int l0, int R, int mr, const float* cosv,
+                                                  const float* sinv, __nv_bfloat16* Qs,
+                                                  __nv_bfloat16* Ks, int pitch, int tid) {
+  constexpr int kChunks = N / 8;
+  constexpr int kPerRow = kInterleaved ? kChunks : kChunks / 2;
+  constexpr int kIt = kTcRows * kPerRow / kTcThreads;
+  constexpr int kParts = kInterleaved ? 1 : 2;
+  const int NA = p.NA, half = N / 2;
+  uint4 qa[kIt][kParts], ka[kIt][kParts];
+#pragma unroll
+  for (int u = 0; u < kIt; ++u) {
+    const int it = u * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
+    if (row < mr) {
+      const int t = row / R, r = row % R;
+      const __nv_bfloat16* qr =
+          static_cast<const __nv_bfloat16*>(p.q.data) + qk_off(p.q, b, l0 + t, r, g, 0);
+      const __nv_bfloat16* kr =
+          static_cast<const __nv_bfloat16*>(p.k.data) + qk_off(p.k, b, l0 + t, r, g, 0);
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        qa[u][part] = ldg16(qr + part * half + c * 8);
+        ka[u][part] = ldg16(kr + part * half + c * 8);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kIt; ++u) {
+    const int it = u * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
+    const int t = row / R, r = row % R;
+    float q[kParts][8], k[kParts][8];
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      if (row < mr) {
+        bf16x8_to_float(qa[u][part], q[part]);
+        bf16x8_to_float(ka[u][part], k[part]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int n = part * half + c * 8 + e;
+          q[part][e] += dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n));
+          k[part][e] += dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n));
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) q[part][e] = k[part][e] = 0.f;
+      }
+    }
+    if (row < mr) {
+      const float* cs_t = cosv + t * NA;
+      const float* sn_t = sinv + t * NA;
+      if (kInterleaved) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = c * 4 + e;
+          if (i < NA) {
+            const float co = cs_t[i], si = sn_t[i];
+            const float qa0 = q[0][2 * e], qb0 = q[0][2 * e + 1];
+            const float ka0 = k[0][2 * e], kb0 = k[0][2 * e + 1];
+            q[0][2 * e] = qa0 * co - qb0 * si, q[0][2 * e + 1] = qa0 * si + qb0 * co;
+            k[0][2 * e] = ka0 * co - kb0 * si, k[0][2 * e + 1] = ka0 * si + kb0 * co;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int i = c * 8 + e;
+          if (i < NA) {
+            const float co = cs_t[i], si = sn_t[i];
+            const float q0 = q[0][e], q1 = q[kParts - 1][e], k0 = k[0][e], k1 = k[kParts - 1][e];
+            q[0][e] = q0 * co - q1 * si, q[kParts - 1][e] = q0 * si + q1 * co;
+            k[0][e] = k0 * co - k1 * si, k[kParts - 1][e] = k0 * si + k1 * co;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      *reinterpret_cast<uint4*>(Qs + row * pitch + part * half + c * 8) = float8_to_bf16x8(q[part]);
+      *reinterpret_cast<uint4*>(Ks + row * pitch + part * half + c * 8) = float8_to_bf16x8(k[part]);
+    }
+  }
+}
+
 template <int N, int P>
 __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
   using Lay = TcLayout<N, P>;
@@ -175,6 +281,12 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
       fw[tid] = tid < m ? expf(cs[m - 1] - cs[tid]) * w[tid] : 0.f;
     }
     // Rotated biased q, k and v * psi rows (bf16); rows past the end are zero.
+    if (p.tc_vec) {
+      if (p.interleaved)
+        load_qk_tiles_vec<N, true>(p, b, h, g, begin + c0, R, mr, cosv, sinv, Qs, Ks, Lay::kQp, tid);
+      else
+        load_qk_tiles_vec<N, false>(p, b, h, g, begin + c0, R, mr, cosv, sinv, Qs, Ks, Lay::kQp, tid);
+    } else
 #pragma unroll 4
     for (int i = tid; i < kTcRows * N; i += kTcThreads) {
       const int row = i / N, n = i % N, t = row / R, r = row % R;
@@ -196,6 +308,40 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
       Ks[row * Lay::kQp + n] = __float2bfloat16_rn(kv);
     }
     __syncthreads();  // fw ready; cos/sin no longer needed (Y may overwrite them)
+    if (p.tc_vec) {
+      // One 16-byte load of v per (token, 8 columns), written to the token's R rows.
+      constexpr int kVc = P / 8;
+      constexpr int kIt = kTcRows * kVc / kTcThreads;  // upper bound (C <= 64 tokens)
+      uint4 va[kIt];
+#pragma unroll
+      for (int u = 0; u < kIt; ++u) {
+        const int it = u * kTcThreads + tid, t = it / kVc, c = it % kVc;
+        if (t < m)
+          va[u] = ldg16(static_cast<const __nv_bfloat16*>(p.v.data) + b * p.v.stride[0] +
+                        (begin + c0 + t) * p.v.stride[1] + h * p.v.stride[2] + c * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < kIt; ++u) {
+        const int it = u * kTcThreads + tid, t = it / kVc, c = it % kVc;
+        if (t >= C) continue;
+        float vf[8];
+        if (t < m)
+          bf16x8_to_float(va[u], vf);
+        else
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[e] = 0.f;
+        for (int r = 0; r < R; ++r) {
+          float vp[8], vw[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            vp[e] = vf[e] * psi_s[r * P + c * 8 + e];
+            vw[e] = t < m ? fw[t] * vp[e] : 0.f;
+          }
+          *reinterpret_cast<uint4*>(Vs + (t * R + r) * Lay::kVp + c * 8) = float8_to_bf16x8(vp);
+          *reinterpret_cast<uint4*>(Vw + (t * R + r) * Lay::kVp + c * 8) = float8_to_bf16x8(vw);
+        }
+      }
+    } else
 #pragma unroll 4
     for (int i = tid; i < kTcRows * P; i += kTcThreads) {
       const int row = i / P, x = i % P, t = row / R, r = row % R;
@@ -277,12 +423,16 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
         mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
       }
     }
+    // + D v psi in fp32 from the raw v (independent loads, issued together).
 #pragma unroll
     for (int j = 0; j < P / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = r0 + gq + (e >> 1) * 8, col = j * 8 + 2 * tq + (e & 1);
-        Yf[row * Lay::kYp + col] = ya[j][e];
+        float dv = 0.f;
+        if (p.d.defined() && row < mr)
+          dv = dskip * v_at(begin + c0 + row / R, col) * psi_s[(row % R) * P + col];
+        Yf[row * Lay::kYp + col] = ya[j][e] + dv;
       }
     __syncthreads();  // every warp has read Ss; Y complete
 
@@ -323,17 +473,11 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
         const int t = row / R, r = row % R;
         float ss = 0.f;
         for (int x = lane; x < P; x += 32) {
-          const float y = Yf[row * Lay::kYp + x] + dskip * v_at(begin + c0 + t, x) * psi_at(r, x);
-          Yf[row * Lay::kYp + x] = y;
+          const float y = Yf[row * Lay::kYp + x];
           ss += y * y;
         }
         ss = warp_sum(ss);
         if (lane == 0) rstd[row] = rsqrtf(ss / P + p.eps);
-      }
-    } else if (p.d.defined()) {
-      for (int i = tid; i < mr * P; i += kTcThreads) {
-        const int row = i / P, x = i % P;
-        Yf[row * Lay::kYp + x] += dskip * v_at(begin + c0 + row / R, x) * psi_at(row % R, x);
       }
     }
     __syncthreads();

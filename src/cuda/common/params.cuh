@@ -20,6 +20,8 @@ struct CoreParams {
   // Decode: the ssm state is fp32, rows contiguous and 16-byte aligned, N/4 divides 32, so
   // the step kernel streams it with float4 accesses.
   bool state_vec4 = false;
+  // Forward: q, k, v are bf16 with contiguous, 16-byte aligned rows (16-byte tile loads).
+  bool tc_vec = false;
   float eps = 1e-5f;
 };
 
@@ -58,6 +60,13 @@ inline CoreParams make_params(const ForwardArgs& a, const Dims& d) {
            t.strides[1] % 4 == 0 && t.strides[0] % 4 == 0 &&
            reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
   };
+  auto rows16 = [](const Tensor& t) {
+    if (!t.defined() || t.dtype != DType::kBF16 || t.strides[t.ndim - 1] != 1) return false;
+    for (int i = 0; i + 1 < t.ndim; ++i)
+      if (t.strides[i] % 8 != 0) return false;
+    return reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+  };
+  p.tc_vec = rows16(in.q) && rows16(in.k) && rows16(in.v) && d.N % 16 == 0 && d.P % 8 == 0;
   p.state_vec4 = d.N % 4 == 0 && d.N <= 128 && 32 % (d.N / 4) == 0 &&
                  vec4_ok(in.initial.ssm) && vec4_ok(a.final_states.ssm);
   return p;
