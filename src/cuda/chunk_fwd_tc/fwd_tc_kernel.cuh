@@ -467,10 +467,9 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
         }
     }
 
-    // ---- Output stage from Y: D v, per-row RMSNorm, gate, rank reduction.
+    // ---- Output stage from Y (D v already in): per-row RMSNorm, gate, rank reduction.
     if (p.norm_weight.defined()) {
       for (int row = warp; row < mr; row += kTcThreads / 32) {
-        const int t = row / R, r = row % R;
         float ss = 0.f;
         for (int x = lane; x < P; x += 32) {
           const float y = Yf[row * Lay::kYp + x];
