@@ -5,7 +5,7 @@
 // (NOTES.md). Runtime N, P, R so the same kernel serves every shape that fits shared memory.
 #pragma once
 
-#include "cuda/common/params.cuh"
+#include "cuda/common/layer_io.cuh"
 
 namespace mamba3::cuda {
 
@@ -15,7 +15,7 @@ inline constexpr int kRows = 64;
 struct FwdSmem {
   // Offsets in floats; pitches pad rows by one word against bank conflicts.
   int qn, vp, ap;             // row pitches: N + 1, P + 1, kRows + 1
-  int qh, kh, vr, s, a, y, scratch_floats, scal, theta, total_floats;
+  int qh, kh, vr, s, a, y, scratch_floats, scal, theta, par, total_floats;
 };
 
 inline FwdSmem fwd_smem_layout(int N, int P, int NA) {
@@ -35,6 +35,7 @@ inline FwdSmem fwd_smem_layout(int N, int P, int NA) {
   m.scal = o, o += 8 * kRows;   // cs, e, gam, w, fw, rstd, spare (per token or row)
   o = (o + 1) & ~1;             // 8-byte alignment for the float64 angles
   m.theta = o, o += 2 * 64;     // running angle, float64 (NA <= 64), as 2 floats each
+  m.par = o, o += 3 * 8 * P + P;  // psi, zeta, phi (R <= 8 rows of P), norm weight (P)
   m.total_floats = o;
   return m;
 }
@@ -69,11 +70,13 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_kernel(CoreParams p, FwdSmem 
   double* theta = reinterpret_cast<double*>(sm + lay.theta);
   const bool has_init = p.init_ssm.defined();
   const float dskip = p.d.defined() ? dload(p.d, h * p.d.stride[0]) : 0.f;
-  auto psi_at = [&](int r, int x) {
-    return p.mimo_v.defined()
-               ? dload(p.mimo_v, h * p.mimo_v.stride[0] + r * p.mimo_v.stride[1] + x * p.mimo_v.stride[2])
-               : 1.f;
-  };
+  float* psi_s = sm + lay.par;
+  float* zeta_s = psi_s + 8 * P;
+  float* phi_s = zeta_s + 8 * P;
+  float* wn_s = phi_s + 8 * P;
+  load_head_params(p, h, psi_s, zeta_s, phi_s, wn_s, tid, kFwdThreads);
+  __syncthreads();
+  auto psi_at = [&](int r, int x) { return psi_s[r * P + x]; };
   auto lam_at = [&](int l) {
     return sigmoidf_(dload(p.trap, b * p.trap.stride[0] + h * p.trap.stride[1] + l * p.trap.stride[2]));
   };
@@ -87,22 +90,9 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_kernel(CoreParams p, FwdSmem 
                                                         h * p.init_angle.stride[1] +
                                                         tid * p.init_angle.stride[2])
                           : 0.0;
-  const float sg0 = n_tok > 0 ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
-  for (int i = tid; i < P * N; i += kFwdThreads) {
-    const int x = i / N, n = i % N;
-    float v0 = 0.f;
-    if (has_init) {
-      v0 = dload(p.init_ssm, s * p.init_ssm.stride[0] + h * p.init_ssm.stride[1] +
-                                 x * p.init_ssm.stride[2] + n * p.init_ssm.stride[3]);
-      if (n_tok > 0) {
-        const float vx = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] +
-                                             x * p.init_v.stride[2]);
-        for (int r = 0; r < R; ++r)
-          v0 += sg0 * vx * psi_at(r, x) * dload(p.init_k, sk_off(p.init_k, s, r, h, n));
-      }
-    }
-    S[x * lay.qn + n] = v0;
-  }
+  const float sg0 = n_tok > 0 && has_init ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
+  for (int i = tid; i < P * N; i += kFwdThreads)
+    S[(i / N) * lay.qn + i % N] = initial_state_elem(p, s, h, i / N, i % N, sg0, psi_s);
   __syncthreads();
 
   for (int c0 = 0; c0 < n_tok; c0 += C) {
@@ -211,84 +201,17 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_kernel(CoreParams p, FwdSmem 
       __syncthreads();
     }
     for (int i = tid; i < m * P; i += kFwdThreads) {
-      const int t = i / P, x = i % P, l = begin + c0 + t;
-      const float z = p.z.defined() ? dload(p.z, b * p.z.stride[0] + l * p.z.stride[1] +
-                                                     h * p.z.stride[2] + x * p.z.stride[3])
-                                    : 0.f;
-      const float wn = p.norm_weight.defined()
-                           ? dload(p.norm_weight, h * p.norm_weight.stride[0] + x * p.norm_weight.stride[1])
-                           : 1.f;
-      float acc = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int row = t * R + r;
-        float yn = Y[row * lay.vp + x];
-        if (p.norm_weight.defined()) yn *= rstd[row] * wn;
-        float gate = 1.f;
-        if (p.z.defined()) {
-          const float zeta = p.mimo_z.defined()
-                                 ? dload(p.mimo_z, h * p.mimo_z.stride[0] + r * p.mimo_z.stride[1] +
-                                                       x * p.mimo_z.stride[2])
-                                 : 1.f;
-          const float u = z * zeta;
-          gate = u * sigmoidf_(u);
-        }
-        if (p.per_rank_out) {
-          dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + r * p.out.stride[2] +
-                            h * p.out.stride[3] + x * p.out.stride[4],
-                 yn * gate);
-        } else {
-          const float phi = p.mimo_o.defined()
-                                ? dload(p.mimo_o, h * p.mimo_o.stride[0] + r * p.mimo_o.stride[1] +
-                                                      x * p.mimo_o.stride[2])
-                                : 1.f;
-          acc += phi * yn * gate;
-        }
-      }
-      if (!p.per_rank_out)
-        dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + h * p.out.stride[2] +
-                          x * p.out.stride[3],
-               acc);
+      const int t = i / P, x = i % P;
+      store_output(p, b, begin + c0 + t, h, x, &Y[t * R * lay.vp + x], lay.vp, &rstd[t * R], 1,
+                   zeta_s, phi_s, wn_s);
     }
     __syncthreads();
   }
 
-  // Final states: S, wrapped angle, rotated k of the last token (still in Kh), raw v of it.
-  if (p.fin_ssm.defined()) {
-    for (int i = tid; i < P * N; i += kFwdThreads) {
-      const int x = i / N, n = i % N;
-      float val = S[x * lay.qn + n];
-      if (n_tok == 0)
-        val = has_init ? dload(p.init_ssm, s * p.init_ssm.stride[0] + h * p.init_ssm.stride[1] +
-                                               x * p.init_ssm.stride[2] + n * p.init_ssm.stride[3])
-                       : 0.f;
-      dstore(p.fin_ssm, s * p.fin_ssm.stride[0] + h * p.fin_ssm.stride[1] + x * p.fin_ssm.stride[2] +
-                            n * p.fin_ssm.stride[3],
-             val);
-    }
-    if (tid < NA)
-      dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
-                                  tid * p.fin_angle.stride[2],
-                 wrap_2pi(theta[tid]));
-    const int last_row = n_tok > 0 ? ((n_tok - 1) % C) * R : 0;
-    for (int i = tid; i < R * N; i += kFwdThreads) {
-      const int r = i / N, n = i % N;
-      float val = 0.f;
-      if (n_tok > 0)
-        val = Kh[(last_row + r) * lay.qn + n];
-      else if (has_init)
-        val = dload(p.init_k, sk_off(p.init_k, s, r, h, n));
-      dstore(p.fin_k, sk_off(p.fin_k, s, r, h, n), val);
-    }
-    for (int x = tid; x < P; x += kFwdThreads) {
-      float val = 0.f;
-      if (n_tok > 0)
-        val = dload(p.v, b * p.v.stride[0] + (end - 1) * p.v.stride[1] + h * p.v.stride[2] +
-                             x * p.v.stride[3]);
-      else if (has_init)
-        val = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + x * p.init_v.stride[2]);
-      dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + x * p.fin_v.stride[2], val);
-    }
-  }
+  // Final states: S, wrapped angle, rotated k and raw v of the last token.
+  write_final_states(
+      p, s, h, g, b, end, n_tok, theta, [&](int x, int n) { return S[x * lay.qn + n]; }, tid,
+      kFwdThreads);
 }
 
 }  // namespace mamba3::cuda

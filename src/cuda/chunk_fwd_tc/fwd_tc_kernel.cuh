@@ -10,7 +10,7 @@
 #pragma once
 
 #include "cuda/common/mma.cuh"
-#include "cuda/common/params.cuh"
+#include "cuda/common/layer_io.cuh"
 
 namespace mamba3::cuda {
 
@@ -188,19 +188,7 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
   const bool has_init = p.init_ssm.defined();
   const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
   // Per-head parameters, once per CTA.
-  for (int i = tid; i < R * P; i += kTcThreads) {
-    const int r = i / P, x = i % P;
-    auto par = [&](const DTensor& t) {
-      return t.defined() ? dload_ro(t, h * t.stride[0] + r * t.stride[1] + x * t.stride[2]) : 1.f;
-    };
-    psi_s[i] = par(p.mimo_v);
-    zeta_s[i] = par(p.mimo_z);
-    phi_s[i] = par(p.mimo_o);
-  }
-  for (int x = tid; x < P; x += kTcThreads)
-    wn_s[x] = p.norm_weight.defined()
-                  ? dload_ro(p.norm_weight, h * p.norm_weight.stride[0] + x * p.norm_weight.stride[1])
-                  : 1.f;
+  load_head_params(p, h, psi_s, zeta_s, phi_s, wn_s, tid, kTcThreads);
   __syncthreads();
   auto psi_at = [&](int r, int x) { return psi_s[r * P + x]; };
   auto lam_at = [&](int l) {
@@ -219,20 +207,10 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
                                                         h * p.init_angle.stride[1] +
                                                         tid * p.init_angle.stride[2])
                           : 0.0;
-  const float sg0 = n_tok > 0 ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
+  const float sg0 = n_tok > 0 && has_init ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
   for (int i = tid; i < P * N; i += kTcThreads) {
     const int x = i / N, n = i % N;
-    float v0 = 0.f;
-    if (has_init) {
-      v0 = dload(p.init_ssm, s * p.init_ssm.stride[0] + h * p.init_ssm.stride[1] +
-                                 x * p.init_ssm.stride[2] + n * p.init_ssm.stride[3]);
-      if (n_tok > 0) {
-        const float vx = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] +
-                                             x * p.init_v.stride[2]);
-        for (int r = 0; r < R; ++r)
-          v0 += sg0 * vx * psi_at(r, x) * dload(p.init_k, sk_off(p.init_k, s, r, h, n));
-      }
-    }
+    const float v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
     Sf[x * Lay::kSfp + n] = v0;
     Ss[x * Lay::kQp + n] = __float2bfloat16_rn(v0);
   }
@@ -481,94 +459,17 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
     }
     __syncthreads();
     for (int i = tid; i < m * P; i += kTcThreads) {
-      const int t = i / P, x = i % P, l = begin + c0 + t;
-      const float z = p.z.defined() ? dload_ro(p.z, b * p.z.stride[0] + l * p.z.stride[1] +
-                                                        h * p.z.stride[2] + x * p.z.stride[3])
-                                    : 0.f;
-      const float wn = wn_s[x];
-      float acc = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int row = t * R + r;
-        float yn = Yf[row * Lay::kYp + x];
-        if (p.norm_weight.defined()) yn *= rstd[row] * wn;
-        float gate = 1.f;
-        if (p.z.defined()) {
-          const float u = z * zeta_s[r * P + x];
-          gate = u * sigmoidf_(u);
-        }
-        if (p.per_rank_out) {
-          dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + r * p.out.stride[2] +
-                            h * p.out.stride[3] + x * p.out.stride[4],
-                 yn * gate);
-        } else {
-          acc += phi_s[r * P + x] * yn * gate;
-        }
-      }
-      if (!p.per_rank_out)
-        dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + h * p.out.stride[2] +
-                          x * p.out.stride[3],
-               acc);
+      const int t = i / P, x = i % P;
+      store_output(p, b, begin + c0 + t, h, x, &Yf[t * R * Lay::kYp + x], Lay::kYp, &rstd[t * R],
+                   1, zeta_s, phi_s, wn_s);
     }
     __syncthreads();
   }
 
-  // Final states: S (fp32 master), wrapped angle, rotated k of the last token, its raw v.
-  if (p.fin_ssm.defined()) {
-    for (int i = tid; i < P * N; i += kTcThreads) {
-      const int x = i / N, n = i % N;
-      float val = Sf[x * Lay::kSfp + n];
-      if (n_tok == 0)
-        val = has_init ? dload(p.init_ssm, s * p.init_ssm.stride[0] + h * p.init_ssm.stride[1] +
-                                               x * p.init_ssm.stride[2] + n * p.init_ssm.stride[3])
-                       : 0.f;
-      dstore(p.fin_ssm, s * p.fin_ssm.stride[0] + h * p.fin_ssm.stride[1] + x * p.fin_ssm.stride[2] +
-                            n * p.fin_ssm.stride[3],
-             val);
-    }
-    if (tid < NA)
-      dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
-                                  tid * p.fin_angle.stride[2],
-                 wrap_2pi(theta[tid]));
-    // The last token's rotated k, recomputed in fp32 (the bf16 tile copy is rounded).
-    for (int i = tid; i < R * N; i += kTcThreads) {
-      const int r = i / N, n = i % N;
-      float val = 0.f;
-      if (n_tok > 0) {
-        auto kx = [&](int j) {
-          return dload(p.k, qk_off(p.k, b, end - 1, r, g, j)) +
-                 dload(p.k_bias, bias_off(p.k_bias, h, r, j));
-        };
-        // Rope pair of element n: index i0 (or none), first/second member, partner.
-        int i0 = -1, first = 0, partner = 0;
-        if (p.interleaved) {
-          if ((n >> 1) < NA) i0 = n >> 1, first = (n & 1) == 0, partner = n ^ 1;
-        } else {
-          const int half = N / 2;
-          if (n < NA) i0 = n, first = 1, partner = n + half;
-          else if (n >= half && n - half < NA) i0 = n - half, first = 0, partner = n - half;
-        }
-        if (i0 < 0) {
-          val = kx(n);
-        } else {
-          float sn, cn;
-          sincosf(static_cast<float>(theta[i0]), &sn, &cn);
-          const float self = kx(n), other = kx(partner);
-          val = first ? self * cn - other * sn : other * sn + self * cn;
-        }
-      } else if (has_init) {
-        val = dload(p.init_k, sk_off(p.init_k, s, r, h, n));
-      }
-      dstore(p.fin_k, sk_off(p.fin_k, s, r, h, n), val);
-    }
-    for (int x = tid; x < P; x += kTcThreads) {
-      float val = 0.f;
-      if (n_tok > 0)
-        val = v_at(end - 1, x);
-      else if (has_init)
-        val = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + x * p.init_v.stride[2]);
-      dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + x * p.fin_v.stride[2], val);
-    }
-  }
+  // Final states: S (fp32 master), wrapped angle, rotated k and raw v of the last token.
+  write_final_states(
+      p, s, h, g, b, end, n_tok, theta, [&](int x, int n) { return Sf[x * Lay::kSfp + n]; }, tid,
+      kTcThreads);
 }
 
 }  // namespace mamba3::cuda

@@ -5,16 +5,17 @@
 // so the initial and final state buffers may alias (they do for a step).
 #pragma once
 
-#include "cuda/common/params.cuh"
+#include "cuda/common/layer_io.cuh"
 
 namespace mamba3::cuda {
 
 inline constexpr int kStepThreads = 256;
 
 // Shared memory (floats): q_hat, k_hat, k_prev (R*N each, first: 16-byte aligned rows for
-// float4 reads); cos, sin (NA); v, v_prev (P); psi (R*P); y (R*P); rstd (R).
+// float4 reads); cos, sin (NA); v, v_prev (P); psi, zeta, phi (R*P each); norm weight (P);
+// y (R*P); rstd (R).
 inline size_t step_smem_bytes(int N, int P, int R, int NA) {
-  return sizeof(float) * (3 * R * N + 2 * NA + 2 * P + 2 * R * P + R);
+  return sizeof(float) * (3 * R * N + 2 * NA + 3 * P + 4 * R * P + R);
 }
 
 inline constexpr int kStepVec = 8;  // float4 state chunks in flight per thread
@@ -57,7 +58,10 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
   float* v = sinv + NA;
   float* vp = v + P;
   float* psi = vp + P;
-  float* y = psi + R * P;
+  float* zeta = psi + R * P;
+  float* phi = zeta + R * P;
+  float* wn = phi + R * P;
+  float* y = wn + P;
   float* rstd = y + R * P;
 
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / p.hpg, s = b;
@@ -88,12 +92,7 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
                                            i * p.init_v.stride[2])
                      : 0.f;
   }
-  for (int i = tid; i < R * P; i += kStepThreads) {
-    const int r = i / P, x = i % P;
-    psi[i] = p.mimo_v.defined() ? dload(p.mimo_v, h * p.mimo_v.stride[0] + r * p.mimo_v.stride[1] +
-                                                       x * p.mimo_v.stride[2])
-                                : 1.f;
-  }
+  load_head_params(p, h, psi, zeta, phi, wn, tid, kStepThreads);
   for (int i = tid; i < R * N; i += kStepThreads) {
     const int r = i / N, n = i % N;
     kp[i] = has_init ? dload(p.init_k, sk_off(p.init_k, s, r, h, n)) : 0.f;
@@ -208,42 +207,8 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
     }
     __syncthreads();
   }
-  for (int x = tid; x < P; x += kStepThreads) {
-    const float z = p.z.defined() ? dload(p.z, b * p.z.stride[0] + h * p.z.stride[2] +
-                                                   x * p.z.stride[3])
-                                  : 0.f;
-    const float w = p.norm_weight.defined()
-                        ? dload(p.norm_weight, h * p.norm_weight.stride[0] +
-                                                   x * p.norm_weight.stride[1])
-                        : 1.f;
-    float acc = 0.f;
-    for (int r = 0; r < R; ++r) {
-      float yn = y[r * P + x];
-      if (p.norm_weight.defined()) yn *= rstd[r] * w;
-      float gate = 1.f;
-      if (p.z.defined()) {
-        const float zeta = p.mimo_z.defined()
-                               ? dload(p.mimo_z, h * p.mimo_z.stride[0] + r * p.mimo_z.stride[1] +
-                                                     x * p.mimo_z.stride[2])
-                               : 1.f;
-        const float u = z * zeta;
-        gate = u * sigmoidf_(u);
-      }
-      if (p.per_rank_out) {
-        dstore(p.out, b * p.out.stride[0] + r * p.out.stride[2] + h * p.out.stride[3] +
-                          x * p.out.stride[4],
-               yn * gate);
-      } else {
-        const float phi = p.mimo_o.defined()
-                              ? dload(p.mimo_o, h * p.mimo_o.stride[0] + r * p.mimo_o.stride[1] +
-                                                    x * p.mimo_o.stride[2])
-                              : 1.f;
-        acc += phi * yn * gate;
-      }
-    }
-    if (!p.per_rank_out)
-      dstore(p.out, b * p.out.stride[0] + h * p.out.stride[2] + x * p.out.stride[3], acc);
-  }
+  for (int x = tid; x < P; x += kStepThreads)
+    store_output(p, b, 0, h, x, &y[x], P, rstd, 1, zeta, phi, wn);
 }
 
 }  // namespace mamba3::cuda
