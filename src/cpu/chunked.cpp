@@ -876,12 +876,98 @@ Status backward(const BackwardArgs& a, const Dims& d) {
   return Status::Ok();
 }
 
-Status step(const StepArgs& a, const Dims&) {
-  ForwardArgs f = step_as_forward(a);
-  Dims fd;
-  Status st = validate_forward(f, &fd);
-  if (!st.ok()) return Status::Internal("step view: " + st.message());
-  return forward(f, fd);
+// Decode: the recurrence of one token per (batch, head), directly (DESIGN §2.2), reading every
+// old state of a (batch, head) before writing its new one, so the state buffers update in place.
+Status step(const StepArgs& a, const Dims& d) {
+  const int64_t R = d.R, N = d.N, P = d.P, NA = d.NA;
+  const ForwardArgs f = step_as_forward(a);  // one-token views: shared index helpers
+  const Inputs& in = f.in;
+  std::vector<HeadParams> params(d.H);
+  for (int64_t h = 0; h < d.H; ++h) params[h] = load_params(in, d, h);
+  const int64_t tasks = d.B * d.H;
+  // Threads only pay off past a few MB of state (a parallel region costs microseconds).
+  const int threads = tasks * P * N < (int64_t{1} << 22) ? 1 : resolve_threads(0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / d.H, h = task % d.H, g = h / d.heads_per_group();
+    const HeadParams& hp = params[h];
+    const States& st = a.state;
+    auto psi = [&](int64_t r, int64_t x) { return hp.psi.empty() ? 1.f : hp.psi[r * P + x]; };
+    const float dlt = static_cast<float>(tget(a.dt, b, h));
+    const float lam = 1.f / (1.f + std::exp(-static_cast<float>(tget(a.trap, b, h))));
+    const float alpha = std::exp(static_cast<float>(tget(a.adt, b, h)));
+    const float beta = (1.f - lam) * dlt * alpha, gam = lam * dlt;
+    // Angles (float64 accumulation, wrapped), then rotated q and k.
+    Vf cosv(NA), sinv(NA), theta(NA);
+    for (int64_t i = 0; i < NA; ++i) {
+      const double th = tget(st.angle, b, h, i) +
+                        static_cast<double>(static_cast<float>(kPi) *
+                                            std::tanh(static_cast<float>(tget(a.angles, b, h, i))) *
+                                            dlt);
+      theta[i] = static_cast<float>(wrap_angle(th));
+      cosv[i] = std::cos(theta[i]);
+      sinv[i] = std::sin(theta[i]);
+    }
+    Task tk;  // only the fields rotate_rows reads
+    tk.d = &d;
+    tk.pairing = a.rope_pairing;
+    Vf qh(R * N), kh(R * N), kp(R * N), row(N), v(P), vp(P), y(R * P), out(d.per_rank_out ? R * P : P);
+    for (int64_t r = 0; r < R; ++r) {
+      load_row(a.q, step_qk_offset(a.q, b, r, g, 0), a.q.strides[a.q.ndim - 1], N, row.data());
+      for (int64_t n = 0; n < N; ++n) row[n] += hp.qb[r * N + n];
+      rotate_rows(tk, cosv.data(), sinv.data(), row.data(), &qh[r * N]);
+      load_row(a.k, step_qk_offset(a.k, b, r, g, 0), a.k.strides[a.k.ndim - 1], N, row.data());
+      for (int64_t n = 0; n < N; ++n) row[n] += hp.kb[r * N + n];
+      rotate_rows(tk, cosv.data(), sinv.data(), row.data(), &kh[r * N]);
+      load_row(st.k, state_k_offset(st.k, b, r, h, 0), st.k.strides[st.k.ndim - 1], N, &kp[r * N]);
+    }
+    load_row(a.v, b * a.v.strides[0] + h * a.v.strides[1], a.v.strides[2], P, v.data());
+    load_row(st.v, b * st.v.strides[0] + h * st.v.strides[1], st.v.strides[2], P, vp.data());
+    // S <- alpha S + sum_r (beta vp psi_r) kp_r^T + (gam v psi_r) k_r^T;  y_r = S q_r + D v psi_r.
+    std::fill(y.begin(), y.end(), 0.f);
+    for (int64_t x = 0; x < P; ++x) {
+      load_row(st.ssm, b * st.ssm.strides[0] + h * st.ssm.strides[1] + x * st.ssm.strides[2],
+               st.ssm.strides[3], N, row.data());
+      for (int64_t n = 0; n < N; ++n) row[n] *= alpha;
+      for (int64_t r = 0; r < R; ++r) {
+        const float cb = beta * vp[x] * psi(r, x), cg = gam * v[x] * psi(r, x);
+        for (int64_t n = 0; n < N; ++n) row[n] += cb * kp[r * N + n] + cg * kh[r * N + n];
+      }
+      store_row(st.ssm, b * st.ssm.strides[0] + h * st.ssm.strides[1] + x * st.ssm.strides[2],
+                st.ssm.strides[3], N, row.data());
+      // Eigen's vectorized dot (a scalar float sum is one long dependency chain); the buffers
+      // are aligned, so its summation order depends on shapes only.
+      const Eigen::Map<const Eigen::VectorXf> srow(row.data(), N);
+      for (int64_t r = 0; r < R; ++r)
+        y[r * P + x] = srow.dot(Eigen::Map<const Eigen::VectorXf>(&qh[r * N], N)) +
+                       hp.dskip * v[x] * psi(r, x);
+    }
+    for (int64_t r = 0; r < R; ++r)
+      store_row(st.k, state_k_offset(st.k, b, r, h, 0), st.k.strides[st.k.ndim - 1], N, &kh[r * N]);
+    store_row(st.v, b * st.v.strides[0] + h * st.v.strides[1], st.v.strides[2], P, v.data());
+    for (int64_t i = 0; i < NA; ++i) tset(st.angle, theta[i], b, h, i);
+    // Output stage (shared with the prefill lanes).
+    Vf z;
+    EpilogueParams<float> epi;
+    epi.R = R, epi.P = P, epi.reduce = !d.per_rank_out, epi.eps = a.norm_eps;
+    epi.zeta = hp.zeta.empty() ? nullptr : hp.zeta.data();
+    epi.phi = hp.phi.empty() ? nullptr : hp.phi.data();
+    epi.norm_w = hp.w.empty() ? nullptr : hp.w.data();
+    if (a.z.defined()) {
+      z.resize(P);
+      load_row(a.z, b * a.z.strides[0] + h * a.z.strides[1], a.z.strides[2], P, z.data());
+      epi.z = z.data();
+    }
+    epilogue_forward(epi, y.data(), out.data());
+    if (d.per_rank_out) {
+      for (int64_t r = 0; r < R; ++r)
+        store_row(a.out, b * a.out.strides[0] + r * a.out.strides[1] + h * a.out.strides[2],
+                  a.out.strides[3], P, &out[r * P]);
+    } else {
+      store_row(a.out, b * a.out.strides[0] + h * a.out.strides[1], a.out.strides[2], P, out.data());
+    }
+  }
+  return Status::Ok();
 }
 
 int max_threads() { return omp_get_max_threads(); }
