@@ -168,7 +168,10 @@ Status step(const StepArgs& a) {
   Dims fd;
   M3_RETURN_IF_ERROR(validate_forward(f, &fd));
   const CoreParams p = make_params(f, fd);
-  const size_t bytes = step_smem_bytes(p.N, p.P, p.R, p.NA);
+  const size_t bytes = step_smem_bytes(p.N, p.P, p.R, p.NA, p.state_vec4);
+  if (bytes > 48 * 1024)
+    MAMBA3_CHECK_CUDA(
+        cudaFuncSetAttribute(step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   step_kernel<<<static_cast<unsigned>(d.B * d.H), kStepThreads, bytes,
                 static_cast<cudaStream_t>(a.stream)>>>(p);
   MAMBA3_CHECK_LAUNCH("step_kernel");

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "cuda/common/layer_io.cuh"
+#include "cuda/common/mma.cuh"
 
 namespace mamba3::cuda {
 
@@ -14,8 +15,15 @@ inline constexpr int kStepThreads = 256;
 // Shared memory (floats): q_hat, k_hat, k_prev (R*N each, first: 16-byte aligned rows for
 // float4 reads); cos, sin (NA); v, v_prev (P); psi, zeta, phi (R*P each); norm weight (P);
 // y (R*P); rstd (R).
-inline size_t step_smem_bytes(int N, int P, int R, int NA) {
-  return sizeof(float) * (3 * R * N + 2 * NA + 3 * P + 4 * R * P + R);
+inline size_t step_smem_bytes(int N, int P, int R, int NA, bool stage_state) {
+  return sizeof(float) * ((stage_state ? P * N : 0) + 3 * R * N + 2 * NA + 3 * P + 4 * R * P + R);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
 inline constexpr int kStepVec = 8;  // float4 state chunks in flight per thread
@@ -50,7 +58,10 @@ __device__ __forceinline__ float4 step_row4(float4 s, int x, int n, int N, int P
 __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
   extern __shared__ float sm[];
   const int N = p.N, P = p.P, R = p.R, NA = p.NA;
-  float* qh = sm;
+  // With float4 state rows, the state is copied into shared memory asynchronously at entry, so
+  // its bytes are in flight while the prologue (angles, rotation, barriers) runs.
+  float* sstate = sm;
+  float* qh = sm + (p.state_vec4 ? p.P * p.N : 0);
   float* kh = qh + R * N;
   float* kp = kh + R * N;
   float* cosv = kp + R * N;
@@ -67,6 +78,13 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / p.hpg, s = b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool has_init = p.init_ssm.defined();
+  if (p.state_vec4) {
+    const float* src0 = static_cast<const float*>(p.init_ssm.data) + s * p.init_ssm.stride[0] +
+                        h * p.init_ssm.stride[1];
+    const int cpr0 = N / 4;
+    for (int idx = tid; idx < P * cpr0; idx += kStepThreads)
+      cp_async16(sstate + idx * 4, src0 + (idx / cpr0) * p.init_ssm.stride[2] + (idx % cpr0) * 4);
+  }
 
   const float dlt = dload(p.dt, b * p.dt.stride[0] + h * p.dt.stride[1]);
   const float lam = sigmoidf_(dload(p.trap, b * p.trap.stride[0] + h * p.trap.stride[1]));
@@ -114,21 +132,20 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
   const float dskip = p.d.defined() ? dload(p.d, h * p.d.stride[0]) : 0.f;
   constexpr int kWarps = kStepThreads / 32;
   if (p.state_vec4) {
+    cp_async_wait_all();
+    __syncthreads();
     // float4 chunks, row-major: a row is cpr = N/4 consecutive lanes (cpr divides 32), so the
     // y dot products reduce inside aligned lane segments. kStepVec loads in flight per thread.
     const int cpr = N / 4, total = P * cpr;
-    const float* src = static_cast<const float*>(p.init_ssm.data) + s * p.init_ssm.stride[0] +
-                       h * p.init_ssm.stride[1];
     float* dst = static_cast<float*>(p.fin_ssm.data) + s * p.fin_ssm.stride[0] +
                  h * p.fin_ssm.stride[1];
-    const int64_t srow = p.init_ssm.stride[2], drow = p.fin_ssm.stride[2];
+    const int64_t drow = p.fin_ssm.stride[2];
     for (int base = 0; base < total; base += kStepThreads * kStepVec) {
       float4 reg[kStepVec];
 #pragma unroll
       for (int u = 0; u < kStepVec; ++u) {
         const int idx = base + u * kStepThreads + tid;
-        if (idx < total)
-          reg[u] = *reinterpret_cast<const float4*>(src + (idx / cpr) * srow + (idx % cpr) * 4);
+        if (idx < total) reg[u] = *reinterpret_cast<const float4*>(sstate + idx * 4);
       }
 #pragma unroll
       for (int u = 0; u < kStepVec; ++u) {
