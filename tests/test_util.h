@@ -179,6 +179,28 @@ inline check::HostTensor slice_axis(const check::HostTensor& t, int axis, int64_
 }
 
 // Tokens [l0, l1) of a problem without packed sequences; initial states replaced by `init`.
+// A row of the random-problem matrices (cpu and cuda lane tests).
+struct Case {
+  const char* name;
+  int64_t B, L, H, G, N, P, R, NA;
+  bool states, norm, mimo_o;
+  std::vector<int32_t> seqlens;
+  RopePairing pairing;
+  DType dtype;
+};
+
+inline check::Problem make(const Case& c, uint64_t seed) {
+  check::ProblemConfig cfg = check::default_config(c.B, c.L, c.H, c.G, c.N, c.P, c.R, seed);
+  cfg.NA = c.NA;
+  cfg.has_states = c.states;
+  cfg.has_norm = c.norm;
+  cfg.has_mimo_o = c.R > 1 && c.mimo_o;
+  cfg.seqlens = c.seqlens;
+  cfg.rope_pairing = c.pairing;
+  cfg.dtype = c.dtype;
+  return check::Problem(cfg);
+}
+
 inline check::Problem slice_tokens(const check::Problem& p, int64_t l0, int64_t l1,
                                    const check::StateBuffers& init) {
   check::Problem o = p;

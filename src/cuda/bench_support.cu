@@ -58,22 +58,8 @@ __global__ void fill_random_bf16(__nv_bfloat16* p, size_t n, uint32_t seed) {
 Status time_forward_staged(const ForwardArgs& h, int warmup, int iters,
                            std::vector<double>* seconds) {
   Staging st;
-  ForwardArgs d = h;
-  d.lane = Lane::kCuda;
-  Inputs& in = d.in;
-  const Inputs& hi = h.in;
-  for (auto [src, dst] :
-       {std::pair{&hi.q, &in.q}, std::pair{&hi.k, &in.k}, std::pair{&hi.v, &in.v},
-        std::pair{&hi.adt, &in.adt}, std::pair{&hi.dt, &in.dt}, std::pair{&hi.trap, &in.trap},
-        std::pair{&hi.q_bias, &in.q_bias}, std::pair{&hi.k_bias, &in.k_bias},
-        std::pair{&hi.angles, &in.angles}, std::pair{&hi.d, &in.d}, std::pair{&hi.z, &in.z},
-        std::pair{&hi.mimo_v, &in.mimo_v}, std::pair{&hi.mimo_z, &in.mimo_z},
-        std::pair{&hi.mimo_o, &in.mimo_o}, std::pair{&hi.norm_weight, &in.norm_weight},
-        std::pair{&hi.cu_seqlens, &in.cu_seqlens}})
-    M3_RETURN_IF_ERROR(st.mirror(*src, true, dst));
-  M3_RETURN_IF_ERROR(st.mirror_states(hi.initial, true, &in.initial));
-  M3_RETURN_IF_ERROR(st.mirror(h.out, true, &d.out));
-  M3_RETURN_IF_ERROR(st.mirror_states(h.final_states, true, &d.final_states));
+  ForwardArgs d;
+  M3_RETURN_IF_ERROR(st.stage_forward(h, &d));
   cudaStream_t stream;
   MAMBA3_CHECK_CUDA(cudaStreamCreate(&stream));
   d.stream = stream;
@@ -85,18 +71,8 @@ Status time_forward_staged(const ForwardArgs& h, int warmup, int iters,
 Status time_step_staged(const StepArgs& h, int warmup, int iters, int steps, bool graph,
                         std::vector<double>* seconds_per_step) {
   Staging st;
-  StepArgs d = h;
-  d.lane = Lane::kCuda;
-  for (auto [src, dst] :
-       {std::pair{&h.q, &d.q}, std::pair{&h.k, &d.k}, std::pair{&h.v, &d.v},
-        std::pair{&h.adt, &d.adt}, std::pair{&h.dt, &d.dt}, std::pair{&h.trap, &d.trap},
-        std::pair{&h.angles, &d.angles}, std::pair{&h.q_bias, &d.q_bias},
-        std::pair{&h.k_bias, &d.k_bias}, std::pair{&h.d, &d.d}, std::pair{&h.z, &d.z},
-        std::pair{&h.mimo_v, &d.mimo_v}, std::pair{&h.mimo_z, &d.mimo_z},
-        std::pair{&h.mimo_o, &d.mimo_o}, std::pair{&h.norm_weight, &d.norm_weight}})
-    M3_RETURN_IF_ERROR(st.mirror(*src, true, dst));
-  M3_RETURN_IF_ERROR(st.mirror_states(h.state, true, &d.state));
-  M3_RETURN_IF_ERROR(st.mirror(h.out, true, &d.out));
+  StepArgs d;
+  M3_RETURN_IF_ERROR(st.stage_step(h, &d));
   cudaStream_t stream;
   MAMBA3_CHECK_CUDA(cudaStreamCreate(&stream));
   d.stream = stream;

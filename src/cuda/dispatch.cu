@@ -88,19 +88,6 @@ Status launch_forward(const ForwardArgs& a, const Dims& d) {
     if (!_s.ok()) return _s;      \
   } while (0)
 
-Status stage_inputs(Staging* st, const Inputs& h, Inputs* d) {
-  *d = h;
-  for (auto [src, dst] :
-       {std::pair{&h.q, &d->q}, std::pair{&h.k, &d->k}, std::pair{&h.v, &d->v},
-        std::pair{&h.adt, &d->adt}, std::pair{&h.dt, &d->dt}, std::pair{&h.trap, &d->trap},
-        std::pair{&h.q_bias, &d->q_bias}, std::pair{&h.k_bias, &d->k_bias},
-        std::pair{&h.angles, &d->angles}, std::pair{&h.d, &d->d}, std::pair{&h.z, &d->z},
-        std::pair{&h.mimo_v, &d->mimo_v}, std::pair{&h.mimo_z, &d->mimo_z},
-        std::pair{&h.mimo_o, &d->mimo_o}, std::pair{&h.norm_weight, &d->norm_weight},
-        std::pair{&h.cu_seqlens, &d->cu_seqlens}})
-    M3_RETURN_IF_ERROR(st->mirror(*src, true, dst));
-  return st->mirror_states(h.initial, true, &d->initial);
-}
 
 }  // namespace
 
@@ -180,52 +167,34 @@ Status step(const StepArgs& a) {
 
 Status forward_staged(const ForwardArgs& h) {
   Staging st;
-  ForwardArgs d = h;
-  d.lane = Lane::kCuda;
-  M3_RETURN_IF_ERROR(stage_inputs(&st, h.in, &d.in));
-  M3_RETURN_IF_ERROR(st.mirror(h.out, true, &d.out));
-  M3_RETURN_IF_ERROR(st.mirror_states(h.final_states, true, &d.final_states));
-  M3_RETURN_IF_ERROR(st.mirror(h.saved, true, &d.saved));
+  ForwardArgs d;
+  M3_RETURN_IF_ERROR(st.stage_forward(h, &d));
   M3_RETURN_IF_ERROR(mamba3::forward(d));
   MAMBA3_CHECK_CUDA(cudaDeviceSynchronize());
-  M3_RETURN_IF_ERROR(st.copy_back(d.out));
-  for (const Tensor* t : {&d.final_states.angle, &d.final_states.ssm, &d.final_states.k,
-                          &d.final_states.v, &d.saved})
-    M3_RETURN_IF_ERROR(st.copy_back(*t));
-  return Status::Ok();
+  const States& f = d.final_states;
+  return st.copy_back_all({&d.out, &f.angle, &f.ssm, &f.k, &f.v, &d.saved});
 }
 
 Status backward_staged(const BackwardArgs& h) {
-  BackwardArgs d = h;
-  d.lane = Lane::kCuda;
   Staging st;
-  M3_RETURN_IF_ERROR(stage_inputs(&st, h.in, &d.in));
-  // Validation (and the not-implemented status) come from the lane itself.
-  M3_RETURN_IF_ERROR(st.mirror(h.d_out, true, &d.d_out));
-  M3_RETURN_IF_ERROR(st.mirror_states(h.d_final, true, &d.d_final));
-  return mamba3::backward(d);
+  BackwardArgs d;
+  M3_RETURN_IF_ERROR(st.stage_backward(h, &d));
+  M3_RETURN_IF_ERROR(mamba3::backward(d));
+  MAMBA3_CHECK_CUDA(cudaDeviceSynchronize());
+  const Grads& g = d.grads;
+  return st.copy_back_all({&g.q, &g.k, &g.v, &g.adt, &g.dt, &g.trap, &g.q_bias, &g.k_bias,
+                           &g.angles, &g.d, &g.z, &g.mimo_v, &g.mimo_z, &g.mimo_o,
+                           &g.norm_weight, &g.initial.angle, &g.initial.ssm, &g.initial.k,
+                           &g.initial.v});
 }
 
 Status step_staged(const StepArgs& h) {
   Staging st;
-  StepArgs d = h;
-  d.lane = Lane::kCuda;
-  for (auto [src, dst] :
-       {std::pair{&h.q, &d.q}, std::pair{&h.k, &d.k}, std::pair{&h.v, &d.v},
-        std::pair{&h.adt, &d.adt}, std::pair{&h.dt, &d.dt}, std::pair{&h.trap, &d.trap},
-        std::pair{&h.angles, &d.angles}, std::pair{&h.q_bias, &d.q_bias},
-        std::pair{&h.k_bias, &d.k_bias}, std::pair{&h.d, &d.d}, std::pair{&h.z, &d.z},
-        std::pair{&h.mimo_v, &d.mimo_v}, std::pair{&h.mimo_z, &d.mimo_z},
-        std::pair{&h.mimo_o, &d.mimo_o}, std::pair{&h.norm_weight, &d.norm_weight}})
-    M3_RETURN_IF_ERROR(st.mirror(*src, true, dst));
-  M3_RETURN_IF_ERROR(st.mirror_states(h.state, true, &d.state));
-  M3_RETURN_IF_ERROR(st.mirror(h.out, true, &d.out));
+  StepArgs d;
+  M3_RETURN_IF_ERROR(st.stage_step(h, &d));
   M3_RETURN_IF_ERROR(mamba3::step(d));
   MAMBA3_CHECK_CUDA(cudaDeviceSynchronize());
-  M3_RETURN_IF_ERROR(st.copy_back(d.out));
-  for (const Tensor* t : {&d.state.angle, &d.state.ssm, &d.state.k, &d.state.v})
-    M3_RETURN_IF_ERROR(st.copy_back(*t));
-  return Status::Ok();
+  return st.copy_back_all({&d.out, &d.state.angle, &d.state.ssm, &d.state.k, &d.state.v});
 }
 
 }  // namespace mamba3::cuda

@@ -36,27 +36,6 @@ TEST(CudaGolden, ForwardOutputsAndFinalStates) {
   }
 }
 
-struct Case {
-  const char* name;
-  int64_t B, L, H, G, N, P, R, NA;
-  bool states, norm, mimo_o;
-  std::vector<int32_t> seqlens;
-  RopePairing pairing;
-  DType dtype;
-};
-
-check::Problem make(const Case& c, uint64_t seed) {
-  check::ProblemConfig cfg = check::default_config(c.B, c.L, c.H, c.G, c.N, c.P, c.R, seed);
-  cfg.NA = c.NA;
-  cfg.has_states = c.states;
-  cfg.has_norm = c.norm;
-  cfg.has_mimo_o = c.R > 1 && c.mimo_o;
-  cfg.seqlens = c.seqlens;
-  cfg.rope_pairing = c.pairing;
-  cfg.dtype = c.dtype;
-  return check::Problem(cfg);
-}
-
 class CudaVsReference : public testing::TestWithParam<Case> {};
 
 TEST_P(CudaVsReference, ForwardWithinRecipe) {

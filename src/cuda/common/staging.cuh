@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "cuda/common/check.cuh"
@@ -50,6 +52,63 @@ class Staging {
     }
     return Status::Ok();
   }
+  // Every tensor of a forward (inputs, out, final states, saved) mirrored into `d`.
+  Status stage_forward(const ForwardArgs& h, ForwardArgs* d) {
+    *d = h;
+    d->lane = Lane::kCuda;
+    Status st = stage_inputs(h.in, &d->in);
+    if (st.ok()) st = mirror(h.out, true, &d->out);
+    if (st.ok()) st = mirror_states(h.final_states, true, &d->final_states);
+    if (st.ok()) st = mirror(h.saved, true, &d->saved);
+    return st;
+  }
+  // Every tensor of a decode step mirrored into `d`.
+  Status stage_step(const StepArgs& h, StepArgs* d) {
+    *d = h;
+    d->lane = Lane::kCuda;
+    for (auto [src, dst] :
+         {std::pair{&h.q, &d->q}, std::pair{&h.k, &d->k}, std::pair{&h.v, &d->v},
+          std::pair{&h.adt, &d->adt}, std::pair{&h.dt, &d->dt}, std::pair{&h.trap, &d->trap},
+          std::pair{&h.angles, &d->angles}, std::pair{&h.q_bias, &d->q_bias},
+          std::pair{&h.k_bias, &d->k_bias}, std::pair{&h.d, &d->d}, std::pair{&h.z, &d->z},
+          std::pair{&h.mimo_v, &d->mimo_v}, std::pair{&h.mimo_z, &d->mimo_z},
+          std::pair{&h.mimo_o, &d->mimo_o}, std::pair{&h.norm_weight, &d->norm_weight},
+          std::pair{&h.out, &d->out}}) {
+      Status st = mirror(*src, true, dst);
+      if (!st.ok()) return st;
+    }
+    return mirror_states(h.state, true, &d->state);
+  }
+  // Every tensor of a backward (inputs, cotangents, gradients, saved) mirrored into `d`.
+  Status stage_backward(const BackwardArgs& h, BackwardArgs* d) {
+    *d = h;
+    d->lane = Lane::kCuda;
+    Status st = stage_inputs(h.in, &d->in);
+    if (st.ok()) st = mirror(h.d_out, true, &d->d_out);
+    if (st.ok()) st = mirror_states(h.d_final, true, &d->d_final);
+    if (st.ok()) st = mirror(h.saved, true, &d->saved);
+    const Grads& g = h.grads;
+    Grads& dg = d->grads;
+    for (auto [src, dst] :
+         {std::pair{&g.q, &dg.q}, std::pair{&g.k, &dg.k}, std::pair{&g.v, &dg.v},
+          std::pair{&g.adt, &dg.adt}, std::pair{&g.dt, &dg.dt}, std::pair{&g.trap, &dg.trap},
+          std::pair{&g.q_bias, &dg.q_bias}, std::pair{&g.k_bias, &dg.k_bias},
+          std::pair{&g.angles, &dg.angles}, std::pair{&g.d, &dg.d}, std::pair{&g.z, &dg.z},
+          std::pair{&g.mimo_v, &dg.mimo_v}, std::pair{&g.mimo_z, &dg.mimo_z},
+          std::pair{&g.mimo_o, &dg.mimo_o}, std::pair{&g.norm_weight, &dg.norm_weight}})
+      if (st.ok()) st = mirror(*src, true, dst);
+    if (st.ok()) st = mirror_states(g.initial, true, &dg.initial);
+    return st;
+  }
+  // Copies every mirrored tensor that a call may have written back to the host.
+  Status copy_back_all(std::initializer_list<const Tensor*> written) {
+    for (const Tensor* t : written) {
+      Status st = copy_back(*t);
+      if (!st.ok()) return st;
+    }
+    return Status::Ok();
+  }
+
   // Copies a mirrored tensor back to its host tensor.
   Status copy_back(const Tensor& dev) {
     if (!dev.defined() || dev.data == nullptr) return Status::Ok();
@@ -66,6 +125,22 @@ class Staging {
     Tensor host, dev;
     size_t bytes;
   };
+  Status stage_inputs(const Inputs& h, Inputs* d) {
+    *d = h;
+    for (auto [src, dst] :
+         {std::pair{&h.q, &d->q}, std::pair{&h.k, &d->k}, std::pair{&h.v, &d->v},
+          std::pair{&h.adt, &d->adt}, std::pair{&h.dt, &d->dt}, std::pair{&h.trap, &d->trap},
+          std::pair{&h.q_bias, &d->q_bias}, std::pair{&h.k_bias, &d->k_bias},
+          std::pair{&h.angles, &d->angles}, std::pair{&h.d, &d->d}, std::pair{&h.z, &d->z},
+          std::pair{&h.mimo_v, &d->mimo_v}, std::pair{&h.mimo_z, &d->mimo_z},
+          std::pair{&h.mimo_o, &d->mimo_o}, std::pair{&h.norm_weight, &d->norm_weight},
+          std::pair{&h.cu_seqlens, &d->cu_seqlens}}) {
+      Status st = mirror(*src, true, dst);
+      if (!st.ok()) return st;
+    }
+    return mirror_states(h.initial, true, &d->initial);
+  }
+
   std::vector<void*> owned_;
   std::vector<Copy> copies_;
 };
