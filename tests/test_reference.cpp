@@ -193,33 +193,8 @@ void steps_equal_prefill(Eval ev, Lane lane, int64_t R, double tol) {
   const DType sdt = f64 ? DType::kF64 : DType::kF32;
   st = {st.angle.to(sdt), st.ssm.to(sdt), st.k.to(sdt), st.v.to(sdt)};
   check::HostTensor out = p.make_out(f64 ? DType::kF64 : DType::kF32);
-  auto at = [](const check::HostTensor& t, int axis, int64_t i) {
-    // A view of index i along `axis` (drops that axis).
-    Tensor v = t.view();
-    Tensor o;
-    o.data = static_cast<char*>(v.data) + i * v.strides[axis] * dtype_size(v.dtype);
-    o.dtype = v.dtype;
-    o.ndim = v.ndim - 1;
-    for (int d = 0, s = 0; d < v.ndim; ++d) {
-      if (d == axis) continue;
-      o.shape[s] = v.shape[d];
-      o.strides[s] = v.strides[d];
-      ++s;
-    }
-    return o;
-  };
   for (int64_t t = 0; t < c.L; ++t) {
-    StepArgs s;
-    s.q = at(p.q, 1, t), s.k = at(p.k, 1, t), s.v = at(p.v, 1, t);
-    s.adt = at(p.adt, 2, t), s.dt = at(p.dt, 2, t), s.trap = at(p.trap, 2, t);
-    s.angles = at(p.angles, 1, t), s.z = at(p.z, 1, t);
-    s.q_bias = p.q_bias.view(), s.k_bias = p.k_bias.view(), s.d = p.d.view();
-    s.mimo_v = p.mimo_v.view(), s.mimo_z = p.mimo_z.view(), s.mimo_o = p.mimo_o.view();
-    s.norm_weight = p.norm_weight.view();
-    s.rope_pairing = c.rope_pairing;
-    s.state = st.view();
-    s.out = at(out, 1, t);
-    s.lane = lane;
+    StepArgs s = step_view(p, t, st.view(), out, lane);
     Status r = ev == Eval::kReference ? reference::step<double>(s) : step(s);
     ASSERT_TRUE(r.ok()) << r.ToString();
   }

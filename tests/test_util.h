@@ -179,6 +179,40 @@ inline check::HostTensor slice_axis(const check::HostTensor& t, int axis, int64_
 }
 
 // Tokens [l0, l1) of a problem without packed sequences; initial states replaced by `init`.
+// A view of index i along `axis` of a host tensor (that axis dropped), without copying.
+inline Tensor index_view(const check::HostTensor& t, int axis, int64_t i) {
+  Tensor v = t.view(), r;
+  if (!v.defined()) return r;
+  r.data = static_cast<char*>(v.data) + i * v.strides[axis] * dtype_size(v.dtype);
+  r.dtype = v.dtype;
+  r.ndim = v.ndim - 1;
+  for (int d = 0, k = 0; d < v.ndim; ++d) {
+    if (d == axis) continue;
+    r.shape[k] = v.shape[d];
+    r.strides[k++] = v.strides[d];
+  }
+  return r;
+}
+
+// Decode-step arguments for token t of a problem: inputs viewed in place, `state` updated, the
+// output written to token t of `out` (a buffer shaped like the prefill output).
+inline StepArgs step_view(const check::Problem& p, int64_t t, const States& state,
+                          const check::HostTensor& out, Lane lane) {
+  StepArgs s;
+  s.q = index_view(p.q, 1, t), s.k = index_view(p.k, 1, t), s.v = index_view(p.v, 1, t);
+  s.adt = index_view(p.adt, 2, t), s.dt = index_view(p.dt, 2, t);
+  s.trap = index_view(p.trap, 2, t), s.angles = index_view(p.angles, 1, t);
+  s.z = index_view(p.z, 1, t);
+  s.q_bias = p.q_bias.view(), s.k_bias = p.k_bias.view(), s.d = p.d.view();
+  s.mimo_v = p.mimo_v.view(), s.mimo_z = p.mimo_z.view(), s.mimo_o = p.mimo_o.view();
+  s.norm_weight = p.norm_weight.view();
+  s.rope_pairing = p.config().rope_pairing;
+  s.state = state;
+  s.out = index_view(out, 1, t);
+  s.lane = lane;
+  return s;
+}
+
 // A row of the random-problem matrices (cpu and cuda lane tests).
 struct Case {
   const char* name;

@@ -133,27 +133,8 @@ TEST(CudaStep, StepsEqualPrefill) {
     Result naive = run(p, Eval::kNaiveF32, o);
     check::StateBuffers st = p.initial;
     check::HostTensor out = p.make_out(DType::kF32);
-    auto at = [](const check::HostTensor& t, int axis, int64_t i) {
-      Tensor v = t.view(), r;
-      if (!v.defined()) return r;
-      r.data = static_cast<char*>(v.data) + i * v.strides[axis] * dtype_size(v.dtype);
-      r.dtype = v.dtype;
-      r.ndim = v.ndim - 1;
-      for (int d = 0, k = 0; d < v.ndim; ++d)
-        if (d != axis) r.shape[k] = v.shape[d], r.strides[k++] = v.strides[d];
-      return r;
-    };
     for (int64_t t = 0; t < cfg.L; ++t) {
-      StepArgs s;
-      s.q = at(p.q, 1, t), s.k = at(p.k, 1, t), s.v = at(p.v, 1, t);
-      s.adt = at(p.adt, 2, t), s.dt = at(p.dt, 2, t), s.trap = at(p.trap, 2, t);
-      s.angles = at(p.angles, 1, t), s.z = at(p.z, 1, t);
-      s.q_bias = p.q_bias.view(), s.k_bias = p.k_bias.view(), s.d = p.d.view();
-      s.mimo_v = p.mimo_v.view(), s.mimo_z = p.mimo_z.view(), s.mimo_o = p.mimo_o.view();
-      s.norm_weight = p.norm_weight.view();
-      s.rope_pairing = cfg.rope_pairing;
-      s.state = st.view();
-      s.out = at(out, 1, t);
+      StepArgs s = step_view(p, t, st.view(), out, Lane::kCuda);
       Status r = cuda::step_staged(s);
       ASSERT_TRUE(r.ok()) << r.ToString();
     }
