@@ -19,6 +19,10 @@ inline constexpr int kTcRows = 64;
 
 template <int N, int P>
 struct TcLayout {
+  // P = 64: each warp owns 16 rows of the state as MMA accumulators in registers (no fp32 copy
+  // in shared memory), which with the angle table brings the CTA under half the shared memory
+  // of an SM: two CTAs per SM.
+  static constexpr bool kStateInRegs = P == 64;
   static constexpr int kQp = N + 8;   // bf16 pitches padded by 16 bytes: conflict-free ldmatrix
   static constexpr int kVp = P + 8;
   static constexpr int kSfp = N + 4;  // fp32 pitches
@@ -30,9 +34,9 @@ struct TcLayout {
   static constexpr int kVw = kV + kTcRows * kVp * 2;
   static constexpr int kSs = kVw + kTcRows * kVp * 2;
   static constexpr int kSf = kSs + P * kQp * 2;
-  static constexpr int kY = kSf + P * kSfp * 4;  // also the chunk's cos/sin table before Y
-  static constexpr int kYBytes = kTcRows * kYp * 4 > 2 * kTcRows * 64 * 4 ? kTcRows * kYp * 4
-                                                                          : 2 * kTcRows * 64 * 4;
+  static constexpr int kY = kSf + (kStateInRegs ? 0 : P * kSfp * 4);  // also the angle table
+  static constexpr int kYBytes = kTcRows * kYp * 4 > kTcRows * 64 * 4 ? kTcRows * kYp * 4
+                                                                       : kTcRows * 64 * 4;
   static constexpr int kScal = kY + kYBytes;        // cs, ex, gam, w, fw, rstd (64 floats each)
   static constexpr int kTheta = kScal + 6 * kTcRows * 4;  // running angles, float64 (<= 64)
   static constexpr int kPar = kTheta + 64 * 8;  // psi, zeta, phi (8 x P each, R <= 8), w (P)
@@ -67,18 +71,23 @@ __device__ __forceinline__ uint4 ldg16(const void* ptr) {
 // halved pairs (i, i + N/2) take a chunk of each half.
 template <int N, bool kInterleaved>
 __device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, int h, int g,
-                                                  int l0, int R, int mr, const float* cosv,
-                                                  const float* sinv, __nv_bfloat16* Qs,
+                                                  int l0, int R, int mr, const float* thv,
+                                                  __nv_bfloat16* Qs,
                                                   __nv_bfloat16* Ks, int pitch, int tid) {
   constexpr int kChunks = N / 8;
   constexpr int kPerRow = kInterleaved ? kChunks : kChunks / 2;
-  constexpr int kIt = kTcRows * kPerRow / kTcThreads;
+  constexpr int kItAll = kTcRows * kPerRow / kTcThreads;
+  // Loads in batches of at most 4 items per thread: enough bytes in flight, and a bounded
+  // register footprint next to the state accumulators.
+  constexpr int kIt = kItAll < 4 ? kItAll : 4;
   constexpr int kParts = kInterleaved ? 1 : 2;
   const int NA = p.NA, half = N / 2;
+#pragma unroll 1
+  for (int u0 = 0; u0 < kItAll; u0 += kIt) {
   uint4 qa[kIt][kParts], ka[kIt][kParts];
 #pragma unroll
   for (int u = 0; u < kIt; ++u) {
-    const int it = u * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
+    const int it = (u0 + u) * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
     if (row < mr) {
       const int t = row / R, r = row % R;
       const __nv_bfloat16* qr =
@@ -94,7 +103,7 @@ __device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, in
   }
 #pragma unroll
   for (int u = 0; u < kIt; ++u) {
-    const int it = u * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
+    const int it = (u0 + u) * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
     const int t = row / R, r = row % R;
     float q[kParts][8], k[kParts][8];
 #pragma unroll
@@ -114,14 +123,14 @@ __device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, in
       }
     }
     if (row < mr) {
-      const float* cs_t = cosv + t * NA;
-      const float* sn_t = sinv + t * NA;
+      const float* th_t = thv + t * NA;
       if (kInterleaved) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = c * 4 + e;
           if (i < NA) {
-            const float co = cs_t[i], si = sn_t[i];
+            float si, co;
+            __sincosf(th_t[i], &si, &co);
             const float qa0 = q[0][2 * e], qb0 = q[0][2 * e + 1];
             const float ka0 = k[0][2 * e], kb0 = k[0][2 * e + 1];
             q[0][2 * e] = qa0 * co - qb0 * si, q[0][2 * e + 1] = qa0 * si + qb0 * co;
@@ -133,7 +142,8 @@ __device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, in
         for (int e = 0; e < 8; ++e) {
           const int i = c * 8 + e;
           if (i < NA) {
-            const float co = cs_t[i], si = sn_t[i];
+            float si, co;
+            __sincosf(th_t[i], &si, &co);
             const float q0 = q[0][e], q1 = q[kParts - 1][e], k0 = k[0][e], k1 = k[kParts - 1][e];
             q[0][e] = q0 * co - q1 * si, q[kParts - 1][e] = q0 * si + q1 * co;
             k[0][e] = k0 * co - k1 * si, k[kParts - 1][e] = k0 * si + k1 * co;
@@ -146,6 +156,7 @@ __device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, in
       *reinterpret_cast<uint4*>(Qs + row * pitch + part * half + c * 8) = float8_to_bf16x8(q[part]);
       *reinterpret_cast<uint4*>(Ks + row * pitch + part * half + c * 8) = float8_to_bf16x8(k[part]);
     }
+  }
   }
 }
 
@@ -160,8 +171,7 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
   __nv_bfloat16* Ss = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kSs);
   float* Sf = reinterpret_cast<float*>(smraw + Lay::kSf);
   float* Yf = reinterpret_cast<float*>(smraw + Lay::kY);
-  float* cosv = Yf;  // (C, NA) before Y is written
-  float* sinv = Yf + kTcRows * 64;
+  float* thv = Yf;  // (C, NA) angles of the chunk's tokens, before Y is written
   float* cs = reinterpret_cast<float*>(smraw + Lay::kScal);
   float* ex = cs + kTcRows;
   float* gam = ex + kTcRows;
@@ -208,11 +218,25 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
                                                         tid * p.init_angle.stride[2])
                           : 0.0;
   const float sg0 = n_tok > 0 && has_init ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
-  for (int i = tid; i < P * N; i += kTcThreads) {
-    const int x = i / N, n = i % N;
-    const float v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
-    Sf[x * Lay::kSfp + n] = v0;
-    Ss[x * Lay::kQp + n] = __float2bfloat16_rn(v0);
+  // State in registers (P = 64): warp w holds rows 16w..16w+15 in the C-fragment layout of the
+  // state-update MMA, element (j, e) at x = 16w + gq + 8 (e >> 1), n = 8j + 2tq + (e & 1).
+  float sreg[Lay::kStateInRegs ? N / 8 : 1][4];
+  if constexpr (Lay::kStateInRegs) {
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int x = warp * 16 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
+        sreg[j][e] = initial_state_elem(p, s, h, x, n, sg0, psi_s);
+        Ss[x * Lay::kQp + n] = __float2bfloat16_rn(sreg[j][e]);
+      }
+  } else {
+    for (int i = tid; i < P * N; i += kTcThreads) {
+      const int x = i / N, n = i % N;
+      const float v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
+      Sf[x * Lay::kSfp + n] = v0;
+      Ss[x * Lay::kQp + n] = __float2bfloat16_rn(v0);
+    }
   }
   __syncthreads();
 
@@ -239,21 +263,20 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
       const int t = i / NA, a = i % NA, l = begin + c0 + t;
       const float raw = dload_ro(p.angles, b * p.angles.stride[0] + l * p.angles.stride[1] +
                                                h * p.angles.stride[2] + a * p.angles.stride[3]);
-      cosv[i] = static_cast<float>(kPiD) * tanhf(raw) * dt_at(l);
+      thv[i] = static_cast<float>(kPiD) * tanhf(raw) * dt_at(l);  // increment; angle below
     }
     __syncthreads();
     if (tid >= 32 && tid - 32 < NA) {  // warp 0's thread 0 scans cs meanwhile
       const int a = tid - 32;
       double th = theta[a];
       for (int t = 0; t < m; ++t) {
-        th = wrap_2pi(th + static_cast<double>(cosv[t * NA + a]));
-        sinv[t * NA + a] = static_cast<float>(th);
+        th = wrap_2pi(th + static_cast<double>(thv[t * NA + a]));
+        thv[t * NA + a] = static_cast<float>(th);
       }
       theta[a] = th;
     }
     __syncthreads();
-    for (int i = tid; i < m * NA; i += kTcThreads) __sincosf(sinv[i], &sinv[i], &cosv[i]);
-    __syncthreads();  // the rotation below reads other threads' cos/sin
+    __syncthreads();  // the rotation below reads other threads' angles
     if (tid < kTcRows) {
       ex[tid] = tid < m ? expf(cs[tid]) : 0.f;
       fw[tid] = tid < m ? expf(cs[m - 1] - cs[tid]) * w[tid] : 0.f;
@@ -261,9 +284,9 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
     // Rotated biased q, k and v * psi rows (bf16); rows past the end are zero.
     if (p.tc_vec) {
       if (p.interleaved)
-        load_qk_tiles_vec<N, true>(p, b, h, g, begin + c0, R, mr, cosv, sinv, Qs, Ks, Lay::kQp, tid);
+        load_qk_tiles_vec<N, true>(p, b, h, g, begin + c0, R, mr, thv, Qs, Ks, Lay::kQp, tid);
       else
-        load_qk_tiles_vec<N, false>(p, b, h, g, begin + c0, R, mr, cosv, sinv, Qs, Ks, Lay::kQp, tid);
+        load_qk_tiles_vec<N, false>(p, b, h, g, begin + c0, R, mr, thv, Qs, Ks, Lay::kQp, tid);
     } else
 #pragma unroll 4
     for (int i = tid; i < kTcRows * N; i += kTcThreads) {
@@ -279,8 +302,8 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
           return dload_ro(p.k, qk_off(p.k, b, l, r, g, j)) +
                  dload_ro(p.k_bias, bias_off(p.k_bias, h, r, j));
         };
-        qv = rope_element(p.interleaved, N, NA, n, cosv + t * NA, sinv + t * NA, qx);
-        kv = rope_element(p.interleaved, N, NA, n, cosv + t * NA, sinv + t * NA, kx);
+        qv = rope_element_theta(p.interleaved, N, NA, n, thv + t * NA, qx);
+        kv = rope_element_theta(p.interleaved, N, NA, n, thv + t * NA, kx);
       }
       Qs[row * Lay::kQp + n] = __float2bfloat16_rn(qv);
       Ks[row * Lay::kQp + n] = __float2bfloat16_rn(kv);
@@ -439,8 +462,14 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int x = x0 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
-          const float sv = el * Sf[x * Lay::kSfp + n] + acc[j][e];
-          Sf[x * Lay::kSfp + n] = sv;
+          float sv;
+          if constexpr (Lay::kStateInRegs) {
+            sv = el * sreg[j][e] + acc[j][e];
+            sreg[j][e] = sv;
+          } else {
+            sv = el * Sf[x * Lay::kSfp + n] + acc[j][e];
+            Sf[x * Lay::kSfp + n] = sv;
+          }
           Ss[x * Lay::kQp + n] = __float2bfloat16_rn(sv);
         }
     }
@@ -467,9 +496,27 @@ __global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
   }
 
   // Final states: S (fp32 master), wrapped angle, rotated k and raw v of the last token.
-  write_final_states(
-      p, s, h, g, b, end, n_tok, theta, [&](int x, int n) { return Sf[x * Lay::kSfp + n]; }, tid,
-      kTcThreads);
+  if constexpr (Lay::kStateInRegs) {
+    // The state lives in registers: each thread writes its fragment; the rest as usual.
+    if (p.fin_ssm.defined() && n_tok > 0) {
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int x = warp * 16 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
+          dstore(p.fin_ssm, s * p.fin_ssm.stride[0] + h * p.fin_ssm.stride[1] +
+                                x * p.fin_ssm.stride[2] + n * p.fin_ssm.stride[3],
+                 sreg[j][e]);
+        }
+    }
+    write_final_states(
+        p, s, h, g, b, end, n_tok, theta, [&](int, int) { return 0.f; }, tid, kTcThreads,
+        /*write_ssm=*/n_tok == 0);
+  } else {
+    write_final_states(
+        p, s, h, g, b, end, n_tok, theta, [&](int x, int n) { return Sf[x * Lay::kSfp + n]; },
+        tid, kTcThreads);
+  }
 }
 
 }  // namespace mamba3::cuda

@@ -77,14 +77,15 @@ __device__ __forceinline__ void store_output(const CoreParams& p, int b, int l, 
 // Final states of sequence s, head h, tokens [end - n_tok, end) of batch row b: the ssm state
 // (s_at(x, n), or the initial one for an empty sequence), the wrapped angle theta[i], the last
 // token's rotated k (recomputed in fp32 from the inputs) and its raw v.
+// `write_ssm` false: the caller writes the ssm state itself (kept in registers).
 template <typename SAt>
 __device__ void write_final_states(const CoreParams& p, int s, int h, int g, int b, int end,
                                    int n_tok, const double* theta, SAt s_at, int tid,
-                                   int nthreads) {
+                                   int nthreads, bool write_ssm = true) {
   if (!p.fin_ssm.defined()) return;
   const int N = p.N, P = p.P, NA = p.NA;
   const bool has_init = p.init_ssm.defined();
-  for (int i = tid; i < P * N; i += nthreads) {
+  for (int i = tid; write_ssm && i < P * N; i += nthreads) {
     const int x = i / N, n = i % N;
     float val = 0.f;
     if (n_tok > 0)

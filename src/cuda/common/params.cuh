@@ -91,6 +91,32 @@ __device__ __forceinline__ float rope_element(bool interleaved, int N, int NA, i
   return x_at(n);
 }
 
+// As rope_element, with the pair's angle theta[i] instead of a cos/sin table.
+template <typename F>
+__device__ __forceinline__ float rope_element_theta(bool interleaved, int N, int NA, int n,
+                                                    const float* theta, F x_at) {
+  int i, ia, ib;
+  bool second;
+  if (interleaved) {
+    i = n >> 1;
+    if (i >= NA) return x_at(n);
+    ia = 2 * i, ib = 2 * i + 1, second = (n & 1) != 0;
+  } else {
+    const int half = N / 2;
+    if (n < NA) {
+      i = n, ia = n, ib = n + half, second = false;
+    } else if (n >= half && n - half < NA) {
+      i = n - half, ia = i, ib = n, second = true;
+    } else {
+      return x_at(n);
+    }
+  }
+  float sn, cs;
+  __sincosf(theta[i], &sn, &cs);
+  const float a = x_at(ia), b = x_at(ib);
+  return second ? a * sn + b * cs : a * cs - b * sn;
+}
+
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
