@@ -56,7 +56,11 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"bf16_siso_L100", 1, 100, 2, 1, 32, 16, 1, 8, true, false, false, {}, kI,
              DType::kBF16},
         Case{"bf16_mimo_L80", 1, 80, 2, 1, 32, 16, 4, 8, true, true, true, {}, kH,
-             DType::kBF16}),
+             DType::kBF16},
+        // float16 activations.
+        Case{"f16_siso_L90", 2, 90, 2, 1, 32, 16, 1, 8, true, true, false, {}, kI, DType::kF16},
+        Case{"f16_mimo_L70", 1, 70, 2, 1, 32, 16, 2, 8, true, false, true, {}, kH,
+             DType::kF16}),
     case_name);
 
 TEST(CpuLane, BitwiseDeterministicAcrossRunsAndThreadCounts) {

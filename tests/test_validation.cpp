@@ -75,6 +75,9 @@ TEST(Validation, ShapesDtypesAndDevices) {
   f.out = make_tensor(buf.data(), DType::kF32, {2, 10, 4, 5});
   expect_error(validate(f), StatusCode::kInvalidArgument, {"out", "expected shape (2, 10, 4, 4)"});
   f = x.f;
+  f.in.v.strides[1] = -f.in.v.strides[1];
+  expect_error(validate(f), StatusCode::kInvalidArgument, {"v", "negative stride"});
+  f = x.f;
   f.in.trap = Tensor{};
   expect_error(validate(f), StatusCode::kInvalidArgument, {"trap", "required"});
   f = x.f;

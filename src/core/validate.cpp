@@ -75,8 +75,13 @@ class Checker {
       return Status::InvalidArgument(
           std::string(name) + ": expected device " + (device_ == Device::kCPU ? "cpu" : "cuda") +
           ", got " + (t.device == Device::kCPU ? "cpu" : "cuda"));
-    for (int d = 0; d < t.ndim; ++d)
+    for (int d = 0; d < t.ndim; ++d) {
       if (t.shape[d] < 0) return Status::InvalidArgument(std::string(name) + ": negative size");
+      if (t.strides[d] < 0)
+        return Status::InvalidArgument(std::string(name) + ": negative stride " +
+                                       std::to_string(t.strides[d]) + " in dim " +
+                                       std::to_string(d) + " (strides must be >= 0)");
+    }
     if (t.numel() > 0 && t.data == nullptr)
       return Status::InvalidArgument(std::string(name) + ": null data pointer with " +
                                      std::to_string(t.numel()) + " elements");
