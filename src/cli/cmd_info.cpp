@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "cuda/cuda_lane.h"
 #include "mamba3/mamba3.h"
 
 namespace mamba3::cli {
@@ -23,7 +24,7 @@ int run_info() {
 
   // No CUDA kernel is compiled yet (issues 4/5); the list will come from the generated
   // instantiation list once there is one.
-  fmt::print("\ncompiled CUDA configurations (P, N, R, dtype): none yet\n");
+  fmt::print("\nCUDA configurations served by this build:\n  {}\n", cuda::supported_configurations());
 
   fmt::print(
       "\ngates (unset = default path; set where not implemented = error naming the gate):\n");
