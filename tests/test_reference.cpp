@@ -122,7 +122,7 @@ void split_and_continue(Eval ev, int64_t R, double tol) {
 
   // Backward: the second part's initial-state gradients are the first part's final cotangents.
   check::HostTensor dout_full = full.random_d_out(f64 ? DType::kF64 : DType::kF32, o.cot_seed);
-  check::HostTensor dout_post = slice_axis(dout_full, 1, cut, 150);
+  check::HostTensor dout_post = dout_full.slice(1, cut, 150);
   check::StateBuffers dfin = full.random_d_states(o.cot_seed);
   check::GradBuffers g2 = post.make_grads(f64);
   BackwardArgs b2;
@@ -131,7 +131,7 @@ void split_and_continue(Eval ev, int64_t R, double tol) {
   b2.d_final = dfin.view();
   b2.grads = g2.view();
   ASSERT_TRUE(run_eval(ev, b2).ok());
-  check::HostTensor dout_pre = slice_axis(dout_full, 1, 0, cut);
+  check::HostTensor dout_pre = dout_full.slice(1, 0, cut);
   check::GradBuffers g1 = pre.make_grads(f64);
   BackwardArgs b1;
   b1.in = pre.inputs();
@@ -153,8 +153,8 @@ void split_and_continue(Eval ev, int64_t R, double tol) {
     shape[axis] = 150;
     check::HostTensor ft(DType::kF64, shape);
     for (int64_t i = 0; i < ft.numel(); ++i) ft.set(i, full_v[i]);
-    gw[std::string(name) + ".pre"] = slice_axis(ft, axis, 0, cut).to_double();
-    gw[std::string(name) + ".post"] = slice_axis(ft, axis, cut, 150).to_double();
+    gw[std::string(name) + ".pre"] = ft.slice(axis, 0, cut).to_double();
+    gw[std::string(name) + ".post"] = ft.slice(axis, cut, 150).to_double();
   }
   // Parameters: the sum of both parts.
   for (auto [name, t1, t2] :

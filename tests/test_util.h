@@ -160,24 +160,6 @@ inline void expect_bitwise_equal(const Result& a, const Result& b, const std::st
 
 namespace mamba3::test {
 
-// Elements [begin, end) of `axis` of a row-major HostTensor.
-inline check::HostTensor slice_axis(const check::HostTensor& t, int axis, int64_t begin,
-                                    int64_t end) {
-  if (!t.defined()) return t;
-  std::vector<int64_t> shape = t.shape();
-  int64_t outer = 1, inner = 1;
-  for (int d = 0; d < axis; ++d) outer *= shape[d];
-  for (size_t d = axis + 1; d < shape.size(); ++d) inner *= shape[d];
-  const int64_t len = shape[axis];
-  shape[axis] = end - begin;
-  check::HostTensor o(t.dtype(), shape);
-  for (int64_t a = 0; a < outer; ++a)
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t c = 0; c < inner; ++c)
-        o.set((a * (end - begin) + (i - begin)) * inner + c, t.get((a * len + i) * inner + c));
-  return o;
-}
-
 // Tokens [l0, l1) of a problem without packed sequences; initial states replaced by `init`.
 // A view of index i along `axis` of a host tensor (that axis dropped), without copying.
 inline Tensor index_view(const check::HostTensor& t, int axis, int64_t i) {
@@ -237,12 +219,7 @@ inline check::Problem make(const Case& c, uint64_t seed) {
 
 inline check::Problem slice_tokens(const check::Problem& p, int64_t l0, int64_t l1,
                                    const check::StateBuffers& init) {
-  check::Problem o = p;
-  o.q = slice_axis(p.q, 1, l0, l1), o.k = slice_axis(p.k, 1, l0, l1);
-  o.v = slice_axis(p.v, 1, l0, l1), o.z = slice_axis(p.z, 1, l0, l1);
-  o.angles = slice_axis(p.angles, 1, l0, l1);
-  o.adt = slice_axis(p.adt, 2, l0, l1), o.dt = slice_axis(p.dt, 2, l0, l1);
-  o.trap = slice_axis(p.trap, 2, l0, l1);
+  check::Problem o = p.tokens(l0, l1);
   o.initial = init;
   return o;
 }

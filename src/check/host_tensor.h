@@ -31,6 +31,10 @@ class HostTensor {
   Tensor view() const;
   // Copy converted to another dtype (rounding).
   HostTensor to(DType dtype) const;
+  // Copy of entries [begin, end) along `axis`; absent stays absent.
+  HostTensor slice(int axis, int64_t begin, int64_t end) const;
+  // Copy of entry `index` along `axis`, that axis removed.
+  HostTensor select(int axis, int64_t index) const;
 
  private:
   bool defined_ = false;

@@ -224,4 +224,12 @@ Problem Problem::as_f64() const {
   return p;
 }
 
+Problem Problem::tokens(int64_t l0, int64_t l1) const {
+  Problem p = *this;
+  p.cfg_.L = l1 - l0;
+  for (HostTensor* t : {&p.q, &p.k, &p.v, &p.z, &p.angles}) *t = t->slice(1, l0, l1);
+  for (HostTensor* t : {&p.adt, &p.dt, &p.trap}) *t = t->slice(2, l0, l1);
+  return p;
+}
+
 }  // namespace mamba3::check

@@ -69,6 +69,9 @@ class Problem {
   Problem rounded_to(DType dtype) const;
   // The same problem with every input converted to float64 (for the reference lane).
   Problem as_f64() const;
+  // Tokens [l0, l1) of a problem without packed sequences (per-token inputs copied,
+  // parameters and initial states kept).
+  Problem tokens(int64_t l0, int64_t l1) const;
 
   HostTensor q, k, v, adt, dt, trap, q_bias, k_bias, angles, d, z, mimo_v, mimo_z, mimo_o,
       norm_weight, cu_seqlens;

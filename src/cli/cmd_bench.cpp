@@ -32,13 +32,6 @@ const std::map<std::string, NamedShape>& named_shapes() {
 
 constexpr int kStepStream = 64;  // decode steps per timed run
 
-void summarize(Timing* t) {
-  std::vector<double> v = t->samples_s;
-  std::sort(v.begin(), v.end());
-  t->median_s = v.empty() ? 0 : v[v.size() / 2];
-  t->min_s = v.empty() ? 0 : v.front();
-}
-
 // Bytes a forward must move at least: every input read once, every output written once.
 double forward_min_bytes(const Problem& p) {
   double bytes = 0;

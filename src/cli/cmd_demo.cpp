@@ -182,7 +182,7 @@ Status check_layer(const Layer& layer, Lane lane, std::vector<check::Metric>* me
            std::to_string(kCheckSteps) + " decode steps vs float64 reference)");
   // The same seed gives the same full problem; its prefix is what the timed layer saw first.
   const Problem full(layer.cfg);
-  const Problem pre = prefix_of(full, kCheckLen);
+  const Problem pre = full.tokens(0, kCheckLen);
   const HostTensor d_out = pre.random_d_out(DType::kF32, /*seed=*/31);
   const StateBuffers d_states = pre.random_d_states(/*seed=*/32);
 

@@ -6,46 +6,6 @@
 #include <cstring>
 
 namespace mamba3::cli {
-namespace {
-
-// Copies the first `len` entries along `axis` of a row-major tensor.
-HostTensor slice_prefix(const HostTensor& t, size_t axis, int64_t len) {
-  if (!t.defined()) return {};
-  std::vector<int64_t> shape = t.shape();
-  const int64_t full = shape[axis];
-  shape[axis] = len;
-  HostTensor out(t.dtype(), shape);
-  int64_t outer = 1, inner = dtype_size(t.dtype());
-  for (size_t d = 0; d < axis; ++d) outer *= shape[d];
-  for (size_t d = axis + 1; d < shape.size(); ++d) inner *= shape[d];
-  const auto* src = static_cast<const unsigned char*>(t.data());
-  auto* dst = static_cast<unsigned char*>(out.data());
-  for (int64_t o = 0; o < outer; ++o) {
-    std::memcpy(dst + o * len * inner, src + o * full * inner, static_cast<size_t>(len * inner));
-  }
-  return out;
-}
-
-// Entry `index` of `axis`, with that axis removed.
-HostTensor slice_at(const HostTensor& t, size_t axis, int64_t index) {
-  if (!t.defined()) return {};
-  std::vector<int64_t> shape = t.shape();
-  const int64_t full = shape[axis];
-  shape.erase(shape.begin() + static_cast<std::ptrdiff_t>(axis));
-  HostTensor out(t.dtype(), shape);
-  int64_t outer = 1, inner = dtype_size(t.dtype());
-  for (size_t d = 0; d < axis; ++d) outer *= shape[d];
-  for (size_t d = axis; d < shape.size(); ++d) inner *= shape[d];
-  const auto* src = static_cast<const unsigned char*>(t.data());
-  auto* dst = static_cast<unsigned char*>(out.data());
-  for (int64_t o = 0; o < outer; ++o) {
-    std::memcpy(dst + o * inner, src + (o * full + index) * inner, static_cast<size_t>(inner));
-  }
-  return out;
-}
-
-}  // namespace
-
 Status time_runs(int warmup, int iters, const std::function<Status()>& fn, Timing* timing) {
   *timing = Timing{};
   for (int i = 0; i < warmup; ++i) {
@@ -60,12 +20,17 @@ Status time_runs(int warmup, int iters, const std::function<Status()>& fn, Timin
     timing->samples_s.push_back(std::chrono::duration<double>(t1 - t0).count());
   }
   if (timing->samples_s.empty()) return Status::InvalidArgument("no timed iterations (iters = 0)");
+  summarize(timing);
+  return Status::Ok();
+}
+
+void summarize(Timing* timing) {
   std::vector<double> s = timing->samples_s;
+  if (s.empty()) return;
   std::sort(s.begin(), s.end());
   const size_t n = s.size();
   timing->median_s = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
   timing->min_s = s.front();
-  return Status::Ok();
 }
 
 double forward_flops(const check::ProblemConfig& c) {
@@ -73,35 +38,16 @@ double forward_flops(const check::ProblemConfig& c) {
          (64.0 * static_cast<double>(c.N + c.P) + 2.0 * static_cast<double>(c.N * c.P));
 }
 
-Problem prefix_of(const Problem& full, int64_t len) {
-  check::ProblemConfig cfg = full.config();
-  cfg.L = len;
-  Problem p(cfg);  // right shapes; every tensor is overwritten below
-  p.q = slice_prefix(full.q, 1, len);
-  p.k = slice_prefix(full.k, 1, len);
-  p.v = slice_prefix(full.v, 1, len);
-  p.z = slice_prefix(full.z, 1, len);
-  p.angles = slice_prefix(full.angles, 1, len);
-  p.adt = slice_prefix(full.adt, 2, len);
-  p.dt = slice_prefix(full.dt, 2, len);
-  p.trap = slice_prefix(full.trap, 2, len);
-  p.q_bias = full.q_bias, p.k_bias = full.k_bias, p.d = full.d;
-  p.mimo_v = full.mimo_v, p.mimo_z = full.mimo_z, p.mimo_o = full.mimo_o;
-  p.norm_weight = full.norm_weight;
-  p.initial = full.initial;
-  return p;
-}
-
 StepTokens step_tokens(const Problem& p, int64_t t) {
   StepTokens tok;
-  tok.q = slice_at(p.q, 1, t);
-  tok.k = slice_at(p.k, 1, t);
-  tok.v = slice_at(p.v, 1, t);
-  tok.z = slice_at(p.z, 1, t);
-  tok.angles = slice_at(p.angles, 1, t);
-  tok.adt = slice_at(p.adt, 2, t);
-  tok.dt = slice_at(p.dt, 2, t);
-  tok.trap = slice_at(p.trap, 2, t);
+  tok.q = p.q.select(1, t);
+  tok.k = p.k.select(1, t);
+  tok.v = p.v.select(1, t);
+  tok.z = p.z.select(1, t);
+  tok.angles = p.angles.select(1, t);
+  tok.adt = p.adt.select(2, t);
+  tok.dt = p.dt.select(2, t);
+  tok.trap = p.trap.select(2, t);
   return tok;
 }
 

@@ -30,6 +30,8 @@ struct Timing {
 
 // Runs `fn` `warmup` times untimed, then `iters` times timed; stops at the first error.
 Status time_runs(int warmup, int iters, const std::function<Status()>& fn, Timing* timing);
+// Median and min of timing->samples_s (samples timed elsewhere, e.g. with CUDA events).
+void summarize(Timing* timing);
 
 // ---------------------------------------------------------------------------------------------
 // Problems
@@ -37,10 +39,6 @@ Status time_runs(int warmup, int iters, const std::function<Status()>& fn, Timin
 // Useful FLOPs of one forward (DESIGN.md §2.5 with 64-token chunks):
 // 2*B*L*H*R*(64*(N+P) + 2*N*P). The backward is counted as 3x this.
 double forward_flops(const check::ProblemConfig& c);
-
-// The same problem restricted to its first `len` tokens (bit-identical prefix of every
-// per-token input; parameters and initial states copied). Not for packed (varlen) problems.
-Problem prefix_of(const Problem& full, int64_t len);
 
 // The inputs of token `t` of a problem, laid out for one decode step (L axis removed).
 struct StepTokens {
