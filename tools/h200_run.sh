@@ -33,9 +33,9 @@ if [[ $mode == all || $mode == tests ]]; then
   step gpu_tests 400 "$bin/mamba3_gpu_tests"
   step golden_cuda_forward 120 "$bin/mamba3" check --lane cuda --forward-only
   step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:CudaStep.*'
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:*CudaSegmented*mimo*:CudaStep.*'
   step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:CudaStep.StepsEqualPrefill'
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill'
   grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda_forward.log \
     "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -20 | tee -a "$summary"
   grep -A14 "Failure" "$OUT"/gpu_tests.log | head -60 | tee -a "$summary"
@@ -58,7 +58,15 @@ if [[ $mode == all || $mode == bench ]]; then
     grep -hE "floor|of copy" "$f" >>"$summary"
   done
 fi
+# Optional: Nsight Compute of the forward kernels at `train` (NCU=1), no clock control.
+if [[ ${NCU:-0} == 1 ]]; then
+  step ncu_fwd_train 240 ncu --clock-control none -k regex:fwd_tc -c 2 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    "$bin/mamba3" bench --lane cuda --shape train --dtype bf16 --what fwd --warmup 0 --iters 1
+  grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles" \
+    "$OUT/ncu_fwd_train.log" | head -60 >>"$summary"
+fi
 # Everything but the summary in one archive (the device returns at most 8 files).
 (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=summary.txt ./* && \
   find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt -delete)
-tail -45 "$summary"
+tail -110 "$summary"

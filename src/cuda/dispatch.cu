@@ -2,6 +2,8 @@
 // sets up shared memory and launches; host-staged wrappers for tools and tests.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,13 @@
 namespace mamba3::cuda {
 namespace {
 
+#define M3_RETURN_IF_ERROR(expr)  \
+  do {                            \
+    ::mamba3::Status _s = (expr); \
+    if (!_s.ok()) return _s;      \
+  } while (0)
+
+
 // The SIMT kernels take N, P, R at run time; these bounds keep their shared memory in budget.
 Status check_supported(const Dims& d) {
   const bool ok = d.N <= 128 && d.P <= 128 && (d.R == 1 || d.R == 2 || d.R == 4 || d.R == 8);
@@ -28,49 +37,135 @@ Status check_supported(const Dims& d) {
   return Status::Ok();
 }
 
-// Packed sequences live on the device; validation could not read them, so check them here.
-Status check_cu_seqlens(const Inputs& in, const Dims& d) {
+// Packed sequences live on the device; validation could not read them, so check them here
+// (one small synchronous copy) and report the longest sequence for the segment split.
+Status check_cu_seqlens(const Inputs& in, const Dims& d, int64_t* max_len) {
+  *max_len = d.L;
   if (!in.cu_seqlens.defined()) return Status::Ok();
   std::vector<int32_t> cu(d.S + 1);
   MAMBA3_CHECK_CUDA(cudaMemcpy2D(cu.data(), sizeof(int32_t), in.cu_seqlens.data,
                                  sizeof(int32_t) * in.cu_seqlens.strides[0], sizeof(int32_t),
                                  d.S + 1, cudaMemcpyDeviceToHost));
   if (cu[0] != 0) return Status::InvalidArgument("cu_seqlens: must start at 0");
-  for (int64_t s = 0; s < d.S; ++s)
+  *max_len = 0;
+  for (int64_t s = 0; s < d.S; ++s) {
     if (cu[s + 1] < cu[s]) return Status::InvalidArgument("cu_seqlens: must be non-decreasing");
+    *max_len = std::max<int64_t>(*max_len, cu[s + 1] - cu[s]);
+  }
   if (cu[d.S] != d.L)
     return Status::InvalidArgument("cu_seqlens: must end at L = " + std::to_string(d.L));
   return Status::Ok();
 }
 
-// Tensor-core forward for bf16 activations at the compiled (N, P); everything else takes the
-// fp32 SIMT kernel (fp32 inputs keep fp32 accuracy there; fp16 is not rounded to bf16).
-template <int N, int P>
-Status launch_forward_tc(const CoreParams& p, const Dims& d, cudaStream_t stream) {
-  const size_t bytes = TcLayout<N, P>::kBytes;
-  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  fwd_tc_kernel<N, P><<<static_cast<unsigned>(d.S * d.H), kTcThreads, bytes, stream>>>(p);
-  MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
+// MAMBA3_CUDA_SEG_LEN: tokens per segment of the sequence split (a positive multiple of 64), to
+// test or tune it; unset: chosen from the grid size. Anything else is an error, not "unset".
+Status segment_override(int64_t* seg_len) {
+  *seg_len = 0;
+  const char* env = std::getenv("MAMBA3_CUDA_SEG_LEN");
+  if (env == nullptr || *env == '\0') return Status::Ok();
+  char* endp = nullptr;
+  const long long v = std::strtoll(env, &endp, 10);
+  if (*endp != '\0' || v <= 0 || v % 64 != 0)
+    return Status::InvalidArgument(std::string("MAMBA3_CUDA_SEG_LEN: expected a positive multiple "
+                                               "of 64 tokens, got '") + env + "'");
+  *seg_len = v;
   return Status::Ok();
 }
 
-bool use_tensor_cores(const ForwardArgs& a, const Dims& d) {
-  const Inputs& in = a.in;
-  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
-         (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) && kTcRows % d.R == 0 &&
-         d.NA <= 64;
+int sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 132;
+  }
+  return sms;
 }
 
-Status launch_forward(const ForwardArgs& a, const Dims& d) {
+// Tensor-core forward for bf16 q, k, v with aligned rows at the compiled (N, P). Splits
+// sequences into segments when (sequences x heads) CTAs would leave SMs idle (DESIGN §2.5).
+template <int N, int P>
+Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
+                         cudaStream_t stream) {
+  const TcLay lay = tc_layout<N, P>(p.R, p.NA);
+  const size_t bytes = static_cast<size_t>(lay.bytes);
+  const int64_t heads = d.S * d.H;
+  int64_t seg_len = 0;
+  M3_RETURN_IF_ERROR(segment_override(&seg_len));
+  if (seg_len == 0) {
+    // Two CTAs per SM: split only when fewer (sequence, head) pairs than CTA slots, into as
+    // many segments as fill one wave, none shorter than 1024 tokens.
+    const int64_t slots = 2LL * sm_count();
+    const int64_t want = heads < slots ? slots / heads : 1;
+    if (want > 1) {
+      seg_len = (max_len + want - 1) / want;
+      seg_len = std::max<int64_t>(1024, (seg_len + 63) / 64 * 64);
+    }
+  }
+  SegParams sp;
+  if (seg_len > 0 && max_len > seg_len) {
+    sp.nseg = static_cast<int>((max_len + seg_len - 1) / seg_len);
+    sp.seg_len = static_cast<int>(seg_len);
+  }
+  const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
+  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P, false>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P, false>,
+                                         cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared));
+  if (sp.nseg == 1) {
+    fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp);
+    MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
+    return Status::Ok();
+  }
+  // Workspace for the split: stream-ordered, so the call stays asynchronous and capturable.
+  const int64_t slots = heads * sp.nseg, pn = static_cast<int64_t>(d.P) * d.N;
+  const size_t ws_bytes = sizeof(float) * (2 * slots * pn + slots) +
+                          sizeof(double) * 2 * slots * std::max<int64_t>(d.NA, 1);
+  void* ws = nullptr;
+  MAMBA3_CHECK_CUDA(cudaMallocAsync(&ws, ws_bytes, stream));
+  double* th = static_cast<double*>(ws);
+  sp.end_theta = th;
+  sp.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
+  float* f = reinterpret_cast<float*>(sp.start_theta + slots * std::max<int64_t>(d.NA, 1));
+  sp.end_state = f;
+  sp.start_state = f + slots * pn;
+  sp.end_decay = f + 2 * slots * pn;
+  Status st = [&]() -> Status {
+    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P, true>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    fwd_tc_kernel<N, P, true><<<grid, kTcThreads, bytes, stream>>>(p, sp);
+    MAMBA3_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
+    const size_t th_bytes = sizeof(double) * sp.nseg * std::max(p.NA, 1);
+    fwd_tc_combine<N, P><<<static_cast<unsigned>(heads), 256, th_bytes, stream>>>(p, sp);
+    MAMBA3_CHECK_LAUNCH("fwd_tc_combine");
+    fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp);
+    MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
+    return Status::Ok();
+  }();
+  const cudaError_t fe = cudaFreeAsync(ws, stream);
+  if (!st.ok()) return st;
+  if (fe != cudaSuccess)
+    return Status::Internal(std::string("CUDA error in cudaFreeAsync: ") + cudaGetErrorString(fe));
+  return Status::Ok();
+}
+
+bool use_tensor_cores(const ForwardArgs& a, const Dims& d, const CoreParams& p) {
+  const Inputs& in = a.in;
+  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
+         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) &&
+         kTcRows % d.R == 0 && d.NA <= 64;
+}
+
+Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
   if (d.S * d.H == 0) return Status::Ok();
   const CoreParams p = make_params(a, d);
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  if (use_tensor_cores(a, d)) {
-    if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, stream);
-    if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, stream);
-    if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, stream);
-    return launch_forward_tc<128, 128>(p, d, stream);
+  if (use_tensor_cores(a, d, p)) {
+    if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, max_len, stream);
+    if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, max_len, stream);
+    if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, max_len, stream);
+    return launch_forward_tc<128, 128>(p, d, max_len, stream);
   }
   const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);
   const size_t bytes = sizeof(float) * lay.total_floats;
@@ -82,11 +177,6 @@ Status launch_forward(const ForwardArgs& a, const Dims& d) {
   return Status::Ok();
 }
 
-#define M3_RETURN_IF_ERROR(expr)  \
-  do {                            \
-    ::mamba3::Status _s = (expr); \
-    if (!_s.ok()) return _s;      \
-  } while (0)
 
 
 }  // namespace
@@ -129,8 +219,9 @@ std::string device_summary() {
 }
 
 std::string supported_configurations() {
-  return "forward: tensor cores (bf16 mma.sync) for bf16 inputs at N, P in {64, 128}, fp32 SIMT "
-         "otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 SIMT; "
+  return "forward: tensor cores (bf16 mma.sync, cp.async pipeline, sequence split when the grid "
+         "is small) for bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128}, "
+         "fp32 SIMT otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 SIMT; "
          "backward: none yet";
 }
 
@@ -138,8 +229,9 @@ Status forward(const ForwardArgs& a) {
   Dims d;
   M3_RETURN_IF_ERROR(validate_forward(a, &d));
   M3_RETURN_IF_ERROR(check_supported(d));
-  M3_RETURN_IF_ERROR(check_cu_seqlens(a.in, d));
-  return launch_forward(a, d);
+  int64_t max_len = 0;
+  M3_RETURN_IF_ERROR(check_cu_seqlens(a.in, d, &max_len));
+  return launch_forward(a, d, max_len);
 }
 
 Status backward(const BackwardArgs&) {

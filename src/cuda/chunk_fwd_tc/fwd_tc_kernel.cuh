@@ -1,53 +1,86 @@
 // Chunked prefill forward on the tensor cores (mma.sync m16n8k16, bf16 operands, fp32
-// accumulation) for bf16/fp16 inputs. One CTA of 4 warps per (sequence, head) walks its chunks
-// of kTcRows = 64 rows (C = 64 / R tokens, row t*R + r); warp w owns rows 16w..16w+15:
-//   scores = Q K^T (fp32 fragments) -> mask -> bf16 A fragments kept in registers
-//   Y      = A V + diag(exp(cs)) Q S^T            (to shared memory, fp32)
-//   S      = exp(cs_last) S + (fw V)^T K          (fp32 master copy in shared memory)
-// Rounded to bf16 on the way (DESIGN.md §2.6): rotated q and k, v*psi, the masked scores, the
-// state as the operand of Q S^T, and fw*v. The state itself and every sum stay fp32.
-// The output stage (D, norm, gate, rank reduction) reads Y from shared memory.
+// accumulation) for bf16 q, k, v with 16-byte aligned rows. One CTA of 8 warps per (sequence,
+// head, segment) walks its chunks of kTcRows = 64 rows (C = 64 / R tokens, row t*R + r):
+//   scores = Q K^T (causal 16x16 blocks only) -> mask -> bf16 A fragments in registers
+//   Y      = A V + diag(exp(cs)) Q S^T + D v          (registers, fp32)
+//   S      = exp(cs_last) S + (fw V)^T K              (fp32 state in registers)
+//   out    = norm/gate/rank reduction of Y            (from registers)
+// Every input tile of the next chunk is copied with cp.async while the current chunk computes
+// (DESIGN.md §3): k one chunk ahead into a second buffer; z at the chunk's start for its own
+// epilogue; angles after the rotation; q and v after the products that read them. Per-token
+// scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6): rotated
+// q and k, v*psi, the masked scores, the state as the operand of Q S^T, and fw*v*psi. The
+// state itself and every sum stay fp32.
+//
+// Sequence parallelism (DESIGN.md §2.5): with `nseg` > 1 a sequence is cut into segments of
+// seg_len tokens. Pass 1 (kStates) runs segments 0..last-1 with zero state and zero angle
+// (segment 0 from the true initial states) and writes each segment's end state, angle and
+// decay; fwd_tc_combine turns them into absolute start states (a segment's local state is
+// rotated by its start angle, pair by pair, then decayed and summed in order); pass 2 runs
+// every segment from its start state.
 #pragma once
 
-#include "cuda/common/mma.cuh"
+#include "cuda/common/async_copy.cuh"
 #include "cuda/common/layer_io.cuh"
+#include "cuda/common/mma.cuh"
 
 namespace mamba3::cuda {
 
-inline constexpr int kTcThreads = 128;
+inline constexpr int kTcThreads = 256;
 inline constexpr int kTcRows = 64;
 
-template <int N, int P>
-struct TcLayout {
-  // P = 64: each warp owns 16 rows of the state as MMA accumulators in registers (no fp32 copy
-  // in shared memory), which with the angle table brings the CTA under half the shared memory
-  // of an SM: two CTAs per SM.
-  static constexpr bool kStateInRegs = P == 64;
-  static constexpr int kQp = N + 8;   // bf16 pitches padded by 16 bytes: conflict-free ldmatrix
-  static constexpr int kVp = P + 8;
-  static constexpr int kSfp = N + 4;  // fp32 pitches
-  static constexpr int kYp = P + 4;
-  // byte offsets
-  static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kTcRows * kQp * 2;
-  static constexpr int kV = kK + kTcRows * kQp * 2;
-  static constexpr int kVw = kV + kTcRows * kVp * 2;
-  static constexpr int kSs = kVw + kTcRows * kVp * 2;
-  static constexpr int kSf = kSs + P * kQp * 2;
-  static constexpr int kY = kSf + (kStateInRegs ? 0 : P * kSfp * 4);  // also the angle table
-  static constexpr int kYBytes = kTcRows * kYp * 4 > kTcRows * 64 * 4 ? kTcRows * kYp * 4
-                                                                       : kTcRows * 64 * 4;
-  static constexpr int kScal = kY + kYBytes;        // cs, ex, gam, w, fw, rstd (64 floats each)
-  static constexpr int kTheta = kScal + 6 * kTcRows * 4;  // running angles, float64 (<= 64)
-  static constexpr int kPar = kTheta + 64 * 8;  // psi, zeta, phi (8 x P each, R <= 8), w (P)
-  static constexpr int kBytes = kPar + (3 * 8 * P + P) * 4;
-  static_assert(kBytes <= 227 * 1024, "tensor-core forward exceeds shared memory");
-  static_assert(kQ % 16 == 0 && kK % 16 == 0 && kV % 16 == 0 && kVw % 16 == 0 && kSs % 16 == 0 &&
-                    kSf % 16 == 0 && kY % 16 == 0 && kTheta % 8 == 0,
-                "shared-memory regions must stay 16-byte aligned");
+// Sequence split (pass 1 outputs, pass 2 inputs); nseg == 1: no split, pointers unused.
+struct SegParams {
+  int nseg = 1;
+  int seg_len = 0;                 // tokens per segment, a multiple of 64
+  float* end_state = nullptr;      // (S*H*nseg, P, N)
+  double* end_theta = nullptr;     // (S*H*nseg, NA): segment 0 absolute, others local
+  float* end_decay = nullptr;      // (S*H*nseg,)
+  float* start_state = nullptr;    // (S*H*nseg, P, N), segments >= 1
+  double* start_theta = nullptr;   // (S*H*nseg, NA), segments >= 1
 };
 
-// 8 bf16 (one 16-byte load) to floats.
+template <int N, int P>
+struct TcCfg {
+  static constexpr int kQp = N + 8;  // bf16 pitches padded by 16 bytes: conflict-free ldmatrix
+  static constexpr int kVp = P + 8;
+  static constexpr int kXT = P / 16;     // 16-row tiles of the state
+  static constexpr int kWX = 8 / kXT;    // warps sharing one state row tile
+  static constexpr int kNW = N / kWX;    // state columns per warp
+  static constexpr int kPH = P / 2;      // Y columns per warp
+  static constexpr int kMinBlocks = P == 128 ? 1 : 2;  // P = 128: registers (Y, state)
+};
+
+struct TcLay {
+  int q, k0, k1, vs, ss, vraw, z, ang, theta, scal, der, rowsq, par, bytes;
+};
+
+__host__ __device__ constexpr int tc_up16(int x) { return (x + 15) & ~15; }
+
+// Shared-memory byte offsets for rank R and NA angles.
+template <int N, int P>
+__host__ __device__ inline TcLay tc_layout(int R, int NA) {
+  using Cfg = TcCfg<N, P>;
+  const int C = kTcRows / R;
+  TcLay l{};
+  int o = 0;
+  l.q = o, o += kTcRows * Cfg::kQp * 2;
+  l.k0 = o, o += kTcRows * Cfg::kQp * 2;
+  l.k1 = o, o += kTcRows * Cfg::kQp * 2;
+  l.vs = o, o += kTcRows * Cfg::kVp * 2;
+  l.ss = o, o += P * Cfg::kQp * 2;
+  l.vraw = o, o += tc_up16(C * P * 2);
+  l.z = o, o += tc_up16(C * P * 2);
+  l.ang = o, o += tc_up16(C * NA * 4);
+  l.theta = o, o += 64 * 8;
+  l.scal = o, o += tc_up16(3 * (C + 1) * 4);     // adt, dt, trap of C + 1 tokens
+  l.der = o, o += 5 * kTcRows * 4;               // cs, ex, gam, w, fw
+  l.rowsq = o, o += 2 * kTcRows * 4;             // norm: partial sums of squares per half
+  l.par = o, o += tc_up16((3 * R * P + P + 2 * R * N) * 4);  // psi, zeta, phi, wn, qb, kb
+  l.bytes = o;
+  return l;
+}
+
 __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float (&f)[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -62,460 +95,674 @@ __device__ __forceinline__ uint4 float8_to_bf16x8(const float (&f)[8]) {
                     pack_bf16(f[6], f[7]));
 }
 
-__device__ __forceinline__ uint4 ldg16(const void* ptr) {
-  return __ldg(reinterpret_cast<const uint4*>(ptr));
+__device__ __forceinline__ float bf16_bits_to_float(unsigned short u) {
+  return __uint_as_float(static_cast<uint32_t>(u) << 16);
 }
 
-// Rotated, biased q and k rows of one chunk into bf16 tiles from 16-byte loads: every load of
-// a thread is issued before any is used. Interleaved pairs sit inside one 8-element chunk;
-// halved pairs (i, i + N/2) take a chunk of each half.
-template <int N, bool kInterleaved>
-__device__ __forceinline__ void load_qk_tiles_vec(const CoreParams& p, int b, int h, int g,
-                                                  int l0, int R, int mr, const float* thv,
-                                                  __nv_bfloat16* Qs,
-                                                  __nv_bfloat16* Ks, int pitch, int tid) {
-  constexpr int kChunks = N / 8;
-  constexpr int kPerRow = kInterleaved ? kChunks : kChunks / 2;
-  constexpr int kItAll = kTcRows * kPerRow / kTcThreads;
-  // Loads in batches of at most 4 items per thread: enough bytes in flight, and a bounded
-  // register footprint next to the state accumulators.
-  constexpr int kIt = kItAll < 4 ? kItAll : 4;
-  constexpr int kParts = kInterleaved ? 1 : 2;
-  const int NA = p.NA, half = N / 2;
-#pragma unroll 1
-  for (int u0 = 0; u0 < kItAll; u0 += kIt) {
-  uint4 qa[kIt][kParts], ka[kIt][kParts];
+// Both bf16 halves of a packed pair scaled (and rounded back to bf16).
+__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t u, float lo, float hi) {
+  return pack_bf16(__uint_as_float(u << 16) * lo, __uint_as_float(u & 0xffff0000u) * hi);
+}
+
+// Rotates 8 consecutive elements [c*8, c*8+8) of a row (interleaved pairs lie inside them) by
+// the token's angles th[i], i < NA.
+__device__ __forceinline__ void rope8_interleaved(float (&x)[8], int c, int NA, const float* th,
+                                                  float (&y)[8]) {
 #pragma unroll
-  for (int u = 0; u < kIt; ++u) {
-    const int it = (u0 + u) * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
-    if (row < mr) {
-      const int t = row / R, r = row % R;
-      const __nv_bfloat16* qr =
-          static_cast<const __nv_bfloat16*>(p.q.data) + qk_off(p.q, b, l0 + t, r, g, 0);
-      const __nv_bfloat16* kr =
-          static_cast<const __nv_bfloat16*>(p.k.data) + qk_off(p.k, b, l0 + t, r, g, 0);
-#pragma unroll
-      for (int part = 0; part < kParts; ++part) {
-        qa[u][part] = ldg16(qr + part * half + c * 8);
-        ka[u][part] = ldg16(kr + part * half + c * 8);
-      }
+  for (int e = 0; e < 4; ++e) {
+    const int i = c * 4 + e;
+    if (i < NA) {
+      float sn, cs;
+      __sincosf(th[i], &sn, &cs);
+      const float xa = x[2 * e], xb = x[2 * e + 1], ya = y[2 * e], yb = y[2 * e + 1];
+      x[2 * e] = xa * cs - xb * sn, x[2 * e + 1] = xa * sn + xb * cs;
+      y[2 * e] = ya * cs - yb * sn, y[2 * e + 1] = ya * sn + yb * cs;
     }
-  }
-#pragma unroll
-  for (int u = 0; u < kIt; ++u) {
-    const int it = (u0 + u) * kTcThreads + tid, row = it / kPerRow, c = it % kPerRow;
-    const int t = row / R, r = row % R;
-    float q[kParts][8], k[kParts][8];
-#pragma unroll
-    for (int part = 0; part < kParts; ++part) {
-      if (row < mr) {
-        bf16x8_to_float(qa[u][part], q[part]);
-        bf16x8_to_float(ka[u][part], k[part]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int n = part * half + c * 8 + e;
-          q[part][e] += dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n));
-          k[part][e] += dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n));
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[part][e] = k[part][e] = 0.f;
-      }
-    }
-    if (row < mr) {
-      const float* th_t = thv + t * NA;
-      if (kInterleaved) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = c * 4 + e;
-          if (i < NA) {
-            float si, co;
-            __sincosf(th_t[i], &si, &co);
-            const float qa0 = q[0][2 * e], qb0 = q[0][2 * e + 1];
-            const float ka0 = k[0][2 * e], kb0 = k[0][2 * e + 1];
-            q[0][2 * e] = qa0 * co - qb0 * si, q[0][2 * e + 1] = qa0 * si + qb0 * co;
-            k[0][2 * e] = ka0 * co - kb0 * si, k[0][2 * e + 1] = ka0 * si + kb0 * co;
-          }
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int i = c * 8 + e;
-          if (i < NA) {
-            float si, co;
-            __sincosf(th_t[i], &si, &co);
-            const float q0 = q[0][e], q1 = q[kParts - 1][e], k0 = k[0][e], k1 = k[kParts - 1][e];
-            q[0][e] = q0 * co - q1 * si, q[kParts - 1][e] = q0 * si + q1 * co;
-            k[0][e] = k0 * co - k1 * si, k[kParts - 1][e] = k0 * si + k1 * co;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int part = 0; part < kParts; ++part) {
-      *reinterpret_cast<uint4*>(Qs + row * pitch + part * half + c * 8) = float8_to_bf16x8(q[part]);
-      *reinterpret_cast<uint4*>(Ks + row * pitch + part * half + c * 8) = float8_to_bf16x8(k[part]);
-    }
-  }
   }
 }
 
-template <int N, int P>
-__global__ void __launch_bounds__(kTcThreads) fwd_tc_kernel(CoreParams p) {
-  using Lay = TcLayout<N, P>;
-  extern __shared__ __align__(16) unsigned char smraw[];
-  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kQ);
-  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kK);
-  __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kV);
-  __nv_bfloat16* Vw = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kVw);
-  __nv_bfloat16* Ss = reinterpret_cast<__nv_bfloat16*>(smraw + Lay::kSs);
-  float* Sf = reinterpret_cast<float*>(smraw + Lay::kSf);
-  float* Yf = reinterpret_cast<float*>(smraw + Lay::kY);
-  float* thv = Yf;  // (C, NA) angles of the chunk's tokens, before Y is written
-  float* cs = reinterpret_cast<float*>(smraw + Lay::kScal);
+template <int N, int P, bool kStates>
+__global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
+    fwd_tc_kernel(CoreParams p, SegParams sp) {
+  using Cfg = TcCfg<N, P>;
+  constexpr int kQp = Cfg::kQp, kVp = Cfg::kVp;
+  extern __shared__ __align__(16) unsigned char tc_smem[];
+  unsigned char* sm = tc_smem;
+  const int R = p.R, NA = p.NA, C = kTcRows / R;
+  const int lr = 31 - __clz(R);  // R is a power of two: row t * R + r = (t << lr) | r
+  const TcLay lay = tc_layout<N, P>(R, NA);
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(sm + lay.q);
+  __nv_bfloat16* K0 = reinterpret_cast<__nv_bfloat16*>(sm + lay.k0);
+  __nv_bfloat16* K1 = reinterpret_cast<__nv_bfloat16*>(sm + lay.k1);
+  __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(sm + lay.vs);
+  __nv_bfloat16* Ss = reinterpret_cast<__nv_bfloat16*>(sm + lay.ss);
+  __nv_bfloat16* Vr = reinterpret_cast<__nv_bfloat16*>(sm + lay.vraw);
+  __nv_bfloat16* Zs = reinterpret_cast<__nv_bfloat16*>(sm + lay.z);
+  float* ang = reinterpret_cast<float*>(sm + lay.ang);  // raw angles, then wrapped theta
+  double* theta = reinterpret_cast<double*>(sm + lay.theta);
+  float* adt_s = reinterpret_cast<float*>(sm + lay.scal);
+  float* dt_s = adt_s + (C + 1);
+  float* tr_s = dt_s + (C + 1);
+  float* cs = reinterpret_cast<float*>(sm + lay.der);
   float* ex = cs + kTcRows;
   float* gam = ex + kTcRows;
-  float* w = gam + kTcRows;
-  float* fw = w + kTcRows;
-  float* rstd = fw + kTcRows;
-  double* theta = reinterpret_cast<double*>(smraw + Lay::kTheta);
-  float* psi_s = reinterpret_cast<float*>(smraw + Lay::kPar);  // (R, P) each; absent: 1
-  float* zeta_s = psi_s + 8 * P;
-  float* phi_s = zeta_s + 8 * P;
-  float* wn_s = phi_s + 8 * P;
+  float* wv = gam + kTcRows;
+  float* fw = wv + kTcRows;
+  float* rowsq = reinterpret_cast<float*>(sm + lay.rowsq);
+  float* psi_s = reinterpret_cast<float*>(sm + lay.par);
+  float* zeta_s = psi_s + R * P;
+  float* phi_s = zeta_s + R * P;
+  float* wn_s = phi_s + R * P;
+  float* qb_s = wn_s + P;
+  float* kb_s = qb_s + R * N;
 
-  const int R = p.R, NA = p.NA, C = kTcRows / R;
-  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / p.hpg;
+  const int slot = blockIdx.x, seg = slot % sp.nseg, sh = slot / sp.nseg;
+  const int s = sh / p.H, h = sh % p.H, g = h / p.hpg;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  int b = s, begin = 0, end = p.L;
+  int b = s, seq_begin = 0, seq_end = p.L;
   if (p.cu_seqlens) {
     b = 0;
-    begin = p.cu_seqlens[s * p.cu_stride];
-    end = p.cu_seqlens[(s + 1) * p.cu_stride];
+    seq_begin = p.cu_seqlens[s * p.cu_stride];
+    seq_end = p.cu_seqlens[(s + 1) * p.cu_stride];
   }
-  const int n_tok = end - begin;
+  const int n_seq = seq_end - seq_begin;
+  int t_begin = 0, t_end = n_seq;
+  bool last_seg = true;
+  if (sp.nseg > 1) {
+    const int last = n_seq == 0 ? 0 : (n_seq - 1) / sp.seg_len;
+    if (seg > last || (kStates && seg >= last)) return;  // whole CTA: no barrier skipped
+    t_begin = seg * sp.seg_len;
+    t_end = min(n_seq, t_begin + sp.seg_len);
+    last_seg = seg == last;
+  }
+  const bool from_segment = sp.nseg > 1 && seg > 0;  // start state from pass 1 / combine
   const bool has_init = p.init_ssm.defined();
-  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  // Per-head parameters, once per CTA.
+
+  // ---- Per-head parameters and biases, once per CTA.
   load_head_params(p, h, psi_s, zeta_s, phi_s, wn_s, tid, kTcThreads);
-  __syncthreads();
-  auto psi_at = [&](int r, int x) { return psi_s[r * P + x]; };
-  auto lam_at = [&](int l) {
-    return sigmoidf_(dload_ro(p.trap, b * p.trap.stride[0] + h * p.trap.stride[1] + l * p.trap.stride[2]));
-  };
-  auto dt_at = [&](int l) {
-    return dload_ro(p.dt, b * p.dt.stride[0] + h * p.dt.stride[1] + l * p.dt.stride[2]);
-  };
-  auto v_at = [&](int l, int x) {
-    return dload_ro(p.v, b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2] + x * p.v.stride[3]);
+  for (int i = tid; i < R * N; i += kTcThreads) {
+    const int r = i / N, n = i % N;
+    qb_s[i] = p.q_bias.defined() ? dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n)) : 0.f;
+    kb_s[i] = p.k_bias.defined() ? dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n)) : 0.f;
+  }
+  if (tid < NA) {
+    double th0 = 0.0;
+    if (from_segment) {
+      th0 = kStates ? 0.0 : sp.start_theta[static_cast<int64_t>(slot) * NA + tid];
+    } else if (has_init) {
+      th0 = dload_f64(p.init_angle, s * p.init_angle.stride[0] + h * p.init_angle.stride[1] +
+                                        tid * p.init_angle.stride[2]);
+    }
+    theta[tid] = th0;
+  }
+
+  auto tok = [&](int t) { return seq_begin + t; };  // t: token index inside the sequence
+  auto scal_ptr = [&](const DTensor& T, int t) {
+    return b * T.stride[0] + h * T.stride[1] + static_cast<int64_t>(tok(t)) * T.stride[2];
   };
 
-  // Initial state S0 + (1 - lambda_0) dt_0 sum_r (v0 psi_r) k0_r^T, and angle theta0.
-  if (tid < NA)
-    theta[tid] = has_init ? dload_f64(p.init_angle, s * p.init_angle.stride[0] +
-                                                        h * p.init_angle.stride[1] +
-                                                        tid * p.init_angle.stride[2])
-                          : 0.0;
-  const float sg0 = n_tok > 0 && has_init ? (1.f - lam_at(begin)) * dt_at(begin) : 0.f;
-  // State in registers (P = 64): warp w holds rows 16w..16w+15 in the C-fragment layout of the
-  // state-update MMA, element (j, e) at x = 16w + gq + 8 (e >> 1), n = 8j + 2tq + (e & 1).
-  float sreg[Lay::kStateInRegs ? N / 8 : 1][4];
-  if constexpr (Lay::kStateInRegs) {
+  // ---- Copies of the tiles of the chunk starting at token c0 (m tokens); rows past m are
+  // zero-filled so the products need no masks for them.
+  auto pf_qk = [&](const DTensor& T, __nv_bfloat16* dst, int c0, int m) {
+    constexpr int kCh = N / 8, kRowsPerPass = kTcThreads / kCh;
+    const bool rank_dim = T.ndim == 5;
+    const int64_t sl = T.stride[1], sr = rank_dim ? T.stride[2] : 0;
+    const int c = tid % kCh;
+    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(T.data);
+    const __nv_bfloat16* thr = base + b * T.stride[0] + g * T.stride[rank_dim ? 3 : 2] + c * 8;
 #pragma unroll
-    for (int j = 0; j < N / 8; ++j)
+    for (int row = tid / kCh; row < kTcRows; row += kRowsPerPass) {
+      const int t = row >> lr, r = row & (R - 1);
+      const bool ok = t < m;
+      cp_async16(dst + row * kQp + c * 8,
+                 ok ? thr + static_cast<int64_t>(tok(c0 + t)) * sl + r * sr : base, ok);
+    }
+  };
+  auto pf_v = [&](int c0, int m) {
+    constexpr int kCh = P / 8;
+    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(p.v.data);
+    for (int i = tid; i < C * kCh; i += kTcThreads) {
+      const int t = i / kCh, c = i % kCh;
+      const bool ok = t < m;
+      const int64_t off = ok ? b * p.v.stride[0] + static_cast<int64_t>(tok(c0 + t)) * p.v.stride[1] +
+                                   h * p.v.stride[2] + c * 8
+                             : 0;
+      cp_async16(Vr + t * P + c * 8, base + off, ok);
+    }
+  };
+  auto pf_z = [&](int c0, int m) {
+    if (!p.z_vec) return;
+    constexpr int kCh = P / 8;
+    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(p.z.data);
+    for (int i = tid; i < C * kCh; i += kTcThreads) {
+      const int t = i / kCh, c = i % kCh;
+      const bool ok = t < m;
+      const int64_t off = ok ? b * p.z.stride[0] + static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
+                                   h * p.z.stride[2] + c * 8
+                             : 0;
+      cp_async16(Zs + t * P + c * 8, base + off, ok);
+    }
+  };
+  auto pf_ang = [&](int c0, int m) {
+    const DTensor& A = p.angles;
+    auto off = [&](int t, int a) {
+      return b * A.stride[0] + static_cast<int64_t>(tok(c0 + t)) * A.stride[1] + h * A.stride[2] +
+             a * A.stride[3];
+    };
+    if (p.ang_vec4) {
+      const int nc = NA / 4;
+      for (int i = tid; i < C * nc; i += kTcThreads) {
+        const int t = i / nc, c = i % nc;
+        const bool ok = t < m;
+        cp_async16(ang + t * NA + c * 4, static_cast<const float*>(A.data) + (ok ? off(t, c * 4) : 0),
+                   ok);
+      }
+    } else if (A.dtype == DType::kF32) {
+      for (int i = tid; i < C * NA; i += kTcThreads) {
+        const int t = i / NA, a = i % NA;
+        const bool ok = t < m;
+        cp_async4(ang + i, static_cast<const float*>(A.data) + (ok ? off(t, a) : 0), ok);
+      }
+    } else {  // other dtypes: plain loads (visible after the next barrier)
+      for (int i = tid; i < C * NA; i += kTcThreads) {
+        const int t = i / NA, a = i % NA;
+        ang[i] = t < m ? dload_ro(A, off(t, a)) : 0.f;
+      }
+    }
+  };
+  // Per-token scalars of tokens c0 .. c0 + C (one look-ahead token) into one register each.
+  auto ld_scal = [&](int c0) {
+    float v = 0.f;
+    if (tid < 3 * (C + 1)) {
+      const int which = tid / (C + 1), t = c0 + tid % (C + 1);
+      const DTensor& T = which == 0 ? p.adt : (which == 1 ? p.dt : p.trap);
+      if (t < n_seq) v = dload_ro(T, scal_ptr(T, t));
+    }
+    return v;
+  };
+  auto st_scal = [&](float v) {
+    if (tid < 3 * (C + 1)) adt_s[tid] = v;  // adt_s, dt_s, tr_s are consecutive
+  };
+
+  // ---- Initial state: fp32 in registers (MMA accumulator layout of the state update), bf16
+  // copy in Ss for Q S^T. Warp (xt, nh) owns rows 16 xt.. and columns nh * kNW.. of S.
+  const int xt = warp % Cfg::kXT, nh = warp / Cfg::kXT;
+  float sreg[Cfg::kNW / 8][4];
+  {
+    float sg0 = 0.f;
+    if (!from_segment && has_init && n_seq > 0)
+      sg0 = (1.f - sigmoidf_(dload_ro(p.trap, scal_ptr(p.trap, 0)))) *
+            dload_ro(p.dt, scal_ptr(p.dt, 0));
+    __syncthreads();  // psi_s (used by the initial state) ready
+#pragma unroll
+    for (int j = 0; j < Cfg::kNW / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int x = warp * 16 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
-        sreg[j][e] = initial_state_elem(p, s, h, x, n, sg0, psi_s);
-        Ss[x * Lay::kQp + n] = __float2bfloat16_rn(sreg[j][e]);
-      }
-  } else {
-    for (int i = tid; i < P * N; i += kTcThreads) {
-      const int x = i / N, n = i % N;
-      const float v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
-      Sf[x * Lay::kSfp + n] = v0;
-      Ss[x * Lay::kQp + n] = __float2bfloat16_rn(v0);
-    }
-  }
-  __syncthreads();
-
-  for (int c0 = 0; c0 < n_tok; c0 += C) {
-    const int m = min(C, n_tok - c0), mr = m * R;
-    if (tid < kTcRows) {
-      float lam = 0.f, dl = 0.f, a = 0.f, sg = 0.f;
-      if (tid < m) {
-        const int l = begin + c0 + tid;
-        lam = lam_at(l), dl = dt_at(l);
-        a = dload(p.adt, b * p.adt.stride[0] + h * p.adt.stride[1] + l * p.adt.stride[2]);
-        sg = (c0 + tid + 1 < n_tok) ? (1.f - lam_at(l + 1)) * dt_at(l + 1) : 0.f;
-      }
-      gam[tid] = lam * dl;
-      w[tid] = lam * dl + sg;
-      cs[tid] = a;
-    }
-    __syncthreads();
-    if (tid == 0)
-      for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-    // Angles: increments pi tanh(a) dt for every (token, angle) in parallel, a short float64
-    // scan per angle over shared memory, then sin/cos in parallel.
-    for (int i = tid; i < m * NA; i += kTcThreads) {
-      const int t = i / NA, a = i % NA, l = begin + c0 + t;
-      const float raw = dload_ro(p.angles, b * p.angles.stride[0] + l * p.angles.stride[1] +
-                                               h * p.angles.stride[2] + a * p.angles.stride[3]);
-      thv[i] = static_cast<float>(kPiD) * tanhf(raw) * dt_at(l);  // increment; angle below
-    }
-    __syncthreads();
-    if (tid >= 32 && tid - 32 < NA) {  // warp 0's thread 0 scans cs meanwhile
-      const int a = tid - 32;
-      double th = theta[a];
-      for (int t = 0; t < m; ++t) {
-        th = wrap_2pi(th + static_cast<double>(thv[t * NA + a]));
-        thv[t * NA + a] = static_cast<float>(th);
-      }
-      theta[a] = th;
-    }
-    __syncthreads();
-    __syncthreads();  // the rotation below reads other threads' angles
-    if (tid < kTcRows) {
-      ex[tid] = tid < m ? expf(cs[tid]) : 0.f;
-      fw[tid] = tid < m ? expf(cs[m - 1] - cs[tid]) * w[tid] : 0.f;
-    }
-    // Rotated biased q, k and v * psi rows (bf16); rows past the end are zero.
-    if (p.tc_vec) {
-      if (p.interleaved)
-        load_qk_tiles_vec<N, true>(p, b, h, g, begin + c0, R, mr, thv, Qs, Ks, Lay::kQp, tid);
-      else
-        load_qk_tiles_vec<N, false>(p, b, h, g, begin + c0, R, mr, thv, Qs, Ks, Lay::kQp, tid);
-    } else
-#pragma unroll 4
-    for (int i = tid; i < kTcRows * N; i += kTcThreads) {
-      const int row = i / N, n = i % N, t = row / R, r = row % R;
-      float qv = 0.f, kv = 0.f;
-      if (row < mr) {
-        const int l = begin + c0 + t;
-        auto qx = [&](int j) {
-          return dload_ro(p.q, qk_off(p.q, b, l, r, g, j)) +
-                 dload_ro(p.q_bias, bias_off(p.q_bias, h, r, j));
-        };
-        auto kx = [&](int j) {
-          return dload_ro(p.k, qk_off(p.k, b, l, r, g, j)) +
-                 dload_ro(p.k_bias, bias_off(p.k_bias, h, r, j));
-        };
-        qv = rope_element_theta(p.interleaved, N, NA, n, thv + t * NA, qx);
-        kv = rope_element_theta(p.interleaved, N, NA, n, thv + t * NA, kx);
-      }
-      Qs[row * Lay::kQp + n] = __float2bfloat16_rn(qv);
-      Ks[row * Lay::kQp + n] = __float2bfloat16_rn(kv);
-    }
-    __syncthreads();  // fw ready; cos/sin no longer needed (Y may overwrite them)
-    if (p.tc_vec) {
-      // One 16-byte load of v per (token, 8 columns), written to the token's R rows.
-      constexpr int kVc = P / 8;
-      constexpr int kIt = kTcRows * kVc / kTcThreads;  // upper bound (C <= 64 tokens)
-      uint4 va[kIt];
-#pragma unroll
-      for (int u = 0; u < kIt; ++u) {
-        const int it = u * kTcThreads + tid, t = it / kVc, c = it % kVc;
-        if (t < m)
-          va[u] = ldg16(static_cast<const __nv_bfloat16*>(p.v.data) + b * p.v.stride[0] +
-                        (begin + c0 + t) * p.v.stride[1] + h * p.v.stride[2] + c * 8);
-      }
-#pragma unroll
-      for (int u = 0; u < kIt; ++u) {
-        const int it = u * kTcThreads + tid, t = it / kVc, c = it % kVc;
-        if (t >= C) continue;
-        float vf[8];
-        if (t < m)
-          bf16x8_to_float(va[u], vf);
+        const int x = xt * 16 + gq + (e >> 1) * 8, n = nh * Cfg::kNW + j * 8 + 2 * tq + (e & 1);
+        float v0;
+        if (from_segment)
+          v0 = kStates ? 0.f
+                       : sp.start_state[(static_cast<int64_t>(slot) * P + x) * N + n];
         else
+          v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
+        sreg[j][e] = v0;
+        if (!kStates) Ss[x * kQp + n] = __float2bfloat16_rn(v0);
+      }
+  }
+
+  // ---- Prologue: the first chunk's tiles and scalars.
+  if (t_begin < t_end) {
+    const int m0 = min(C, t_end - t_begin);
+    pf_qk(p.k, K0, t_begin, m0);
+    if (!kStates) pf_qk(p.q, Qs, t_begin, m0);
+    pf_v(t_begin, m0);
+    pf_ang(t_begin, m0);
+  }
+  cp_async_commit();
+  st_scal(ld_scal(t_begin));
+
+  float decay_prod = 1.f;  // kStates: product of the chunks' decays
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int rt = warp & 3, hh = warp >> 2;  // Y: row tile, column half
+
+  int it = 0;
+  for (int c0 = t_begin; c0 < t_end; c0 += C, ++it) {
+    const int m = min(C, t_end - c0), mr = m * R;
+    const int c1 = c0 + C, m1 = c1 < t_end ? min(C, t_end - c1) : 0;
+    __nv_bfloat16* Kc = (it & 1) ? K1 : K0;
+    cp_async_wait<0>();
+    __syncthreads();  // S1: this chunk's tiles and scalars are in shared memory
+    // Group 1: k of the next chunk, z of this one (for its epilogue).
+    if (m1 > 0) pf_qk(p.k, (it & 1) ? K0 : K1, c1, m1);
+    if (!kStates) pf_z(c0, m);
+    cp_async_commit();
+    const float scal_next = m1 > 0 ? ld_scal(c1) : 0.f;
+
+    // ---- P1: decay prefix (warp 0) and angle prefix (all warps).
+    if (NA > 0) {
+      const int ts = (C + 7) / 8;  // tokens per lane; 8 lanes per angle
+      for (int a0 = 0; a0 < NA; a0 += kTcThreads / 8) {
+        const int a = a0 + tid / 8, l8 = tid & 7;
+        const bool av = a < NA;
+        const double th0 = av ? theta[a] : 0.0;
+        double run = 0.0, pre[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) vf[e] = 0.f;
-        for (int r = 0; r < R; ++r) {
-          float vp[8], vw[8];
+        for (int u = 0; u < 8; ++u) {
+          const int t = l8 * ts + u;
+          if (u < ts && av && t < m)
+            run += static_cast<double>(static_cast<float>(kPiD) * tanhf(ang[t * NA + a]) * dt_s[t]);
+          pre[u] = run;
+        }
+        double incl = run;
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) {
+          const double y = __shfl_up_sync(0xffffffffu, incl, o, 8);
+          if (l8 >= o) incl += y;
+        }
+        const double excl = incl - run;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int t = l8 * ts + u;
+          if (u < ts && av && t < m) ang[t * NA + a] = static_cast<float>(wrap_2pi(th0 + excl + pre[u]));
+        }
+        __syncwarp();
+        if (av && l8 == 7) theta[a] = wrap_2pi(th0 + incl);
+      }
+    }
+    if (warp == 0) {
+      const int t0 = 2 * lane, t1 = t0 + 1;
+      const float a0 = t0 < m ? adt_s[t0] : 0.f, a1 = t1 < m ? adt_s[t1] : 0.f;
+      const float pair = a0 + a1;
+      float incl = pair;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const float y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      const float c_0 = incl - pair + a0, c_1 = incl;
+      const float mine = ((m - 1) & 1) ? c_1 : c_0;
+      const float cl = __shfl_sync(0xffffffffu, mine, (m - 1) >> 1);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int t = t0 + k;
+        if (t >= C) break;
+        const float c = k ? c_1 : c_0;
+        float gv = 0.f, wvv = 0.f, csv = 0.f, exv = 0.f, fwv = 0.f;
+        if (t < m) {
+          const float lam = sigmoidf_(tr_s[t]), dl = dt_s[t];
+          const float sg =
+              c0 + t + 1 < n_seq ? (1.f - sigmoidf_(tr_s[t + 1])) * dt_s[t + 1] : 0.f;
+          gv = lam * dl, wvv = lam * dl + sg, csv = c, exv = expf(c), fwv = expf(cl - c) * wvv;
+        }
+        gam[t] = gv, wv[t] = wvv, cs[t] = csv, ex[t] = exv, fw[t] = fwv;
+      }
+      if (kStates && lane == 0) decay_prod *= expf(cl);
+    }
+    __syncthreads();  // S2: cs, ex, gam, w, fw and the chunk's angles ready
+
+    // ---- P2: rotate (and bias) q and k in place; v * psi into Vs.
+    {
+      const float* th = ang;
+      if (p.interleaved) {
+        constexpr int kCh = N / 8;
+#pragma unroll 1
+        for (int i = tid; i < kTcRows * kCh; i += kTcThreads) {
+          const int row = i / kCh, c = i % kCh, t = row >> lr, r = row & (R - 1);
+          if (t >= m) continue;
+          uint4* kp = reinterpret_cast<uint4*>(Kc + row * kQp + c * 8);
+          uint4* qp = reinterpret_cast<uint4*>(Qs + row * kQp + c * 8);
+          float kf[8], qf[8];
+          bf16x8_to_float(*kp, kf);
+          if (!kStates) bf16x8_to_float(*qp, qf);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            vp[e] = vf[e] * psi_s[r * P + c * 8 + e];
-            vw[e] = t < m ? fw[t] * vp[e] : 0.f;
+            kf[e] += kb_s[r * N + c * 8 + e];
+            qf[e] = kStates ? 0.f : qf[e] + qb_s[r * N + c * 8 + e];
           }
-          *reinterpret_cast<uint4*>(Vs + (t * R + r) * Lay::kVp + c * 8) = float8_to_bf16x8(vp);
-          *reinterpret_cast<uint4*>(Vw + (t * R + r) * Lay::kVp + c * 8) = float8_to_bf16x8(vw);
+          rope8_interleaved(kf, c, NA, th + t * NA, qf);
+          *kp = float8_to_bf16x8(kf);
+          if (!kStates) *qp = float8_to_bf16x8(qf);
+        }
+      } else {
+        constexpr int kCh = N / 16, half = N / 2;
+#pragma unroll 1
+        for (int i = tid; i < kTcRows * kCh; i += kTcThreads) {
+          const int row = i / kCh, c = i % kCh, t = row >> lr, r = row & (R - 1);
+          if (t >= m) continue;
+          uint4* k0p = reinterpret_cast<uint4*>(Kc + row * kQp + c * 8);
+          uint4* k1p = reinterpret_cast<uint4*>(Kc + row * kQp + half + c * 8);
+          uint4* q0p = reinterpret_cast<uint4*>(Qs + row * kQp + c * 8);
+          uint4* q1p = reinterpret_cast<uint4*>(Qs + row * kQp + half + c * 8);
+          float k0[8], k1[8], q0[8], q1[8];
+          bf16x8_to_float(*k0p, k0);
+          bf16x8_to_float(*k1p, k1);
+          if (!kStates) bf16x8_to_float(*q0p, q0), bf16x8_to_float(*q1p, q1);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int n = c * 8 + e;
+            k0[e] += kb_s[r * N + n], k1[e] += kb_s[r * N + half + n];
+            if (!kStates) q0[e] += qb_s[r * N + n], q1[e] += qb_s[r * N + half + n];
+            if (n < NA) {
+              float sn, co;
+              __sincosf(th[t * NA + n], &sn, &co);
+              const float ka = k0[e], kb = k1[e];
+              k0[e] = ka * co - kb * sn, k1[e] = ka * sn + kb * co;
+              if (!kStates) {
+                const float qa = q0[e], qbv = q1[e];
+                q0[e] = qa * co - qbv * sn, q1[e] = qa * sn + qbv * co;
+              }
+            }
+          }
+          *k0p = float8_to_bf16x8(k0), *k1p = float8_to_bf16x8(k1);
+          if (!kStates) *q0p = float8_to_bf16x8(q0), *q1p = float8_to_bf16x8(q1);
         }
       }
-    } else
-#pragma unroll 4
-    for (int i = tid; i < kTcRows * P; i += kTcThreads) {
-      const int row = i / P, x = i % P, t = row / R, r = row % R;
-      const float vv = row < mr ? v_at(begin + c0 + t, x) * psi_at(r, x) : 0.f;
-      Vs[row * Lay::kVp + x] = __float2bfloat16_rn(vv);
-      Vw[row * Lay::kVp + x] = __float2bfloat16_rn(row < mr ? fw[t] * vv : 0.f);
+      constexpr int kVc = P / 8;
+      for (int i = tid; i < kTcRows * kVc; i += kTcThreads) {
+        const int row = i / kVc, c = i % kVc, t = row >> lr, r = row & (R - 1);
+        float vf[8];
+        if (t < m) {
+          bf16x8_to_float(*reinterpret_cast<const uint4*>(Vr + t * P + c * 8), vf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[e] *= psi_s[r * P + c * 8 + e];
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[e] = 0.f;
+        }
+        *reinterpret_cast<uint4*>(Vs + row * kVp + c * 8) = float8_to_bf16x8(vf);
+      }
     }
-    __syncthreads();
+    __syncthreads();  // S3: rotated tiles ready; the angle buffer is free
+    if (m1 > 0) pf_ang(c1, m1);
+    cp_async_commit();  // group 2
 
-    // ---- Y for this warp's 16 rows.
-    const int r0 = warp * 16;
-    float sc[kTcRows / 8][4];
+    // ---- P3: Y for rows 16 rt.. and columns hh * kPH.. (skipped by the state pass).
+    float ya[Cfg::kPH / 8][4];
+    if constexpr (!kStates) {
+      // Y = diag(exp(cs)) Q S^T first, then + A V one 16-token key block at a time (the
+      // scores of a block live only while they are used: few registers).
 #pragma unroll
-    for (int j = 0; j < kTcRows / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+      for (int j = 0; j < Cfg::kPH / 8; ++j) ya[j][0] = ya[j][1] = ya[j][2] = ya[j][3] = 0.f;
 #pragma unroll
-    for (int k0 = 0; k0 < N; k0 += 16) {
-      uint32_t a[4];
-      load_a(a, Qs, Lay::kQp, r0, k0, lane);
+      for (int k0 = 0; k0 < N; k0 += 16) {
+        uint32_t a[4];
+        load_a(a, Qs, kQp, rt * 16, k0, lane);
 #pragma unroll
-      for (int n0 = 0; n0 < kTcRows; n0 += 16) {
-        uint32_t bb[4];
-        load_b_nk(bb, Ks, Lay::kQp, n0, k0, lane);
-        mma_bf16(sc[n0 / 8], a, bb[0], bb[1]);
-        mma_bf16(sc[n0 / 8 + 1], a, bb[2], bb[3]);
-      }
-    }
-    // Mask: M[i, j] = exp(cs_i - cs_j) w_j (j < i), gamma_i (j == i), 0 (j > i), by token.
-#pragma unroll
-    for (int j = 0; j < kTcRows / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = r0 + gq + (e >> 1) * 8, col = j * 8 + 2 * tq + (e & 1);
-        const int ti = row / R, tj = col / R;
-        float coef = 0.f;
-        if (row < mr && col < mr) {
-          if (tj < ti)
-            coef = __expf(cs[ti] - cs[tj]) * w[tj];
-          else if (tj == ti)
-            coef = gam[ti];
+        for (int n0 = 0; n0 < Cfg::kPH; n0 += 16) {
+          uint32_t bb[4];
+          load_b_nk(bb, Ss, kQp, hh * Cfg::kPH + n0, k0, lane);  // B[n][x] = S[x][n]
+          mma_bf16(ya[n0 / 8], a, bb[0], bb[1]);
+          mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
         }
-        sc[j][e] *= coef;
       }
-    // Y = diag(exp(cs)) Q S^T, then += A V with A from the score fragments (one accumulator).
-    float ya[P / 8][4];
+      const int ra = rt * 16 + gq, rb = ra + 8;
+      {
+        const float ea = ex[ra >> lr], eb = ex[rb >> lr];  // 0 past the chunk's tokens
 #pragma unroll
-    for (int j = 0; j < P / 8; ++j) ya[j][0] = ya[j][1] = ya[j][2] = ya[j][3] = 0.f;
+        for (int j = 0; j < Cfg::kPH / 8; ++j) ya[j][0] *= ea, ya[j][1] *= ea, ya[j][2] *= eb, ya[j][3] *= eb;
+      }
+      // Causal: key blocks kt <= rt only. Mask M[i, j] = exp(cs_i - cs_j) w_j (token j before
+      // token i), gamma_i (same token), else 0.
+      for (int kt = 0; kt <= rt; ++kt) {
+        float sc[2][4];
 #pragma unroll
-    for (int k0 = 0; k0 < N; k0 += 16) {
-      uint32_t a[4];
-      load_a(a, Qs, Lay::kQp, r0, k0, lane);
+        for (int j = 0; j < 2; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
 #pragma unroll
-      for (int n0 = 0; n0 < P; n0 += 16) {
-        uint32_t bb[4];
-        load_b_nk(bb, Ss, Lay::kQp, n0, k0, lane);  // B[k = n][col = x] = S[x][n]
-        mma_bf16(ya[n0 / 8], a, bb[0], bb[1]);
-        mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
+        for (int k0 = 0; k0 < N; k0 += 16) {
+          uint32_t a[4], bb[4];
+          load_a(a, Qs, kQp, rt * 16, k0, lane);
+          load_b_nk(bb, Kc, kQp, kt * 16, k0, lane);
+          mma_bf16(sc[0], a, bb[0], bb[1]);
+          mma_bf16(sc[1], a, bb[2], bb[3]);
+        }
+        {
+          const int ti[2] = {ra >> lr, rb >> lr};
+          const float csi[2] = {cs[ti[0]], cs[ti[1]]}, gmi[2] = {gam[ti[0]], gam[ti[1]]};
+          const bool rv[2] = {ra < mr, rb < mr};
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e1 = 0; e1 < 2; ++e1) {
+              const int tj = (kt * 16 + j * 8 + 2 * tq + e1) >> lr;
+              const float csj = cs[tj], wj = wv[tj];
+#pragma unroll
+              for (int hr = 0; hr < 2; ++hr) {
+                float coef = 0.f;
+                if (rv[hr]) coef = tj < ti[hr] ? __expf(csi[hr] - csj) * wj : (tj == ti[hr] ? gmi[hr] : 0.f);
+                sc[j][2 * hr + e1] *= coef;
+              }
+            }
+        }
+        uint32_t a[4];
+        a[0] = pack_bf16(sc[0][0], sc[0][1]);
+        a[1] = pack_bf16(sc[0][2], sc[0][3]);
+        a[2] = pack_bf16(sc[1][0], sc[1][1]);
+        a[3] = pack_bf16(sc[1][2], sc[1][3]);
+#pragma unroll
+        for (int n0 = 0; n0 < Cfg::kPH; n0 += 16) {
+          uint32_t bb[4];
+          load_b_kn(bb, Vs, kVp, hh * Cfg::kPH + n0, kt * 16, lane);
+          mma_bf16(ya[n0 / 8], a, bb[0], bb[1]);
+          mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
+        }
+      }
+      // + D v psi in fp32 from the raw v.
+      if (p.d.defined()) {
+#pragma unroll
+        for (int j = 0; j < Cfg::kPH / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = (e >> 1) ? rb : ra, col = hh * Cfg::kPH + j * 8 + 2 * tq + (e & 1);
+            if (row < mr) {
+              const int t = row >> lr, r = row & (R - 1);
+              const float vv = __bfloat162float(Vr[t * P + col]);
+              ya[j][e] += dskip * vv * psi_s[r * P + col];
+            }
+          }
+      }
+      if (p.norm_weight.defined()) {
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < Cfg::kPH / 8; ++j)
+          s0 += ya[j][0] * ya[j][0] + ya[j][1] * ya[j][1],
+              s1 += ya[j][2] * ya[j][2] + ya[j][3] * ya[j][3];
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+        if (tq == 0) rowsq[hh * kTcRows + ra] = s0, rowsq[hh * kTcRows + rb] = s1;
       }
     }
+    cp_async_wait<1>();  // group 1 (this chunk's z) has landed
+    __syncthreads();     // S4: Q, Ss and the raw v are read; row sums and z visible
+    if (m1 > 0) {
+      if (!kStates) pf_qk(p.q, Qs, c1, m1);
+      pf_v(c1, m1);
+    }
+    cp_async_commit();  // group 3
+
+    // ---- P4: S = exp(cs_last) S + (fw V psi)^T K.
     {
-      const int ra = r0 + gq, rb = ra + 8;
-      const float ea = ra < mr ? ex[ra / R] : 0.f, eb = rb < mr ? ex[rb / R] : 0.f;
+      const float el = ex[m - 1];
 #pragma unroll
-      for (int j = 0; j < P / 8; ++j) {
-        ya[j][0] *= ea, ya[j][1] *= ea, ya[j][2] *= eb, ya[j][3] *= eb;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < kTcRows / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-      a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-      a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-      a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-#pragma unroll
-      for (int n0 = 0; n0 < P; n0 += 16) {
-        uint32_t bb[4];
-        load_b_kn(bb, Vs, Lay::kVp, n0, kk * 16, lane);
-        mma_bf16(ya[n0 / 8], a, bb[0], bb[1]);
-        mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
-      }
-    }
-    // + D v psi in fp32 from the raw v (independent loads, issued together).
-#pragma unroll
-    for (int j = 0; j < P / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = r0 + gq + (e >> 1) * 8, col = j * 8 + 2 * tq + (e & 1);
-        float dv = 0.f;
-        if (p.d.defined() && row < mr)
-          dv = dskip * v_at(begin + c0 + row / R, col) * psi_s[(row % R) * P + col];
-        Yf[row * Lay::kYp + col] = ya[j][e] + dv;
-      }
-    __syncthreads();  // every warp has read Ss; Y complete
-
-    // ---- State: S = exp(cs_last) S + (fw V)^T K; warp w owns rows x of S in 16-row tiles.
-    const float el = ex[m - 1];
-#pragma unroll
-    for (int xm = 0; xm < P / 64; ++xm) {
-      const int x0 = (xm * 4 + warp) * 16;
-      float acc[N / 8][4];
-#pragma unroll
-      for (int j = 0; j < N / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+      for (int j = 0; j < Cfg::kNW / 8; ++j)
+        sreg[j][0] *= el, sreg[j][1] *= el, sreg[j][2] *= el, sreg[j][3] *= el;
 #pragma unroll
       for (int k0 = 0; k0 < kTcRows; k0 += 16) {
-        uint32_t a[4];
-        load_a_trans(a, Vw, Lay::kVp, x0, k0, lane);
+        if (k0 < mr) {
+          uint32_t a[4];
+          load_a_trans(a, Vs, kVp, xt * 16, k0, lane);
+          const float f0 = fw[(k0 + 2 * tq) >> lr], f1 = fw[(k0 + 2 * tq + 1) >> lr];
+          const float f2 = fw[(k0 + 8 + 2 * tq) >> lr], f3 = fw[(k0 + 9 + 2 * tq) >> lr];
+          a[0] = scale_bf16x2(a[0], f0, f1);
+          a[1] = scale_bf16x2(a[1], f0, f1);
+          a[2] = scale_bf16x2(a[2], f2, f3);
+          a[3] = scale_bf16x2(a[3], f2, f3);
 #pragma unroll
-        for (int n0 = 0; n0 < N; n0 += 16) {
-          uint32_t bb[4];
-          load_b_kn(bb, Ks, Lay::kQp, n0, k0, lane);
-          mma_bf16(acc[n0 / 8], a, bb[0], bb[1]);
-          mma_bf16(acc[n0 / 8 + 1], a, bb[2], bb[3]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int x = x0 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
-          float sv;
-          if constexpr (Lay::kStateInRegs) {
-            sv = el * sreg[j][e] + acc[j][e];
-            sreg[j][e] = sv;
-          } else {
-            sv = el * Sf[x * Lay::kSfp + n] + acc[j][e];
-            Sf[x * Lay::kSfp + n] = sv;
+          for (int n0 = 0; n0 < Cfg::kNW; n0 += 16) {
+            uint32_t bb[4];
+            load_b_kn(bb, Kc, kQp, nh * Cfg::kNW + n0, k0, lane);
+            mma_bf16(sreg[n0 / 8], a, bb[0], bb[1]);
+            mma_bf16(sreg[n0 / 8 + 1], a, bb[2], bb[3]);
           }
-          Ss[x * Lay::kQp + n] = __float2bfloat16_rn(sv);
         }
-    }
-
-    // ---- Output stage from Y (D v already in): per-row RMSNorm, gate, rank reduction.
-    if (p.norm_weight.defined()) {
-      for (int row = warp; row < mr; row += kTcThreads / 32) {
-        float ss = 0.f;
-        for (int x = lane; x < P; x += 32) {
-          const float y = Yf[row * Lay::kYp + x];
-          ss += y * y;
+      }
+      if constexpr (!kStates) {
+#pragma unroll
+        for (int j = 0; j < Cfg::kNW / 8; ++j) {
+          const int x = xt * 16 + gq, n = nh * Cfg::kNW + j * 8 + 2 * tq;
+          *reinterpret_cast<uint32_t*>(Ss + x * kQp + n) = pack_bf16(sreg[j][0], sreg[j][1]);
+          *reinterpret_cast<uint32_t*>(Ss + (x + 8) * kQp + n) = pack_bf16(sreg[j][2], sreg[j][3]);
         }
-        ss = warp_sum(ss);
-        if (lane == 0) rstd[row] = rsqrtf(ss / P + p.eps);
       }
     }
-    __syncthreads();
-    for (int i = tid; i < m * P; i += kTcThreads) {
-      const int t = i / P, x = i % P;
-      store_output(p, b, begin + c0 + t, h, x, &Yf[t * R * Lay::kYp + x], Lay::kYp, &rstd[t * R],
-                   1, zeta_s, phi_s, wn_s);
-    }
-    __syncthreads();
-  }
 
-  // Final states: S (fp32 master), wrapped angle, rotated k and raw v of the last token.
-  if constexpr (Lay::kStateInRegs) {
-    // The state lives in registers: each thread writes its fragment; the rest as usual.
-    if (p.fin_ssm.defined() && n_tok > 0) {
+    // ---- P5: output stage from the Y registers: RMSNorm, gate, rank reduction, store.
+    if constexpr (!kStates) {
+      const int ra = rt * 16 + gq, rb = ra + 8;
+      const bool norm = p.norm_weight.defined();
+      float rs[2] = {1.f, 1.f};
+      if (norm) {
+        rs[0] = rsqrtf((rowsq[ra] + rowsq[kTcRows + ra]) / P + p.eps);
+        rs[1] = rsqrtf((rowsq[rb] + rowsq[kTcRows + rb]) / P + p.eps);
+      }
 #pragma unroll
-      for (int j = 0; j < N / 8; ++j)
+      for (int j = 0; j < Cfg::kPH / 8; ++j) {
+        const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int row = hr ? rb : ra, t = row >> lr, r = row & (R - 1);
+          float val[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int xe = x + e;
+            float y = ya[j][2 * hr + e];
+            if (norm) y *= rs[hr] * wn_s[xe];
+            if (p.z.defined()) {
+              float zv = 0.f;
+              if (p.z_vec)
+                zv = __bfloat162float(Zs[t * P + xe]);
+              else if (t < m)
+                zv = dload_ro(p.z, b * p.z.stride[0] + static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
+                                       h * p.z.stride[2] + xe * p.z.stride[3]);
+              const float u = zv * zeta_s[r * P + xe];
+              y *= __fdividef(u, 1.f + __expf(-u));
+            }
+            if (!p.per_rank_out) y *= phi_s[r * P + xe];
+            val[e] = y;
+          }
+          if (!p.per_rank_out) {
+            for (int o = 4; o < 4 * R; o <<= 1) {  // ranks of one token: lanes gq ^ 1, 2, 4
+              val[0] += __shfl_xor_sync(0xffffffffu, val[0], o);
+              val[1] += __shfl_xor_sync(0xffffffffu, val[1], o);
+            }
+          }
+          if (t < m && (p.per_rank_out || r == 0)) {
+            const int64_t l = tok(c0 + t);
+            const int64_t off = p.per_rank_out
+                                    ? b * p.out.stride[0] + l * p.out.stride[1] + r * p.out.stride[2] +
+                                          h * p.out.stride[3] + x * p.out.stride[4]
+                                    : b * p.out.stride[0] + l * p.out.stride[1] + h * p.out.stride[2] +
+                                          x * p.out.stride[3];
+            if (p.out_vec2) {
+              *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out.data) + off) =
+                  pack_bf16(val[0], val[1]);
+            } else {
+              const int64_t xs = p.out.stride[p.out.ndim - 1];
+              dstore(p.out, off, val[0]);
+              dstore(p.out, off + xs, val[1]);
+            }
+          }
+        }
+      }
+    }
+    if (m1 > 0) st_scal(scal_next);
+  }
+  cp_async_wait<0>();
+
+  // ---- Segment end (state pass) or final states (last segment).
+  if constexpr (kStates) {
+#pragma unroll
+    for (int j = 0; j < Cfg::kNW / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int x = xt * 16 + gq + (e >> 1) * 8, n = nh * Cfg::kNW + j * 8 + 2 * tq + (e & 1);
+        sp.end_state[(static_cast<int64_t>(slot) * P + x) * N + n] = sreg[j][e];
+      }
+    __syncthreads();
+    if (tid < NA) sp.end_theta[static_cast<int64_t>(slot) * NA + tid] = theta[tid];
+    if (tid == 0) sp.end_decay[slot] = decay_prod;
+  } else {
+    if (!last_seg) return;
+    __syncthreads();  // theta final
+    if (p.fin_ssm.defined() && n_seq > 0) {
+#pragma unroll
+      for (int j = 0; j < Cfg::kNW / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int x = warp * 16 + gq + (e >> 1) * 8, n = j * 8 + 2 * tq + (e & 1);
+          const int x = xt * 16 + gq + (e >> 1) * 8, n = nh * Cfg::kNW + j * 8 + 2 * tq + (e & 1);
           dstore(p.fin_ssm, s * p.fin_ssm.stride[0] + h * p.fin_ssm.stride[1] +
                                 x * p.fin_ssm.stride[2] + n * p.fin_ssm.stride[3],
                  sreg[j][e]);
         }
     }
     write_final_states(
-        p, s, h, g, b, end, n_tok, theta, [&](int, int) { return 0.f; }, tid, kTcThreads,
-        /*write_ssm=*/n_tok == 0);
-  } else {
-    write_final_states(
-        p, s, h, g, b, end, n_tok, theta, [&](int x, int n) { return Sf[x * Lay::kSfp + n]; },
-        tid, kTcThreads);
+        p, s, h, g, b, seq_end, n_seq, theta, [&](int, int) { return 0.f; }, tid, kTcThreads,
+        /*write_ssm=*/n_seq == 0);
+  }
+}
+
+// Absolute start states of segments 1..last of one (sequence, head): S_{j+1} = decay_j S_j +
+// rot(theta_j) E_j, where E_j is segment j's local end state (segment 0's is absolute) and the
+// rotation acts on the state's columns pair by pair like the rope of k.
+template <int N, int P>
+__global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp) {
+  extern __shared__ double th_s[];  // (nseg, NA): start angle of every segment
+  const int sh = blockIdx.x, s = sh / p.H;
+  const int NA = p.NA, nseg = sp.nseg;
+  int n_seq = p.L;
+  if (p.cu_seqlens) n_seq = p.cu_seqlens[(s + 1) * p.cu_stride] - p.cu_seqlens[s * p.cu_stride];
+  const int last = n_seq == 0 ? 0 : (n_seq - 1) / sp.seg_len;
+  if (last == 0) return;
+  const int64_t slot0 = static_cast<int64_t>(sh) * nseg;
+  for (int a = threadIdx.x; a < NA; a += blockDim.x) {
+    double th = sp.end_theta[slot0 * NA + a];  // segment 0 ends at an absolute angle
+    for (int j = 1; j <= last; ++j) {
+      th_s[j * NA + a] = th;
+      sp.start_theta[(slot0 + j) * NA + a] = th;
+      if (j < last) th = wrap_2pi(th + sp.end_theta[(slot0 + j) * NA + a]);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
+    const int x = i / N, n = i % N;
+    // Rope pair of column n: angle index, role and partner column (none: unrotated).
+    int ia = -1, partner = n;
+    bool first = true;
+    if (p.interleaved) {
+      if ((n >> 1) < NA) ia = n >> 1, partner = n ^ 1, first = (n & 1) == 0;
+    } else {
+      const int half = N / 2;
+      if (n < NA)
+        ia = n, partner = n + half, first = true;
+      else if (n >= half && n - half < NA)
+        ia = n - half, partner = n - half, first = false;
+    }
+    float S = sp.end_state[slot0 * P * N + i];
+    for (int j = 1; j <= last; ++j) {
+      sp.start_state[(slot0 + j) * P * N + i] = S;
+      if (j == last) break;
+      const float* E = sp.end_state + (slot0 + j) * P * N + static_cast<int64_t>(x) * N;
+      float e = E[n];
+      if (ia >= 0) {
+        float sn, cs;
+        __sincosf(static_cast<float>(th_s[j * NA + ia]), &sn, &cs);
+        const float self = E[n], other = E[partner];
+        e = first ? self * cs - other * sn : other * sn + self * cs;
+      }
+      S = sp.end_decay[slot0 + j] * S + e;
+    }
   }
 }
 

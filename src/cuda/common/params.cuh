@@ -22,6 +22,10 @@ struct CoreParams {
   bool state_vec4 = false;
   // Forward: q, k, v are bf16 with contiguous, 16-byte aligned rows (16-byte tile loads).
   bool tc_vec = false;
+  // Tensor-core forward: z bf16 with 16-byte aligned contiguous rows (cp.async tiles); angles
+  // fp32 with 16-byte aligned contiguous rows of NA (NA % 4 == 0); out bf16 with contiguous,
+  // 4-byte aligned column pairs.
+  bool z_vec = false, ang_vec4 = false, out_vec2 = false;
   float eps = 1e-5f;
 };
 
@@ -67,6 +71,18 @@ inline CoreParams make_params(const ForwardArgs& a, const Dims& d) {
     return reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
   };
   p.tc_vec = rows16(in.q) && rows16(in.k) && rows16(in.v) && d.N % 16 == 0 && d.P % 8 == 0;
+  p.z_vec = rows16(in.z) && d.P % 8 == 0;
+  {
+    const Tensor& A = in.angles;
+    p.ang_vec4 = A.defined() && A.dtype == DType::kF32 && d.NA % 4 == 0 && A.strides[3] == 1 &&
+                 A.strides[0] % 4 == 0 && A.strides[1] % 4 == 0 && A.strides[2] % 4 == 0 &&
+                 reinterpret_cast<uintptr_t>(A.data) % 16 == 0;
+    const Tensor& O = a.out;
+    bool even = O.defined() && O.dtype == DType::kBF16 && O.strides[O.ndim - 1] == 1 &&
+                reinterpret_cast<uintptr_t>(O.data) % 4 == 0;
+    for (int i = 0; even && i + 1 < O.ndim; ++i) even = O.strides[i] % 2 == 0;
+    p.out_vec2 = even;
+  }
   p.state_vec4 = d.N % 4 == 0 && d.N <= 128 && 32 % (d.N / 4) == 0 &&
                  vec4_ok(in.initial.ssm) && vec4_ok(a.final_states.ssm);
   return p;
@@ -127,8 +143,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 constexpr double kPiD = 3.14159265358979323846;
 
 __device__ __forceinline__ double wrap_2pi(double x) {
-  const double two_pi = 2.0 * kPiD;
-  double w = x - two_pi * floor(x / two_pi);
+  const double two_pi = 2.0 * kPiD, inv_two_pi = 1.0 / (2.0 * kPiD);
+  double w = fma(-two_pi, floor(x * inv_two_pi), x);
   return (w >= two_pi || w < 0.0) ? 0.0 : w;
 }
 

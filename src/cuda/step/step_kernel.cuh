@@ -5,8 +5,8 @@
 // so the initial and final state buffers may alias (they do for a step).
 #pragma once
 
+#include "cuda/common/async_copy.cuh"
 #include "cuda/common/layer_io.cuh"
-#include "cuda/common/mma.cuh"
 
 namespace mamba3::cuda {
 
@@ -17,13 +17,6 @@ inline constexpr int kStepThreads = 256;
 // y (R*P); rstd (R).
 inline size_t step_smem_bytes(int N, int P, int R, int NA, bool stage_state) {
   return sizeof(float) * ((stage_state ? P * N : 0) + 3 * R * N + 2 * NA + 3 * P + 4 * R * P + R);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
 inline constexpr int kStepVec = 8;  // float4 state chunks in flight per thread
