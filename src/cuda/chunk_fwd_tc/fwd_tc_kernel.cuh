@@ -1,14 +1,14 @@
 // Chunked prefill forward on the tensor cores (mma.sync m16n8k16, bf16 operands, fp32
 // accumulation) for bf16 q, k, v with 16-byte aligned rows. One CTA of 8 warps per (sequence,
 // head, segment) walks its chunks of kTcRows = 64 rows (C = 64 / R tokens, row t*R + r):
-//   scores = Q K^T (causal 16x16 blocks only) -> mask -> bf16 A fragments in registers
+//   scores = Q K^T (the 10 causal 16x16 blocks, each by one warp) -> mask -> bf16 score tile
 //   Y      = A V + diag(exp(cs)) Q S^T + D v          (registers, fp32)
 //   S      = exp(cs_last) S + (fw V)^T K              (fp32 state in registers)
 //   out    = norm/gate/rank reduction of Y            (from registers)
 // Every input tile of the next chunk is copied with cp.async while the current chunk computes
 // (DESIGN.md §3): k one chunk ahead into a second buffer; z at the chunk's start for its own
-// epilogue; angles after the rotation; q and v after the products that read them. Per-token
-// scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6): rotated
+// epilogue; q, v and the angles after the products (the score tile reuses the angle buffer).
+// Per-token scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6): rotated
 // q and k, v*psi, the masked scores, the state as the operand of Q S^T, and fw*v*psi. The
 // state itself and every sum stay fp32.
 //
@@ -28,6 +28,7 @@ namespace mamba3::cuda {
 
 inline constexpr int kTcThreads = 256;
 inline constexpr int kTcRows = 64;
+inline constexpr int kScp = kTcRows + 8;  // pitch of the score tile (bf16)
 
 // Sequence split (pass 1 outputs, pass 2 inputs); nseg == 1: no split, pointers unused.
 struct SegParams {
@@ -71,7 +72,8 @@ __host__ __device__ inline TcLay tc_layout(int R, int NA) {
   l.ss = o, o += P * Cfg::kQp * 2;
   l.vraw = o, o += tc_up16(C * P * 2);
   l.z = o, o += tc_up16(C * P * 2);
-  l.ang = o, o += tc_up16(C * NA * 4);
+  // Raw angles, then (after the rope) the chunk's masked bf16 scores (64 x 72).
+  l.ang = o, o += tc_up16(C * NA * 4 > kTcRows * kScp * 2 ? C * NA * 4 : kTcRows * kScp * 2);
   l.theta = o, o += 64 * 8;
   l.scal = o, o += tc_up16(3 * (C + 1) * 4);     // adt, dt, trap of C + 1 tokens
   l.der = o, o += 5 * kTcRows * 4;               // cs, ex, gam, w, fw
@@ -95,8 +97,8 @@ __device__ __forceinline__ uint4 float8_to_bf16x8(const float (&f)[8]) {
                     pack_bf16(f[6], f[7]));
 }
 
-__device__ __forceinline__ float bf16_bits_to_float(unsigned short u) {
-  return __uint_as_float(static_cast<uint32_t>(u) << 16);
+__device__ __forceinline__ float2 bf16x2_bits_to_float2(uint32_t u) {
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
 
 // Both bf16 halves of a packed pair scaled (and rounded back to bf16).
@@ -139,6 +141,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   __nv_bfloat16* Vr = reinterpret_cast<__nv_bfloat16*>(sm + lay.vraw);
   __nv_bfloat16* Zs = reinterpret_cast<__nv_bfloat16*>(sm + lay.z);
   float* ang = reinterpret_cast<float*>(sm + lay.ang);  // raw angles, then wrapped theta
+  __nv_bfloat16* Sc = reinterpret_cast<__nv_bfloat16*>(sm + lay.ang);  // scores after the rope
   double* theta = reinterpret_cast<double*>(sm + lay.theta);
   float* adt_s = reinterpret_cast<float*>(sm + lay.scal);
   float* dt_s = adt_s + (C + 1);
@@ -473,9 +476,53 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         *reinterpret_cast<uint4*>(Vs + row * kVp + c * 8) = float8_to_bf16x8(vf);
       }
     }
-    __syncthreads();  // S3: rotated tiles ready; the angle buffer is free
-    if (m1 > 0) pf_ang(c1, m1);
-    cp_async_commit();  // group 2
+    __syncthreads();  // S3: rotated tiles ready; the angle buffer now holds the scores
+
+    // ---- P3a: the 10 causal 16x16 score blocks (rt, kt <= rt), each once: warp w takes blocks
+    // w and w + 8. Mask M[i, j] = exp(cs_i - cs_j) w_j (token j before token i), gamma_i (same
+    // token), else 0; rounded to bf16 into the score tile.
+    if constexpr (!kStates) {
+      for (int blk = warp; blk < 10; blk += 8) {
+        // blk -> (rt, kt): 0:(0,0) 1:(1,0) 2:(1,1) 3:(2,0) 4:(2,1) 5:(2,2) 6..9:(3,0..3)
+        const int brt = static_cast<int>((0x3333222110ULL >> (4 * blk)) & 0xF);
+        const int bkt = blk - brt * (brt + 1) / 2;
+        float sc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+        for (int k0 = 0; k0 < N; k0 += 16) {
+          uint32_t a[4], bb[4];
+          load_a(a, Qs, kQp, brt * 16, k0, lane);
+          load_b_nk(bb, Kc, kQp, bkt * 16, k0, lane);
+          mma_bf16(sc[0], a, bb[0], bb[1]);
+          mma_bf16(sc[1], a, bb[2], bb[3]);
+        }
+        const int ra = brt * 16 + gq, rb = ra + 8;
+        const int ti[2] = {ra >> lr, rb >> lr};
+        const float csi[2] = {cs[ti[0]], cs[ti[1]]}, gmi[2] = {gam[ti[0]], gam[ti[1]]};
+        const bool rv[2] = {ra < mr, rb < mr};
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int tj = (bkt * 16 + j * 8 + 2 * tq + e1) >> lr;
+            const float csj = cs[tj], wj = wv[tj];
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+              float coef = 0.f;
+              if (rv[hr]) coef = tj < ti[hr] ? __expf(csi[hr] - csj) * wj : (tj == ti[hr] ? gmi[hr] : 0.f);
+              sc[j][2 * hr + e1] *= coef;
+            }
+          }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int col = bkt * 16 + j * 8 + 2 * tq;
+          *reinterpret_cast<uint32_t*>(Sc + ra * kScp + col) = pack_bf16(sc[j][0], sc[j][1]);
+          *reinterpret_cast<uint32_t*>(Sc + rb * kScp + col) = pack_bf16(sc[j][2], sc[j][3]);
+        }
+      }
+      __syncthreads();  // S3b: score tile complete
+    }
 
     // ---- P3: Y for rows 16 rt.. and columns hh * kPH.. (skipped by the state pass).
     float ya[Cfg::kPH / 8][4];
@@ -502,43 +549,10 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
 #pragma unroll
         for (int j = 0; j < Cfg::kPH / 8; ++j) ya[j][0] *= ea, ya[j][1] *= ea, ya[j][2] *= eb, ya[j][3] *= eb;
       }
-      // Causal: key blocks kt <= rt only. Mask M[i, j] = exp(cs_i - cs_j) w_j (token j before
-      // token i), gamma_i (same token), else 0.
+      // A V over the causal key blocks kt <= rt, A from the score tile.
       for (int kt = 0; kt <= rt; ++kt) {
-        float sc[2][4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-#pragma unroll
-        for (int k0 = 0; k0 < N; k0 += 16) {
-          uint32_t a[4], bb[4];
-          load_a(a, Qs, kQp, rt * 16, k0, lane);
-          load_b_nk(bb, Kc, kQp, kt * 16, k0, lane);
-          mma_bf16(sc[0], a, bb[0], bb[1]);
-          mma_bf16(sc[1], a, bb[2], bb[3]);
-        }
-        {
-          const int ti[2] = {ra >> lr, rb >> lr};
-          const float csi[2] = {cs[ti[0]], cs[ti[1]]}, gmi[2] = {gam[ti[0]], gam[ti[1]]};
-          const bool rv[2] = {ra < mr, rb < mr};
-#pragma unroll
-          for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int e1 = 0; e1 < 2; ++e1) {
-              const int tj = (kt * 16 + j * 8 + 2 * tq + e1) >> lr;
-              const float csj = cs[tj], wj = wv[tj];
-#pragma unroll
-              for (int hr = 0; hr < 2; ++hr) {
-                float coef = 0.f;
-                if (rv[hr]) coef = tj < ti[hr] ? __expf(csi[hr] - csj) * wj : (tj == ti[hr] ? gmi[hr] : 0.f);
-                sc[j][2 * hr + e1] *= coef;
-              }
-            }
-        }
         uint32_t a[4];
-        a[0] = pack_bf16(sc[0][0], sc[0][1]);
-        a[1] = pack_bf16(sc[0][2], sc[0][3]);
-        a[2] = pack_bf16(sc[1][0], sc[1][1]);
-        a[3] = pack_bf16(sc[1][2], sc[1][3]);
+        load_a(a, Sc, kScp, rt * 16, kt * 16, lane);
 #pragma unroll
         for (int n0 = 0; n0 < Cfg::kPH; n0 += 16) {
           uint32_t bb[4];
@@ -547,19 +561,19 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           mma_bf16(ya[n0 / 8 + 1], a, bb[2], bb[3]);
         }
       }
-      // + D v psi in fp32 from the raw v.
+      // + D v psi in fp32 from the raw v (column pairs: one 4-byte and one 8-byte load each).
       if (p.d.defined()) {
+        const int tA = ra >> lr, rA = ra & (R - 1), tB = rb >> lr, rB = rb & (R - 1);
 #pragma unroll
-        for (int j = 0; j < Cfg::kPH / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = (e >> 1) ? rb : ra, col = hh * Cfg::kPH + j * 8 + 2 * tq + (e & 1);
-            if (row < mr) {
-              const int t = row >> lr, r = row & (R - 1);
-              const float vv = __bfloat162float(Vr[t * P + col]);
-              ya[j][e] += dskip * vv * psi_s[r * P + col];
-            }
-          }
+        for (int j = 0; j < Cfg::kPH / 8; ++j) {
+          const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
+          const float2 va = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Vr + tA * P + x));
+          const float2 vb = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Vr + tB * P + x));
+          const float2 pa = *reinterpret_cast<const float2*>(psi_s + rA * P + x);
+          const float2 pb = *reinterpret_cast<const float2*>(psi_s + rB * P + x);
+          ya[j][0] += dskip * va.x * pa.x, ya[j][1] += dskip * va.y * pa.y;
+          ya[j][2] += dskip * vb.x * pb.x, ya[j][3] += dskip * vb.y * pb.y;
+        }
       }
       if (p.norm_weight.defined()) {
         float s0 = 0.f, s1 = 0.f;
@@ -574,13 +588,14 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         if (tq == 0) rowsq[hh * kTcRows + ra] = s0, rowsq[hh * kTcRows + rb] = s1;
       }
     }
-    cp_async_wait<1>();  // group 1 (this chunk's z) has landed
+    cp_async_wait<0>();  // group 1 (k of the next chunk, z of this one) has landed
     __syncthreads();     // S4: Q, Ss and the raw v are read; row sums and z visible
     if (m1 > 0) {
       if (!kStates) pf_qk(p.q, Qs, c1, m1);
       pf_v(c1, m1);
+      pf_ang(c1, m1);
     }
-    cp_async_commit();  // group 3
+    cp_async_commit();  // group 2
 
     // ---- P4: S = exp(cs_last) S + (fw V psi)^T K.
     {
@@ -618,62 +633,83 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       }
     }
 
-    // ---- P5: output stage from the Y registers: RMSNorm, gate, rank reduction, store.
+    // ---- P5: output stage from the Y registers: RMSNorm, gate, rank reduction, store. Each
+    // optional factor is one uniform branch around a loop over the thread's column pairs.
     if constexpr (!kStates) {
       const int ra = rt * 16 + gq, rb = ra + 8;
-      const bool norm = p.norm_weight.defined();
-      float rs[2] = {1.f, 1.f};
-      if (norm) {
-        rs[0] = rsqrtf((rowsq[ra] + rowsq[kTcRows + ra]) / P + p.eps);
-        rs[1] = rsqrtf((rowsq[rb] + rowsq[kTcRows + rb]) / P + p.eps);
+      const int tA = ra >> lr, rA = ra & (R - 1), tB = rb >> lr, rB = rb & (R - 1);
+      if (p.norm_weight.defined()) {
+        const float sa = rsqrtf((rowsq[ra] + rowsq[kTcRows + ra]) / P + p.eps);
+        const float sb = rsqrtf((rowsq[rb] + rowsq[kTcRows + rb]) / P + p.eps);
+#pragma unroll
+        for (int j = 0; j < Cfg::kPH / 8; ++j) {
+          const float2 w = *reinterpret_cast<const float2*>(wn_s + hh * Cfg::kPH + j * 8 + 2 * tq);
+          ya[j][0] *= sa * w.x, ya[j][1] *= sa * w.y, ya[j][2] *= sb * w.x, ya[j][3] *= sb * w.y;
+        }
       }
+      if (p.z.defined()) {
+        auto gate = [](float z, float zeta) {
+          const float u = z * zeta;
+          return __fdividef(u, 1.f + __expf(-u));  // u sigmoid(u); 0 when exp overflows
+        };
+#pragma unroll
+        for (int j = 0; j < Cfg::kPH / 8; ++j) {
+          const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
+          float2 za, zb;
+          if (p.z_vec) {
+            za = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Zs + tA * P + x));
+            zb = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Zs + tB * P + x));
+          } else {
+            auto zl = [&](int t, int xx) {
+              return t < m ? dload_ro(p.z, b * p.z.stride[0] +
+                                               static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
+                                               h * p.z.stride[2] + xx * p.z.stride[3])
+                           : 0.f;
+            };
+            za = make_float2(zl(tA, x), zl(tA, x + 1)), zb = make_float2(zl(tB, x), zl(tB, x + 1));
+          }
+          const float2 qa = *reinterpret_cast<const float2*>(zeta_s + rA * P + x);
+          const float2 qb = *reinterpret_cast<const float2*>(zeta_s + rB * P + x);
+          ya[j][0] *= gate(za.x, qa.x), ya[j][1] *= gate(za.y, qa.y);
+          ya[j][2] *= gate(zb.x, qb.x), ya[j][3] *= gate(zb.y, qb.y);
+        }
+      }
+      if (!p.per_rank_out) {
+#pragma unroll
+        for (int j = 0; j < Cfg::kPH / 8; ++j) {
+          const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
+          const float2 fa = *reinterpret_cast<const float2*>(phi_s + rA * P + x);
+          const float2 fb = *reinterpret_cast<const float2*>(phi_s + rB * P + x);
+          ya[j][0] *= fa.x, ya[j][1] *= fa.y, ya[j][2] *= fb.x, ya[j][3] *= fb.y;
+        }
+        for (int o = 4; o < 4 * R; o <<= 1)  // ranks of one token: lanes gq ^ 1, 2, 4
+#pragma unroll
+          for (int j = 0; j < Cfg::kPH / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ya[j][e] += __shfl_xor_sync(0xffffffffu, ya[j][e], o);
+      }
+      // Row offsets of `out` (per rank or rank-reduced), then the column pairs.
+      const DTensor& O = p.out;
+      const int xd = O.ndim - 1;
+      auto row_off = [&](int t, int r) {
+        const int64_t l = tok(c0 + t);
+        return p.per_rank_out ? b * O.stride[0] + l * O.stride[1] + r * O.stride[2] + h * O.stride[3]
+                              : b * O.stride[0] + l * O.stride[1] + h * O.stride[2];
+      };
+      const bool wa = tA < m && (p.per_rank_out || rA == 0);
+      const bool wb = tB < m && (p.per_rank_out || rB == 0);
+      const int64_t oa = wa ? row_off(tA, rA) : 0, ob = wb ? row_off(tB, rB) : 0;
 #pragma unroll
       for (int j = 0; j < Cfg::kPH / 8; ++j) {
         const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int row = hr ? rb : ra, t = row >> lr, r = row & (R - 1);
-          float val[2];
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int xe = x + e;
-            float y = ya[j][2 * hr + e];
-            if (norm) y *= rs[hr] * wn_s[xe];
-            if (p.z.defined()) {
-              float zv = 0.f;
-              if (p.z_vec)
-                zv = __bfloat162float(Zs[t * P + xe]);
-              else if (t < m)
-                zv = dload_ro(p.z, b * p.z.stride[0] + static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
-                                       h * p.z.stride[2] + xe * p.z.stride[3]);
-              const float u = zv * zeta_s[r * P + xe];
-              y *= __fdividef(u, 1.f + __expf(-u));
-            }
-            if (!p.per_rank_out) y *= phi_s[r * P + xe];
-            val[e] = y;
-          }
-          if (!p.per_rank_out) {
-            for (int o = 4; o < 4 * R; o <<= 1) {  // ranks of one token: lanes gq ^ 1, 2, 4
-              val[0] += __shfl_xor_sync(0xffffffffu, val[0], o);
-              val[1] += __shfl_xor_sync(0xffffffffu, val[1], o);
-            }
-          }
-          if (t < m && (p.per_rank_out || r == 0)) {
-            const int64_t l = tok(c0 + t);
-            const int64_t off = p.per_rank_out
-                                    ? b * p.out.stride[0] + l * p.out.stride[1] + r * p.out.stride[2] +
-                                          h * p.out.stride[3] + x * p.out.stride[4]
-                                    : b * p.out.stride[0] + l * p.out.stride[1] + h * p.out.stride[2] +
-                                          x * p.out.stride[3];
-            if (p.out_vec2) {
-              *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out.data) + off) =
-                  pack_bf16(val[0], val[1]);
-            } else {
-              const int64_t xs = p.out.stride[p.out.ndim - 1];
-              dstore(p.out, off, val[0]);
-              dstore(p.out, off + xs, val[1]);
-            }
-          }
+        if (p.out_vec2) {
+          __nv_bfloat16* ob16 = static_cast<__nv_bfloat16*>(O.data);
+          if (wa) *reinterpret_cast<uint32_t*>(ob16 + oa + x) = pack_bf16(ya[j][0], ya[j][1]);
+          if (wb) *reinterpret_cast<uint32_t*>(ob16 + ob + x) = pack_bf16(ya[j][2], ya[j][3]);
+        } else {
+          const int64_t xs = O.stride[xd];
+          if (wa) dstore(O, oa + x * xs, ya[j][0]), dstore(O, oa + (x + 1) * xs, ya[j][1]);
+          if (wb) dstore(O, ob + x * xs, ya[j][2]), dstore(O, ob + (x + 1) * xs, ya[j][3]);
         }
       }
     }
