@@ -1,0 +1,357 @@
+// Shared pieces of the chunked backward (DESIGN.md §2.3, §2.5): the argument struct of every
+// backward kernel, the workspace they communicate through, the shared-memory layout of a chunk,
+// the chunk loader (per-token scalars, rope angles, rotated q/k rows, v * psi rows) and a small
+// register-tiled fp32 block GEMM on shared-memory operands.
+//
+// Math names follow DESIGN.md (q = C, k = B, v = x). A chunk holds `rows` rows (C = rows / R
+// tokens, row t*R + r, DESIGN §2.5); chunk ids are flat over every sequence of the call
+// (chunk_off[s] .. chunk_off[s+1] belong to sequence s) so packed sequences need no host copy.
+//
+// Determinism: every value is produced by one thread of one block with loops of fixed order,
+// and cross-block sums go through the workspace and are reduced in a fixed order by a later
+// kernel. There are no atomics anywhere in the backward.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/common/layer_io.cuh"
+
+namespace mamba3::cuda::bwd {
+
+inline constexpr int kThreads = 256;  // threads of the chunk and scan kernels
+inline constexpr int kMaxRows = 64;   // largest chunk (rows); smaller when shared memory is short
+inline constexpr int kTileX = 32;     // rows of a (P, N) state staged in shared memory at a time
+inline constexpr int kScalarArrays = 12;  // per-token / per-row scalar arrays of kMaxRows floats
+
+// Scalar arrays of a chunk in shared memory (index * kMaxRows floats from BwdSmem::scal).
+enum ScalarArray {
+  kCs = 0,  // inclusive cumulative sum of adt inside the chunk (per token)
+  kE,       // exp(cs)
+  kW,       // w = gamma + sgamma (per token)
+  kFw,      // exp(cs_last - cs) * w
+  kGam,     // gamma = lambda * dt
+  kLam,     // lambda = sigmoid(trap)
+  kDt,      // dt
+  kDcs,     // gradient of cs
+  kDw,      // gradient of w
+  kDgam,    // gradient of gamma
+  kXr,      // per-row scratch (row sums)
+  kRstd,    // per-row rstd of the fused norm
+};
+
+// Workspace (one stream-ordered allocation per call), all fp32 unless noted. ncu = upper bound
+// of the number of chunks of the call; L_tot = B * L token slots (token (b, l) is b * L + l).
+struct Workspace {
+  int32_t* chunk_off = nullptr;  // (S + 1): first flat chunk id of each sequence
+  double* theta = nullptr;       // (ncu, H, NA): per-chunk angle increments, then chunk-start angles
+  float* decay = nullptr;        // (ncu, H): exp(cs_last) of each chunk
+  float* s_prev = nullptr;       // (ncu, H, P, N): chunk state increments, then chunk-start states
+  float* ds_end = nullptr;       // (ncu, H, P, N): dS increments, then state cotangents at chunk end
+  float* dy = nullptr;           // (L_tot, H, R, P): cotangent of the pre-gate y
+  float* dq = nullptr;           // (L_tot, H, R, N) per-head dq (null when H == G or no grad.q)
+  float* dk = nullptr;           // (L_tot, H, R, N) per-head dk (likewise)
+  float* tok = nullptr;          // (2, H, L_tot): d gamma, d w per token
+  float* dth = nullptr;          // (L_tot, H, NA): rotation gradient of each token's angle
+  float* dthc = nullptr;         // (ncu, H, NA): per-chunk sums of dth, then the carry at chunk end
+  float* par = nullptr;          // (ncu, H, F): per-chunk partial parameter gradients
+  float* ds0 = nullptr;          // (S, H, P, N): cotangent of the effective initial state
+  float* initp = nullptr;        // (S, H, R*P + 1): initial-pair parts of d psi, and d sg0
+};
+
+// Fields of one per-chunk partial record (Workspace::par), offsets in floats.
+struct ParFields {
+  int zeta, phi, w, psi, qb, kb, d, count;
+};
+__host__ __device__ inline ParFields par_fields(int R, int P, int N) {
+  ParFields f;
+  f.zeta = 0;
+  f.phi = R * P;
+  f.w = 2 * R * P;
+  f.psi = 2 * R * P + P;
+  f.qb = 3 * R * P + P;
+  f.kb = f.qb + R * N;
+  f.d = f.kb + R * N;
+  f.count = f.d + 1;
+  return f;
+}
+
+struct BwdParams {
+  CoreParams p;  // inputs, dimensions and flags (out / final states unused)
+  DTensor d_out;                          // shaped like out
+  DTensor df_angle, df_ssm, df_k, df_v;   // final-state cotangents (absent: zero)
+  DTensor g_q, g_k, g_v, g_adt, g_dt, g_trap, g_qb, g_kb, g_angles, g_d, g_z, g_psi, g_zeta,
+      g_phi, g_w;                         // gradients (absent: not requested)
+  DTensor gi_angle, gi_ssm, gi_k, gi_v;   // initial-state gradients (absent: not requested)
+  Workspace ws;
+  int rows = kMaxRows, C = kMaxRows;  // rows per chunk, tokens per chunk (rows / R)
+  int64_t L_tot = 0;
+  ParFields pf;
+};
+
+// Shared-memory layout of the chunk kernels; offsets in floats (-1: not allocated). Pitches pad
+// rows by one word against bank conflicts.
+struct BwdSmem {
+  int rows, C, qn, vp, ap, sp;
+  int q, k, v, dy, ra, da, st, tl, th, dth, scal, par, red, total_floats;
+};
+
+enum SmemPart : unsigned {
+  kPartQ = 1, kPartK = 2, kPartV = 4, kPartDY = 8, kPartRA = 16, kPartDA = 32, kPartST = 64,
+  kPartTL = 128, kPartTH = 256, kPartDTH = 512,
+};
+
+inline BwdSmem bwd_smem_layout(int N, int P, int R, int NA, int rows, unsigned parts) {
+  BwdSmem m{};
+  m.rows = rows, m.C = rows / R;
+  m.qn = N + 1, m.vp = P + 1, m.ap = rows + 1, m.sp = (N > P ? N : P) + 1;
+  int o = 0;
+  auto take = [&](unsigned part, int floats) {
+    if (!(parts & part)) return -1;
+    const int at = o;
+    o += floats;
+    return at;
+  };
+  m.q = take(kPartQ, rows * m.qn);
+  m.k = take(kPartK, rows * m.qn);
+  m.v = take(kPartV, rows * m.vp);
+  m.dy = take(kPartDY, rows * m.vp);
+  m.ra = take(kPartRA, rows * m.ap);
+  m.da = take(kPartDA, rows * m.ap);
+  // The staging buffer also holds the time-level (C, C) matrix of the mask gradients.
+  const int st = rows * m.sp > m.C * m.C ? rows * m.sp : m.C * m.C;
+  m.st = take(kPartST, st);
+  m.tl = take(kPartTL, kTileX * m.qn);
+  m.th = take(kPartTH, m.C * (NA > 0 ? NA : 1));
+  m.dth = take(kPartDTH, m.C * (NA > 0 ? NA : 1));
+  m.scal = o, o += kScalarArrays * kMaxRows;
+  m.par = o, o += 3 * R * P + P;  // psi, zeta, phi (R, P) and the norm weight (P)
+  m.red = o, o += kThreads;       // block reductions
+  m.total_floats = o;
+  return m;
+}
+
+inline size_t smem_bytes(const BwdSmem& m) { return sizeof(float) * static_cast<size_t>(m.total_floats); }
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// Sequences and chunks
+
+struct SeqInfo {
+  int b, begin, n;  // batch row, first token (within the row), length
+};
+
+__device__ __forceinline__ SeqInfo seq_info(const CoreParams& p, int s) {
+  SeqInfo q;
+  if (p.cu_seqlens) {
+    q.b = 0;
+    q.begin = p.cu_seqlens[s * p.cu_stride];
+    q.n = p.cu_seqlens[(s + 1) * p.cu_stride] - q.begin;
+  } else {
+    q.b = s, q.begin = 0, q.n = p.L;
+  }
+  return q;
+}
+
+struct Chunk {
+  int s, h, g, b, begin, n;  // sequence, head, group, batch row, sequence start, sequence length
+  int cid, c, t0, m, mr;     // flat chunk id, chunk index in the sequence, first token, tokens, rows
+  bool last;                 // holds the last token of the sequence
+  int64_t l_abs0;            // token slot (b * L + l) of the chunk's first token
+};
+
+// Chunk `cid` of head h; false (for the whole block) past the last chunk of the call.
+__device__ __forceinline__ bool find_chunk(const BwdParams& bp, int cid, int h, Chunk* ck) {
+  const CoreParams& p = bp.p;
+  const int32_t* off = bp.ws.chunk_off;
+  if (cid >= off[p.S]) return false;
+  int lo = 0, hi = p.S - 1;  // the largest s with off[s] <= cid (a non-empty sequence)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (off[mid] <= cid) lo = mid; else hi = mid - 1;
+  }
+  const SeqInfo q = seq_info(p, lo);
+  ck->s = lo, ck->h = h, ck->g = h / p.hpg, ck->b = q.b, ck->begin = q.begin, ck->n = q.n;
+  ck->cid = cid, ck->c = cid - off[lo], ck->t0 = ck->c * bp.C;
+  ck->m = imin(bp.C, q.n - ck->t0), ck->mr = ck->m * p.R;
+  ck->last = ck->t0 + ck->m == q.n;
+  ck->l_abs0 = static_cast<int64_t>(q.b) * p.L + q.begin + ck->t0;
+  return true;
+}
+
+// Per-token inputs, token l of batch row b.
+__device__ __forceinline__ float in_bhl(const DTensor& t, int b, int h, int l) {
+  return dload_ro(t, b * t.stride[0] + h * t.stride[1] + static_cast<int64_t>(l) * t.stride[2]);
+}
+// The angle increment pi * tanh(angles) * dt of the forward, rounded the same way.
+__device__ __forceinline__ double angle_inc(const CoreParams& p, int b, int l, int h, int i,
+                                            float dt) {
+  const float a = dload_ro(p.angles, b * p.angles.stride[0] + static_cast<int64_t>(l) * p.angles.stride[1] +
+                                         h * p.angles.stride[2] + i * p.angles.stride[3]);
+  return static_cast<double>(static_cast<float>(kPiD) * tanhf(a) * dt);
+}
+
+// Rope pair i of element n: its members (ia, ib); -1 when n is not rotated.
+__device__ __forceinline__ int rope_pair(bool interleaved, int N, int NA, int n, int* ia, int* ib) {
+  if (interleaved) {
+    const int i = n >> 1;
+    if (i >= NA) return -1;
+    *ia = 2 * i, *ib = 2 * i + 1;
+    return i;
+  }
+  const int half = N / 2;
+  const int i = n < half ? n : n - half;
+  if (i >= NA) return -1;
+  *ia = i, *ib = i + half;
+  return i;
+}
+__device__ __forceinline__ void pair_members(bool interleaved, int N, int i, int* ia, int* ib) {
+  if (interleaved) *ia = 2 * i, *ib = 2 * i + 1;
+  else *ia = i, *ib = i + N / 2;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block GEMM: out(i, j) = sum_k a(i, k) b(k, j) for i < M, j < Nc, each thread a TM x TN
+// micro-tile of rows {it + u*tm} and columns {jt + w*tn} (strided, so a warp reads consecutive
+// words of b and broadcasts a), accumulated over k in order; epi(i, j, acc) stores. Every output
+// has one owner, so the epilogue may read and write out(i, j) in place.
+template <int TM, int TN, typename FA, typename FB, typename FE>
+__device__ __forceinline__ void block_gemm(int M, int Nc, int K, FA a, FB b, FE epi, int tid) {
+  const int tm = (M + TM - 1) / TM, tn = (Nc + TN - 1) / TN;
+  for (int t = tid; t < tm * tn; t += kThreads) {
+    const int it = t / tn, jt = t % tn;
+    int ri[TM], cj[TN];
+#pragma unroll
+    for (int u = 0; u < TM; ++u) ri[u] = imin(it + u * tm, M - 1);
+#pragma unroll
+    for (int w = 0; w < TN; ++w) cj[w] = imin(jt + w * tn, Nc - 1);
+    float acc[TM][TN];
+#pragma unroll
+    for (int u = 0; u < TM; ++u)
+#pragma unroll
+      for (int w = 0; w < TN; ++w) acc[u][w] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      float av[TM], bv[TN];
+#pragma unroll
+      for (int u = 0; u < TM; ++u) av[u] = a(ri[u], k);
+#pragma unroll
+      for (int w = 0; w < TN; ++w) bv[w] = b(k, cj[w]);
+#pragma unroll
+      for (int u = 0; u < TM; ++u)
+#pragma unroll
+        for (int w = 0; w < TN; ++w) acc[u][w] = fmaf(av[u], bv[w], acc[u][w]);
+    }
+#pragma unroll
+    for (int u = 0; u < TM; ++u)
+#pragma unroll
+      for (int w = 0; w < TN; ++w) {
+        const int i = it + u * tm, j = jt + w * tn;
+        if (i < M && j < Nc) epi(i, j, acc[u][w]);
+      }
+  }
+}
+
+// Deterministic block sum of one value per thread (fixed tree); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* red, int tid) {
+  red[tid] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) red[tid] += red[tid + s];
+    __syncthreads();
+  }
+  const float r = red[0];
+  __syncthreads();
+  return r;
+}
+
+// Stages rows [x0, x0 + tx) of a (P, N) fp32 state into tl (pitch qn).
+__device__ __forceinline__ void stage_state_tile(const float* state, int x0, int tx, int N, int qn,
+                                                 float* tl, int tid) {
+  for (int i = tid; i < tx * N; i += kThreads) {
+    const int r = i / N, n = i % N;
+    tl[r * qn + n] = state[static_cast<int64_t>(x0 + r) * N + n];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk loader: scalars (cs, e, w, fw, gamma, lambda, dt), the wrapped angle of every (token,
+// rope pair), then rotated biased q and k rows and v * psi rows (rows past the chunk are zero).
+// psi must already be in shared memory (par). Ends with a barrier.
+__device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& lay, float* sm,
+                           bool want_q, bool want_k, bool want_v, int tid) {
+  const CoreParams& p = bp.p;
+  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h, b = ck.b;
+  float* sc = sm + lay.scal;
+  float* cs = sc + kCs * kMaxRows;
+  float* ex = sc + kE * kMaxRows;
+  float* w = sc + kW * kMaxRows;
+  float* fw = sc + kFw * kMaxRows;
+  float* gam = sc + kGam * kMaxRows;
+  float* lam = sc + kLam * kMaxRows;
+  float* dtv = sc + kDt * kMaxRows;
+  const float* psi = sm + lay.par;
+  float* th = sm + lay.th;
+  if (tid < m) {
+    const int l = ck.begin + ck.t0 + tid;
+    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
+    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
+    const float sg = ck.t0 + tid + 1 < ck.n
+                         ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) * in_bhl(p.dt, b, h, l + 1)
+                         : 0.f;
+    w[tid] = la * dl + sg;
+    cs[tid] = in_bhl(p.adt, b, h, l);
+  }
+  __syncthreads();
+  if (tid == 0)
+    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
+  if (tid < NA) {
+    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
+    for (int t = 0; t < m; ++t) {
+      a += angle_inc(p, b, ck.begin + ck.t0 + t, h, tid, dtv[t]);
+      th[t * NA + tid] = static_cast<float>(wrap_2pi(a));
+    }
+  }
+  __syncthreads();
+  if (tid < m) {
+    ex[tid] = expf(cs[tid]);
+    fw[tid] = expf(cs[m - 1] - cs[tid]) * w[tid];
+  }
+  auto rotated = [&](const DTensor& x, const DTensor& xb, int row, int n) {
+    const int t = row / R, r = row % R, l = ck.begin + ck.t0 + t;
+    auto at = [&](int j) {
+      return dload_ro(x, qk_off(x, b, l, r, ck.g, j)) + dload_ro(xb, bias_off(xb, h, r, j));
+    };
+    int ia, ib;
+    const int i = rope_pair(p.interleaved, N, NA, n, &ia, &ib);
+    if (i < 0) return at(n);
+    float sn, cn;
+    sincosf(th[t * NA + i], &sn, &cn);
+    const float xa = at(ia), xbv = at(ib);
+    return n == ia ? xa * cn - xbv * sn : xa * sn + xbv * cn;
+  };
+  for (int i = tid; i < lay.rows * N; i += kThreads) {
+    const int row = i / N, n = i % N;
+    if (want_q) sm[lay.q + row * lay.qn + n] = row < mr ? rotated(p.q, p.q_bias, row, n) : 0.f;
+    if (want_k) sm[lay.k + row * lay.qn + n] = row < mr ? rotated(p.k, p.k_bias, row, n) : 0.f;
+  }
+  if (want_v)
+    for (int i = tid; i < lay.rows * P; i += kThreads) {
+      const int row = i / P, x = i % P, t = row / R, r = row % R;
+      float val = 0.f;
+      if (row < mr)
+        val = dload_ro(p.v, b * p.v.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
+                                h * p.v.stride[2] + x * p.v.stride[3]) *
+              psi[r * P + x];
+      sm[lay.v + row * lay.vp + x] = val;
+    }
+  __syncthreads();
+}
+
+// Coefficient of the time-level mask of DESIGN §2.5 for tokens (ti, tj) of a chunk.
+__device__ __forceinline__ float mask_coef(const float* cs, const float* w, const float* gam, int ti,
+                                           int tj) {
+  if (tj < ti) return expf(cs[ti] - cs[tj]) * w[tj];
+  return tj == ti ? gam[ti] : 0.f;
+}
+
+}  // namespace mamba3::cuda::bwd
