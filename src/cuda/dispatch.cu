@@ -7,6 +7,7 @@
 
 #include "core/step_view.h"
 #include "core/validate.h"
+#include "cuda/chunk_bwd/bwd_dispatch.h"
 #include "cuda/chunk_fwd/fwd_kernel.cuh"
 #include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
 #include "cuda/common/check.cuh"
@@ -130,8 +131,8 @@ std::string device_summary() {
 
 std::string supported_configurations() {
   return "forward: tensor cores (bf16 mma.sync) for bf16 inputs at N, P in {64, 128}, fp32 SIMT "
-         "otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 SIMT; "
-         "backward: none yet";
+         "otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 SIMT; " +
+         backward_configurations();
 }
 
 Status forward(const ForwardArgs& a) {
@@ -142,8 +143,12 @@ Status forward(const ForwardArgs& a) {
   return launch_forward(a, d);
 }
 
-Status backward(const BackwardArgs&) {
-  return Status::NotSupported("cuda lane: backward not implemented yet (issue 5)");
+Status backward(const BackwardArgs& a) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_backward(a, &d));
+  M3_RETURN_IF_ERROR(check_supported(d));
+  M3_RETURN_IF_ERROR(check_cu_seqlens(a.in, d));
+  return backward_chunked(a, d);
 }
 
 Status step(const StepArgs& a) {

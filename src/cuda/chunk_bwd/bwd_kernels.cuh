@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(64) bwd_angle_scan_kernel(BwdParams bp) {
 }
 
 // grid (chunks, H): the chunk's state increment sum_j fw_j (v_j psi) k_j^T (P, N) and decay.
-__global__ void __launch_bounds__(kThreads) bwd_chunk_state_kernel(BwdParams bp, BwdSmem lay) {
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_state_kernel(BwdParams bp, BwdSmem lay) {
   M3B_DYNAMIC_SMEM(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -163,7 +163,7 @@ __device__ __forceinline__ EpiAdjoint epilogue_adjoint(const BwdParams& bp, cons
 // grid (chunks, H): y of the chunk recomputed from its start state, then the output stage's
 // adjoint: dy (workspace), dz (written), partials of d zeta, d phi, d norm_weight, d D, and the
 // chunk's increment of the state cotangent sum_i e_i dy_i q_i^T (in place of ds_end).
-__global__ void __launch_bounds__(kThreads) bwd_chunk_out_kernel(BwdParams bp, BwdSmem lay) {
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp, BwdSmem lay) {
   M3B_DYNAMIC_SMEM(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -384,7 +384,7 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
 //   dQ = dAm K + e (dY S_prev)                      -> rope adjoint -> dq, d q_bias partial
 //   d cs from e, fw and exp(cs_last) (sum dS o S_prev); then d adt (written), d gamma, d w,
 //   d theta per token and per chunk (workspace).
-__global__ void __launch_bounds__(kThreads) bwd_chunk_grad_kernel(BwdParams bp, BwdSmem lay) {
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams bp, BwdSmem lay) {
   M3B_DYNAMIC_SMEM(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
