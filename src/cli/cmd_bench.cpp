@@ -270,7 +270,9 @@ int run_bench(const BenchOptions& o) {
       "the forward; step: per-token time over a stream of {} steps (batch {})\n",
       forward_flops(cfg), kStepStream, cfg.B);
   fmt::print(rep, "  {}\n",
-             o.use_saved ? "training mode: the forward also writes final states and the saved "
+             lane == Lane::kCuda
+                 ? "cuda lane: the backward recomputes the chunk-start states (it saves nothing)"
+             : o.use_saved ? "training mode: the forward also writes final states and the saved "
                            "activations (ForwardArgs::saved) that the backward reads"
                          : "--recompute: the backward recomputes the forward (no saved activations)");
   double copy_bw = 0, bf16_rate = 0;

@@ -37,19 +37,24 @@ __global__ void __launch_bounds__(32) bwd_plan_kernel(BwdParams bp) {
   bp.ws.chunk_off[bp.p.S] = off;
 }
 
-// grid (chunks, H), 64 threads: one per rope angle.
-__global__ void __launch_bounds__(64) bwd_angle_sum_kernel(BwdParams bp) {
+// grid (chunks, H): the chunk's angles and dt staged in shared memory (C * NA + kMaxRows
+// floats), then one thread per rope angle sums its increments in float64.
+__global__ void __launch_bounds__(kThreads, 1) bwd_angle_sum_kernel(BwdParams bp) {
+  M3B_DYNAMIC_SMEM(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
-  const int i = threadIdx.x;
-  if (i >= p.NA) return;
+  const int tid = threadIdx.x, NA = p.NA, m = ck.m, l0 = ck.begin + ck.t0;
+  float* dtv = sm;
+  float* ang = sm + kMaxRows;
+  if (tid < m) dtv[tid] = in_bhl(p.dt, ck.b, ck.h, l0 + tid);
+#pragma unroll 4
+  for (int i = tid; i < m * NA; i += kThreads) ang[i] = angle_at(p, ck.b, l0 + i / NA, ck.h, i % NA);
+  __syncthreads();
+  if (tid >= NA) return;
   double acc = 0.0;
-  for (int t = 0; t < ck.m; ++t) {
-    const int l = ck.begin + ck.t0 + t;
-    acc += angle_inc(p, ck.b, l, ck.h, i, in_bhl(p.dt, ck.b, ck.h, l));
-  }
-  bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + ck.h) * p.NA + i] = acc;
+  for (int t = 0; t < m; ++t) acc += angle_inc(ang[t * NA + tid], dtv[t]);
+  bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + ck.h) * NA + tid] = acc;
 }
 
 // grid S * H, 64 threads: theta at each chunk start = theta0 + earlier increments.
@@ -119,34 +124,25 @@ __global__ void __launch_bounds__(kThreads) bwd_state_scan_kernel(BwdParams bp) 
   }
 }
 
-// The output stage's adjoint at (row, x) of a chunk (DESIGN §2.2, common/epilogue.h).
+// The output stage's adjoint at (row, x) of a chunk (DESIGN §2.2, common/epilogue.h), from the
+// cotangent g of out, the gate input z (unused without z) and y.
 struct EpiAdjoint {
   float dyn;   // d(normed y)
   float du;    // d(z * zeta) (0 without z)
   float dphi;  // d phi contribution (0 for per-rank output)
-  float z;     // z (0 without z)
 };
 
-__device__ __forceinline__ EpiAdjoint epilogue_adjoint(const BwdParams& bp, const Chunk& ck, int t,
+__device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, float g, float z,
                                                        int r, int x, float y, float rstd,
                                                        const float* zeta, const float* phi,
                                                        const float* wn) {
-  const CoreParams& p = bp.p;
-  const DTensor& go = bp.d_out;
-  const int P = p.P, l = ck.begin + ck.t0 + t, h = ck.h, b = ck.b;
+  const int P = p.P;
   const bool reduce = !p.per_rank_out;
-  const float g =
-      reduce ? dload_ro(go, b * go.stride[0] + static_cast<int64_t>(l) * go.stride[1] + h * go.stride[2] +
-                                x * go.stride[3])
-             : dload_ro(go, b * go.stride[0] + static_cast<int64_t>(l) * go.stride[1] + r * go.stride[2] +
-                                h * go.stride[3] + x * go.stride[4]);
   const float yn = p.norm_weight.defined() ? y * rstd * wn[x] : y;
-  EpiAdjoint o{0.f, 0.f, 0.f, 0.f};
+  EpiAdjoint o{0.f, 0.f, 0.f};
   float gate = 1.f, dgate = 0.f;
   if (p.z.defined()) {
-    o.z = dload_ro(p.z, b * p.z.stride[0] + static_cast<int64_t>(l) * p.z.stride[1] + h * p.z.stride[2] +
-                            x * p.z.stride[3]);
-    const float u = o.z * zeta[r * P + x], sg = sigmoidf_(u);
+    const float u = z * zeta[r * P + x], sg = sigmoidf_(u);
     gate = u * sg;
     dgate = sg * (1.f + u * (1.f - sg));
   }
@@ -218,7 +214,36 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   }
   __syncthreads();
 
-  // Output stage adjoint (norm statistics first; they read y).
+  // Output stage adjoint (norm statistics first; they read y). The cotangent of out (per token,
+  // or per row for per-rank output) and z are staged in shared memory first.
+  float* GO = sm + lay.go;
+  float* Z = sm + lay.z;
+  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
+  const DTensor& go = bp.d_out;
+  const int go_rows = reduce ? m : mr;
+#pragma unroll 4
+  for (int i = tid; i < go_rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    GO[row * lay.vp + x] =
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] + x * go.stride[3])
+               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
+                                  h * go.stride[3] + x * go.stride[4]);
+  }
+  if (has_z) {
+#pragma unroll 4
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      Z[t * lay.vp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+                                            h * p.z.stride[2] + x * p.z.stride[3]);
+    }
+  }
+  __syncthreads();
+  auto adjoint = [&](int row, int x, float rs) {
+    const int t = row / R, r = row % R;
+    return epilogue_adjoint(p, GO[(reduce ? t : row) * lay.vp + x], has_z ? Z[t * lay.vp + x] : 0.f,
+                            r, x, Y[row * lay.vp + x], rs, zeta, phi, wn);
+  };
   const bool norm = p.norm_weight.defined();
   if (norm) {
     for (int row = warp; row < mr; row += kWarps) {
@@ -230,11 +255,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
     __syncthreads();
     for (int row = warp; row < mr; row += kWarps) {
       float dot = 0.f;
-      for (int x = lane; x < P; x += 32) {
-        const float y = Y[row * lay.vp + x];
-        dot += epilogue_adjoint(bp, ck, row / R, row % R, x, y, rstd[row], zeta, phi, wn).dyn *
-               wn[x] * y;
-      }
+      for (int x = lane; x < P; x += 32)
+        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * lay.vp + x];
       dot = warp_sum(dot);
       if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
     }
@@ -246,9 +268,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
     float dz = 0.f, dph = 0.f;
     for (int t = 0; t < m; ++t) {
       const int row = t * R + r;
-      const EpiAdjoint e = epilogue_adjoint(bp, ck, t, r, x, Y[row * lay.vp + x],
-                                            norm ? rstd[row] : 1.f, zeta, phi, wn);
-      dz += e.du * e.z;
+      const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
+      dz += e.du * (has_z ? Z[t * lay.vp + x] : 0.f);
       dph += e.dphi;
     }
     par[bp.pf.zeta + i] = dz;
@@ -257,11 +278,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   for (int x = tid; x < P; x += kThreads) {  // d norm_weight
     float acc = 0.f;
     if (norm)
-      for (int row = 0; row < mr; ++row) {
-        const float y = Y[row * lay.vp + x];
-        acc += epilogue_adjoint(bp, ck, row / R, row % R, x, y, rstd[row], zeta, phi, wn).dyn * y *
-               rstd[row];
-      }
+      for (int row = 0; row < mr; ++row)
+        acc += adjoint(row, x, rstd[row]).dyn * Y[row * lay.vp + x] * rstd[row];
     par[bp.pf.w + x] = acc;
   }
   if (bp.g_z.defined())
@@ -270,10 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
       float acc = 0.f;
       for (int r = 0; r < R; ++r) {
         const int row = t * R + r;
-        acc += epilogue_adjoint(bp, ck, t, r, x, Y[row * lay.vp + x], norm ? rstd[row] : 1.f, zeta,
-                                phi, wn)
-                   .du *
-               zeta[r * P + x];
+        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
       }
       const DTensor& gz = bp.g_z;
       dstore(gz, ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
@@ -287,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
     const int row = i / P, x = i % P;
     const float y = Y[row * lay.vp + x];
     const float rs = norm ? rstd[row] : 1.f;
-    const float dyn = epilogue_adjoint(bp, ck, row / R, row % R, x, y, rs, zeta, phi, wn).dyn;
+    const float dyn = adjoint(row, x, rs).dyn;
     const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
     Y[row * lay.vp + x] = dy;
     bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] = dy;
@@ -422,6 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   const float* dsend = bp.ws.ds_end + cell * P * N;
   float* par = bp.ws.par + cell * bp.pf.count;
 
+#pragma unroll 4
   for (int i = tid; i < lay.rows * P; i += kThreads) {
     const int row = i / P, x = i % P;
     DY[row * lay.vp + x] =
@@ -532,10 +548,18 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
     for (int i = tid; i < R * P; i += kThreads) {
       const int r = i / P, x = i % P;
       float acc = 0.f;
-      for (int t = 0; t < m; ++t)
-        acc += ST[(t * R + r) * lay.sp + x] *
-               dload_ro(p.v, ck.b * p.v.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
-                                 h * p.v.stride[2] + x * p.v.stride[3]);
+      for (int tb = 0; tb < m; tb += 8) {  // raw v in batches of 8 loads in flight
+        float vv[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          vv[u] = tb + u < m ? dload_ro(p.v, ck.b * p.v.stride[0] +
+                                                 static_cast<int64_t>(ck.begin + ck.t0 + tb + u) * p.v.stride[1] +
+                                                 h * p.v.stride[2] + x * p.v.stride[3])
+                             : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (tb + u < m) acc += ST[((tb + u) * R + r) * lay.sp + x] * vv[u];
+      }
       par[bp.pf.psi + i] = acc;
     }
   }
@@ -612,6 +636,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
 
   // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev.
   float acc = 0.f;
+#pragma unroll 4
   for (int e = tid; e < P * N; e += kThreads) acc += dsend[e] * sprev[e];
   acc = block_sum(acc, sm + lay.red, tid);
   if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
@@ -732,56 +757,72 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
 
 // grid (chunks, H): per-token gradients of angles, dt, trap (lambda) from d gamma, d w, the
 // rotation gradients and the angle carry; the sequence's first token takes the initial pair's
-// d sg0.
+// d sg0. Inputs are staged in shared memory (TH: raw angles, DTH: d theta, then d dt parts).
 __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp, BwdSmem lay) {
   M3B_DYNAMIC_SMEM(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
-  const int tid = threadIdx.x, NA = p.NA, h = ck.h, b = ck.b, m = ck.m;
-  float* ddt_ang = sm + lay.dth;  // (C, NA)
+  const int tid = threadIdx.x, NA = p.NA, h = ck.h, b = ck.b, m = ck.m, l0 = ck.begin + ck.t0;
+  float* ang = sm + lay.th;       // (C, NA) raw angles
+  float* ddt_ang = sm + lay.dth;  // (C, NA) d theta, then its d dt parts
+  float* dtv = sm + lay.scal + kDt * kMaxRows;
+  float* lam = sm + lay.scal + kLam * kMaxRows;
   const float pi_f = static_cast<float>(kPiD);
+  if (tid < m) {
+    dtv[tid] = in_bhl(p.dt, b, h, l0 + tid);
+    lam[tid] = sigmoidf_(in_bhl(p.trap, b, h, l0 + tid));
+  }
+#pragma unroll 4
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    ang[i] = angle_at(p, b, l0 + t, h, a);
+    ddt_ang[i] = bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a];
+  }
+  __syncthreads();
   if (tid < NA) {
-    const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
-    float dtheta = bp.ws.dthc[cell * NA + tid];
+    float dtheta = bp.ws.dthc[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
     for (int t = m - 1; t >= 0; --t) {
-      const int l = ck.begin + ck.t0 + t;
-      dtheta += bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + tid];
-      const float a = dload_ro(p.angles, b * p.angles.stride[0] + static_cast<int64_t>(l) * p.angles.stride[1] +
-                                             h * p.angles.stride[2] + tid * p.angles.stride[3]);
-      const float th = tanhf(a), dl = in_bhl(p.dt, b, h, l);
-      if (bp.g_angles.defined())
-        dstore(bp.g_angles, b * bp.g_angles.stride[0] + static_cast<int64_t>(l) * bp.g_angles.stride[1] +
-                                h * bp.g_angles.stride[2] + tid * bp.g_angles.stride[3],
-               dtheta * pi_f * dl * (1.f - th * th));
+      dtheta += ddt_ang[t * NA + tid];
+      const float th = tanhf(ang[t * NA + tid]);
+      ang[t * NA + tid] = dtheta * pi_f * dtv[t] * (1.f - th * th);  // d angles
       ddt_ang[t * NA + tid] = dtheta * pi_f * th;
     }
   }
   __syncthreads();
+  if (bp.g_angles.defined()) {
+    const DTensor& ga = bp.g_angles;
+    for (int i = tid; i < m * NA; i += kThreads) {
+      const int t = i / NA, a = i % NA;
+      dstore(ga, b * ga.stride[0] + static_cast<int64_t>(l0 + t) * ga.stride[1] + h * ga.stride[2] +
+                     a * ga.stride[3],
+             ang[i]);
+    }
+  }
   if (tid < m) {
-    const int t = tid, l = ck.begin + ck.t0 + t;
+    const int t = tid, l = l0 + t;
     float ddt = 0.f;
     for (int i = 0; i < NA; ++i) ddt += ddt_ang[t * NA + i];
-    const float lam = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
+    const float la = lam[t], dl = dtv[t];
     const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + t;
     const float* dwt = bp.ws.tok + static_cast<int64_t>(p.H) * bp.L_tot;
     const float dg = bp.ws.tok[slot] + dwt[slot];
     float dlam = dg * dl;
-    ddt += dg * lam;
+    ddt += dg * la;
     float prev = 0.f;  // d of sgamma = (1 - lambda_t) dt_t: from token t - 1, or the initial pair
     if (ck.t0 + t > 0)
       prev = dwt[slot - 1];
     else if (bp.ws.initp)
       prev = bp.ws.initp[(static_cast<int64_t>(ck.s) * p.H + h) * (p.R * p.P + 1) + p.R * p.P];
     dlam -= prev * dl;
-    ddt += prev * (1.f - lam);
+    ddt += prev * (1.f - la);
     if (bp.g_dt.defined())
       dstore(bp.g_dt, b * bp.g_dt.stride[0] + h * bp.g_dt.stride[1] + static_cast<int64_t>(l) * bp.g_dt.stride[2],
              ddt);
     if (bp.g_trap.defined())
       dstore(bp.g_trap,
              b * bp.g_trap.stride[0] + h * bp.g_trap.stride[1] + static_cast<int64_t>(l) * bp.g_trap.stride[2],
-             dlam * lam * (1.f - lam));
+             dlam * la * (1.f - la));
   }
 }
 

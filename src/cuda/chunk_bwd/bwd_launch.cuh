@@ -118,7 +118,8 @@ inline int pick_rows(const Dims& d, int smem_limit, BwdSmem* l3, BwdSmem* l5, Bw
   for (int rows = kMaxRows; rows >= R && rows >= 8; rows /= 2) {
     *l3 = bwd_smem_layout(N, P, R, NA, rows, kPartK | kPartV | kPartTH);
     *l5 = bwd_smem_layout(N, P, R, NA, rows,
-                          kPartQ | kPartK | kPartV | kPartDY | kPartRA | kPartTL | kPartTH);
+                          kPartQ | kPartK | kPartV | kPartDY | kPartRA | kPartTL | kPartTH |
+                              kPartGO | kPartZ);
     *l7 = bwd_smem_layout(N, P, R, NA, rows,
                           kPartQ | kPartK | kPartV | kPartDY | kPartRA | kPartDA | kPartST |
                               kPartTL | kPartTH | kPartDTH);
@@ -177,7 +178,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   bp.rows = rows, bp.C = rows / static_cast<int>(d.R);
   const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
   const int H = static_cast<int>(d.H), NA = static_cast<int>(d.NA), S = static_cast<int>(d.S);
-  const BwdSmem l9 = bwd_smem_layout(N, P, R, NA, rows, kPartDTH);
+  const BwdSmem l9 = bwd_smem_layout(N, P, R, NA, rows, kPartTH | kPartDTH);
   const int64_t C = bp.C, L = d.L;
   const int64_t ncu = d.varlen ? (L + C - 1) / C + S : S * ((L + C - 1) / C);
   const int64_t cells = ncu * H, PN = static_cast<int64_t>(P) * N;
@@ -209,6 +210,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const unsigned pn_blocks = static_cast<unsigned>((PN + kThreads - 1) / kThreads);
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
+  const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
   M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
   M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
   M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
@@ -218,7 +220,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3B_CHECK_LAUNCH("bwd_plan_kernel");
   if (ncu > 0) {
     if (NA > 0) {
-      M3B_LAUNCH(bwd_angle_sum_kernel, (grid_ch, H), (64), 0, stream, bp);
+      M3B_LAUNCH(bwd_angle_sum_kernel, (grid_ch, H), (kThreads), angle_bytes, stream, bp);
       M3B_CHECK_LAUNCH("bwd_angle_sum_kernel");
       M3B_LAUNCH(bwd_angle_scan_kernel, (seq_heads), (64), 0, stream, bp);
       M3B_CHECK_LAUNCH("bwd_angle_scan_kernel");

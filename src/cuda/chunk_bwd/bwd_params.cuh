@@ -92,12 +92,12 @@ struct BwdParams {
 // rows by one word against bank conflicts.
 struct BwdSmem {
   int rows, C, qn, vp, ap, sp;
-  int q, k, v, dy, ra, da, st, tl, th, dth, scal, par, red, total_floats;
+  int q, k, v, dy, ra, da, st, tl, th, dth, go, z, scal, par, red, total_floats;
 };
 
 enum SmemPart : unsigned {
   kPartQ = 1, kPartK = 2, kPartV = 4, kPartDY = 8, kPartRA = 16, kPartDA = 32, kPartST = 64,
-  kPartTL = 128, kPartTH = 256, kPartDTH = 512,
+  kPartTL = 128, kPartTH = 256, kPartDTH = 512, kPartGO = 1024, kPartZ = 2048,
 };
 
 inline BwdSmem bwd_smem_layout(int N, int P, int R, int NA, int rows, unsigned parts) {
@@ -123,6 +123,8 @@ inline BwdSmem bwd_smem_layout(int N, int P, int R, int NA, int rows, unsigned p
   m.tl = take(kPartTL, kTileX * m.qn);
   m.th = take(kPartTH, m.C * (NA > 0 ? NA : 1));
   m.dth = take(kPartDTH, m.C * (NA > 0 ? NA : 1));
+  m.go = take(kPartGO, rows * m.vp);  // cotangent of out, per row (per token when reduced)
+  m.z = take(kPartZ, rows * m.vp);
   m.scal = o, o += kScalarArrays * kMaxRows;
   m.par = o, o += 3 * R * P + P;  // psi, zeta, phi (R, P) and the norm weight (P)
   m.red = o, o += kThreads;       // block reductions
@@ -183,28 +185,16 @@ __device__ __forceinline__ bool find_chunk(const BwdParams& bp, int cid, int h, 
 __device__ __forceinline__ float in_bhl(const DTensor& t, int b, int h, int l) {
   return dload_ro(t, b * t.stride[0] + h * t.stride[1] + static_cast<int64_t>(l) * t.stride[2]);
 }
+__device__ __forceinline__ float angle_at(const CoreParams& p, int b, int l, int h, int i) {
+  return dload_ro(p.angles, b * p.angles.stride[0] + static_cast<int64_t>(l) * p.angles.stride[1] +
+                                h * p.angles.stride[2] + i * p.angles.stride[3]);
+}
 // The angle increment pi * tanh(angles) * dt of the forward, rounded the same way.
-__device__ __forceinline__ double angle_inc(const CoreParams& p, int b, int l, int h, int i,
-                                            float dt) {
-  const float a = dload_ro(p.angles, b * p.angles.stride[0] + static_cast<int64_t>(l) * p.angles.stride[1] +
-                                         h * p.angles.stride[2] + i * p.angles.stride[3]);
-  return static_cast<double>(static_cast<float>(kPiD) * tanhf(a) * dt);
+__device__ __forceinline__ double angle_inc(float angle, float dt) {
+  return static_cast<double>(static_cast<float>(kPiD) * tanhf(angle) * dt);
 }
 
-// Rope pair i of element n: its members (ia, ib); -1 when n is not rotated.
-__device__ __forceinline__ int rope_pair(bool interleaved, int N, int NA, int n, int* ia, int* ib) {
-  if (interleaved) {
-    const int i = n >> 1;
-    if (i >= NA) return -1;
-    *ia = 2 * i, *ib = 2 * i + 1;
-    return i;
-  }
-  const int half = N / 2;
-  const int i = n < half ? n : n - half;
-  if (i >= NA) return -1;
-  *ia = i, *ib = i + half;
-  return i;
-}
+// Members (ia, ib) of rope pair i.
 __device__ __forceinline__ void pair_members(bool interleaved, int N, int i, int* ia, int* ib) {
   if (interleaved) *ia = 2 * i, *ib = 2 * i + 1;
   else *ia = i, *ib = i + N / 2;
@@ -267,6 +257,7 @@ __device__ __forceinline__ float block_sum(float v, float* red, int tid) {
 // Stages rows [x0, x0 + tx) of a (P, N) fp32 state into tl (pitch qn).
 __device__ __forceinline__ void stage_state_tile(const float* state, int x0, int tx, int N, int qn,
                                                  float* tl, int tid) {
+#pragma unroll 4
   for (int i = tid; i < tx * N; i += kThreads) {
     const int r = i / N, n = i % N;
     tl[r * qn + n] = state[static_cast<int64_t>(x0 + r) * N + n];
@@ -276,11 +267,14 @@ __device__ __forceinline__ void stage_state_tile(const float* state, int x0, int
 // ---------------------------------------------------------------------------------------------
 // Chunk loader: scalars (cs, e, w, fw, gamma, lambda, dt), the wrapped angle of every (token,
 // rope pair), then rotated biased q and k rows and v * psi rows (rows past the chunk are zero).
-// psi must already be in shared memory (par). Ends with a barrier.
+// psi must already be in shared memory (par). Global loads are issued by all threads first
+// (independent, so many are in flight) and the sequential parts read shared memory. Ends with a
+// barrier.
 __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& lay, float* sm,
                            bool want_q, bool want_k, bool want_v, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h, b = ck.b;
+  const int l0 = ck.begin + ck.t0;
   float* sc = sm + lay.scal;
   float* cs = sc + kCs * kMaxRows;
   float* ex = sc + kE * kMaxRows;
@@ -292,7 +286,7 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
   const float* psi = sm + lay.par;
   float* th = sm + lay.th;
   if (tid < m) {
-    const int l = ck.begin + ck.t0 + tid;
+    const int l = l0 + tid;
     const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
     lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
     const float sg = ck.t0 + tid + 1 < ck.n
@@ -301,13 +295,42 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     w[tid] = la * dl + sg;
     cs[tid] = in_bhl(p.adt, b, h, l);
   }
+#pragma unroll 4
+  for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  // Biased q and k rows, not yet rotated; v * psi rows.
+#pragma unroll 4
+  for (int i = tid; i < lay.rows * N; i += kThreads) {
+    const int row = i / N, n = i % N, t = row / R, r = row % R;
+    if (want_q)
+      sm[lay.q + row * lay.qn + n] =
+          row < mr ? dload_ro(p.q, qk_off(p.q, b, l0 + t, r, ck.g, n)) +
+                         dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n))
+                   : 0.f;
+    if (want_k)
+      sm[lay.k + row * lay.qn + n] =
+          row < mr ? dload_ro(p.k, qk_off(p.k, b, l0 + t, r, ck.g, n)) +
+                         dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n))
+                   : 0.f;
+  }
+  if (want_v) {
+#pragma unroll 4
+    for (int i = tid; i < lay.rows * P; i += kThreads) {
+      const int row = i / P, x = i % P, t = row / R, r = row % R;
+      float val = 0.f;
+      if (row < mr)
+        val = dload_ro(p.v, b * p.v.stride[0] + static_cast<int64_t>(l0 + t) * p.v.stride[1] +
+                                h * p.v.stride[2] + x * p.v.stride[3]) *
+              psi[r * P + x];
+      sm[lay.v + row * lay.vp + x] = val;
+    }
+  }
   __syncthreads();
   if (tid == 0)
     for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  if (tid < NA) {
+  if (tid < NA) {  // theta walk in float64, wrapped per token (raw angles -> angles in place)
     double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
     for (int t = 0; t < m; ++t) {
-      a += angle_inc(p, b, ck.begin + ck.t0 + t, h, tid, dtv[t]);
+      a += angle_inc(th[t * NA + tid], dtv[t]);
       th[t * NA + tid] = static_cast<float>(wrap_2pi(a));
     }
   }
@@ -316,34 +339,26 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     ex[tid] = expf(cs[tid]);
     fw[tid] = expf(cs[m - 1] - cs[tid]) * w[tid];
   }
-  auto rotated = [&](const DTensor& x, const DTensor& xb, int row, int n) {
-    const int t = row / R, r = row % R, l = ck.begin + ck.t0 + t;
-    auto at = [&](int j) {
-      return dload_ro(x, qk_off(x, b, l, r, ck.g, j)) + dload_ro(xb, bias_off(xb, h, r, j));
-    };
+  // Rotate each rope pair of each row in place.
+  for (int i = tid; i < mr * NA; i += kThreads) {
+    const int row = i / NA, a = i % NA, t = row / R;
     int ia, ib;
-    const int i = rope_pair(p.interleaved, N, NA, n, &ia, &ib);
-    if (i < 0) return at(n);
+    pair_members(p.interleaved, N, a, &ia, &ib);
     float sn, cn;
-    sincosf(th[t * NA + i], &sn, &cn);
-    const float xa = at(ia), xbv = at(ib);
-    return n == ia ? xa * cn - xbv * sn : xa * sn + xbv * cn;
-  };
-  for (int i = tid; i < lay.rows * N; i += kThreads) {
-    const int row = i / N, n = i % N;
-    if (want_q) sm[lay.q + row * lay.qn + n] = row < mr ? rotated(p.q, p.q_bias, row, n) : 0.f;
-    if (want_k) sm[lay.k + row * lay.qn + n] = row < mr ? rotated(p.k, p.k_bias, row, n) : 0.f;
-  }
-  if (want_v)
-    for (int i = tid; i < lay.rows * P; i += kThreads) {
-      const int row = i / P, x = i % P, t = row / R, r = row % R;
-      float val = 0.f;
-      if (row < mr)
-        val = dload_ro(p.v, b * p.v.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
-                                h * p.v.stride[2] + x * p.v.stride[3]) *
-              psi[r * P + x];
-      sm[lay.v + row * lay.vp + x] = val;
+    sincosf(th[t * NA + a], &sn, &cn);
+    if (want_q) {
+      float* x = sm + lay.q + row * lay.qn;
+      const float xa = x[ia], xb = x[ib];
+      x[ia] = xa * cn - xb * sn;
+      x[ib] = xa * sn + xb * cn;
     }
+    if (want_k) {
+      float* x = sm + lay.k + row * lay.qn;
+      const float xa = x[ia], xb = x[ib];
+      x[ia] = xa * cn - xb * sn;
+      x[ib] = xa * sn + xb * cn;
+    }
+  }
   __syncthreads();
 }
 
