@@ -79,6 +79,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"mimo_r2_norm", 1, 45, 4, 2, 16, 8, 2, 4, true, true, true, {}, kH, kF},
         Case{"mimo_r4_per_rank", 1, 21, 2, 1, 8, 8, 4, 2, true, false, false, {}, kI, kF},
         Case{"mimo_r8", 1, 11, 2, 1, 16, 8, 8, 8, true, false, true, {}, kH, kF},
+        Case{"mimo_r8_13_chunks", 2, 100, 2, 1, 16, 8, 8, 4, true, true, true, {}, kI, kF},
         Case{"varlen", 1, 110, 2, 1, 16, 8, 1, 4, true, false, false, {30, 0, 1, 64, 15}, kI, kF},
         Case{"L0", 2, 0, 2, 1, 16, 8, 1, 4, true, false, false, {}, kI, kF},
         Case{"L1_nostates", 2, 1, 2, 1, 16, 8, 1, 4, false, false, false, {}, kI, kF},

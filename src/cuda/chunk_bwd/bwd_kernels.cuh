@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_angle_sum_kernel(BwdParams bp
   float* dtv = sm;
   float* ang = sm + kMaxRows;
   if (tid < m) dtv[tid] = in_bhl(p.dt, ck.b, ck.h, l0 + tid);
-#pragma unroll 4
+#pragma unroll 8
   for (int i = tid; i < m * NA; i += kThreads) ang[i] = angle_at(p, ck.b, l0 + i / NA, ck.h, i % NA);
   __syncthreads();
   if (tid >= NA) return;
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_state_kernel(BwdParams 
   float* par = sm + lay.par;
   load_head_params(p, ck.h, par, par + R * P, par + 2 * R * P, par + 3 * R * P, tid, kThreads);
   __syncthreads();
-  load_chunk(bp, ck, lay, sm, false, true, true, tid);
+  load_chunk(bp, ck, lay, sm, sm + lay.tl, false, true, true, tid);
   const float* fw = sm + lay.scal + kFw * kMaxRows;
   float* V = sm + lay.v;
   const float* K = sm + lay.k;
@@ -115,12 +115,21 @@ __global__ void __launch_bounds__(kThreads) bwd_state_scan_kernel(BwdParams bp) 
                         ? (1.f - sigmoidf_(in_bhl(p.trap, q.b, h, q.begin))) * in_bhl(p.dt, q.b, h, q.begin)
                         : 0.f;
   float st = initial_state_elem(p, s, h, e / N, e % N, sg0, sm);
-  for (int c = bp.ws.chunk_off[s]; c < bp.ws.chunk_off[s + 1]; ++c) {
-    const int64_t cell = static_cast<int64_t>(c) * p.H + h;
-    float* slot = bp.ws.s_prev + cell * P * N + e;
-    const float inc = *slot;
-    *slot = st;
-    st = bp.ws.decay[cell] * st + inc;
+  const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
+  for (int cb = c0; cb < c1; cb += kScanBatch) {  // loads of a batch in flight together
+    float inc[kScanBatch], dec[kScanBatch];
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u) {
+      const int64_t cell = static_cast<int64_t>(cb + u) * p.H + h;
+      inc[u] = cb + u < c1 ? bp.ws.s_prev[cell * P * N + e] : 0.f;
+      dec[u] = cb + u < c1 ? bp.ws.decay[cell] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb + u < c1) {
+        bp.ws.s_prev[(static_cast<int64_t>(cb + u) * p.H + h) * P * N + e] = st;
+        st = dec[u] * st + inc[u];
+      }
   }
 }
 
@@ -173,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   float* wn = phi + R * P;
   load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
   __syncthreads();
-  load_chunk(bp, ck, lay, sm, true, true, true, tid);
+  load_chunk(bp, ck, lay, sm, sm + lay.tl, true, true, true, tid);
   const float* sc = sm + lay.scal;
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;
@@ -221,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   const bool reduce = !p.per_rank_out, has_z = p.z.defined();
   const DTensor& go = bp.d_out;
   const int go_rows = reduce ? m : mr;
-#pragma unroll 4
+#pragma unroll 8
   for (int i = tid; i < go_rows * P; i += kThreads) {
     const int row = i / P, x = i % P;
     const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
@@ -231,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
                                   h * go.stride[3] + x * go.stride[4]);
   }
   if (has_z) {
-#pragma unroll 4
+#pragma unroll 8
     for (int i = tid; i < m * P; i += kThreads) {
       const int t = i / P, x = i % P;
       Z[t * lay.vp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
@@ -332,12 +341,21 @@ __global__ void __launch_bounds__(kThreads) bwd_dstate_scan_kernel(BwdParams bp)
                  ? dload(bp.df_ssm, s * bp.df_ssm.stride[0] + h * bp.df_ssm.stride[1] +
                                         x * bp.df_ssm.stride[2] + n * bp.df_ssm.stride[3])
                  : 0.f;
-  for (int c = bp.ws.chunk_off[s + 1] - 1; c >= bp.ws.chunk_off[s]; --c) {
-    const int64_t cell = static_cast<int64_t>(c) * p.H + h;
-    float* slot = bp.ws.ds_end + cell * P * N + e;
-    const float inc = *slot;
-    *slot = ds;
-    ds = bp.ws.decay[cell] * ds + inc;
+  const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
+  for (int cb = c1 - 1; cb >= c0; cb -= kScanBatch) {  // chunks cb, cb - 1, ... (batched loads)
+    float inc[kScanBatch], dec[kScanBatch];
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u) {
+      const int64_t cell = static_cast<int64_t>(cb - u) * p.H + h;
+      inc[u] = cb - u >= c0 ? bp.ws.ds_end[cell * P * N + e] : 0.f;
+      dec[u] = cb - u >= c0 ? bp.ws.decay[cell] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb - u >= c0) {
+        bp.ws.ds_end[(static_cast<int64_t>(cb - u) * p.H + h) * P * N + e] = ds;
+        ds = dec[u] * ds + inc[u];
+      }
   }
   if (bp.gi_ssm.defined())
     dstore(bp.gi_ssm, s * bp.gi_ssm.stride[0] + h * bp.gi_ssm.stride[1] + x * bp.gi_ssm.stride[2] +
@@ -410,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   float* psi = sm + lay.par;
   load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kThreads);
   __syncthreads();
-  load_chunk(bp, ck, lay, sm, true, true, true, tid);
+  load_chunk(bp, ck, lay, sm, sm + lay.tl, true, true, true, tid);
   float* sc = sm + lay.scal;
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;
@@ -437,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   const float* dsend = bp.ws.ds_end + cell * P * N;
   float* par = bp.ws.par + cell * bp.pf.count;
 
-#pragma unroll 4
+#pragma unroll 8
   for (int i = tid; i < lay.rows * P; i += kThreads) {
     const int row = i / P, x = i % P;
     DY[row * lay.vp + x] =
@@ -636,7 +654,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
 
   // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev.
   float acc = 0.f;
-#pragma unroll 4
+#pragma unroll 8
   for (int e = tid; e < P * N; e += kThreads) acc += dsend[e] * sprev[e];
   acc = block_sum(acc, sm + lay.red, tid);
   if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
@@ -773,7 +791,7 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
     dtv[tid] = in_bhl(p.dt, b, h, l0 + tid);
     lam[tid] = sigmoidf_(in_bhl(p.trap, b, h, l0 + tid));
   }
-#pragma unroll 4
+#pragma unroll 8
   for (int i = tid; i < m * NA; i += kThreads) {
     const int t = i / NA, a = i % NA;
     ang[i] = angle_at(p, b, l0 + t, h, a);

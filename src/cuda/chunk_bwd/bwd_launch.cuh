@@ -116,7 +116,7 @@ inline int pick_rows(const Dims& d, int smem_limit, BwdSmem* l3, BwdSmem* l5, Bw
   const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
   const int NA = static_cast<int>(d.NA);
   for (int rows = kMaxRows; rows >= R && rows >= 8; rows /= 2) {
-    *l3 = bwd_smem_layout(N, P, R, NA, rows, kPartK | kPartV | kPartTH);
+    *l3 = bwd_smem_layout(N, P, R, NA, rows, kPartK | kPartV | kPartTL | kPartTH);
     *l5 = bwd_smem_layout(N, P, R, NA, rows,
                           kPartQ | kPartK | kPartV | kPartDY | kPartRA | kPartTL | kPartTH |
                               kPartGO | kPartZ);

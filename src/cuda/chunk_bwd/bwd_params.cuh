@@ -21,7 +21,8 @@ namespace mamba3::cuda::bwd {
 inline constexpr int kThreads = 256;  // threads of the chunk and scan kernels
 inline constexpr int kMaxRows = 64;   // largest chunk (rows); smaller when shared memory is short
 inline constexpr int kTileX = 32;     // rows of a (P, N) state staged in shared memory at a time
-inline constexpr int kScalarArrays = 12;  // per-token / per-row scalar arrays of kMaxRows floats
+inline constexpr int kScalarArrays = 12;
+inline constexpr int kScanBatch = 8;  // chunks whose loads a state-scan thread keeps in flight  // per-token / per-row scalar arrays of kMaxRows floats
 
 // Scalar arrays of a chunk in shared memory (index * kMaxRows floats from BwdSmem::scal).
 enum ScalarArray {
@@ -257,7 +258,7 @@ __device__ __forceinline__ float block_sum(float v, float* red, int tid) {
 // Stages rows [x0, x0 + tx) of a (P, N) fp32 state into tl (pitch qn).
 __device__ __forceinline__ void stage_state_tile(const float* state, int x0, int tx, int N, int qn,
                                                  float* tl, int tid) {
-#pragma unroll 4
+#pragma unroll 8
   for (int i = tid; i < tx * N; i += kThreads) {
     const int r = i / N, n = i % N;
     tl[r * qn + n] = state[static_cast<int64_t>(x0 + r) * N + n];
@@ -265,13 +266,22 @@ __device__ __forceinline__ void stage_state_tile(const float* state, int x0, int
 }
 
 // ---------------------------------------------------------------------------------------------
+// theta wrapped to [0, 2 pi) as wrap_2pi does, with a multiply instead of a float64 division
+// (it sits on the sequential angle walk of every chunk).
+__device__ __forceinline__ double wrap_2pi_mul(double x) {
+  const double two_pi = 2.0 * kPiD, inv = 1.0 / (2.0 * kPiD);
+  const double w = x - two_pi * floor(x * inv);
+  return w >= two_pi ? w - two_pi : (w < 0.0 ? w + two_pi : w);
+}
+
 // Chunk loader: scalars (cs, e, w, fw, gamma, lambda, dt), the wrapped angle of every (token,
 // rope pair), then rotated biased q and k rows and v * psi rows (rows past the chunk are zero).
-// psi must already be in shared memory (par). Global loads are issued by all threads first
-// (independent, so many are in flight) and the sequential parts read shared memory. Ends with a
-// barrier.
+// psi must already be in shared memory (par); `scratch` holds 2 * R * N floats (the biases).
+// Global loads are issued by all threads first (independent, so many are in flight) and the
+// sequential parts read shared memory: with one CTA per SM nothing else hides their latency.
+// Ends with a barrier.
 __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& lay, float* sm,
-                           bool want_q, bool want_k, bool want_v, int tid) {
+                           float* scratch, bool want_q, bool want_k, bool want_v, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h, b = ck.b;
   const int l0 = ck.begin + ck.t0;
@@ -285,6 +295,8 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
   float* dtv = sc + kDt * kMaxRows;
   const float* psi = sm + lay.par;
   float* th = sm + lay.th;
+  float* qb = scratch;
+  float* kb = scratch + R * N;
   if (tid < m) {
     const int l = l0 + tid;
     const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
@@ -295,25 +307,23 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     w[tid] = la * dl + sg;
     cs[tid] = in_bhl(p.adt, b, h, l);
   }
-#pragma unroll 4
+  for (int i = tid; i < R * N; i += kThreads) {
+    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
+    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
+  }
+#pragma unroll 8
   for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
-  // Biased q and k rows, not yet rotated; v * psi rows.
-#pragma unroll 4
+  // q and k rows, not yet biased nor rotated; v * psi rows.
+#pragma unroll 8
   for (int i = tid; i < lay.rows * N; i += kThreads) {
     const int row = i / N, n = i % N, t = row / R, r = row % R;
     if (want_q)
-      sm[lay.q + row * lay.qn + n] =
-          row < mr ? dload_ro(p.q, qk_off(p.q, b, l0 + t, r, ck.g, n)) +
-                         dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n))
-                   : 0.f;
+      sm[lay.q + row * lay.qn + n] = row < mr ? dload_ro(p.q, qk_off(p.q, b, l0 + t, r, ck.g, n)) : 0.f;
     if (want_k)
-      sm[lay.k + row * lay.qn + n] =
-          row < mr ? dload_ro(p.k, qk_off(p.k, b, l0 + t, r, ck.g, n)) +
-                         dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n))
-                   : 0.f;
+      sm[lay.k + row * lay.qn + n] = row < mr ? dload_ro(p.k, qk_off(p.k, b, l0 + t, r, ck.g, n)) : 0.f;
   }
   if (want_v) {
-#pragma unroll 4
+#pragma unroll 8
     for (int i = tid; i < lay.rows * P; i += kThreads) {
       const int row = i / P, x = i % P, t = row / R, r = row % R;
       float val = 0.f;
@@ -327,18 +337,28 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
   __syncthreads();
   if (tid == 0)
     for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  if (tid < NA) {  // theta walk in float64, wrapped per token (raw angles -> angles in place)
-    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
-    for (int t = 0; t < m; ++t) {
-      a += angle_inc(th[t * NA + tid], dtv[t]);
-      th[t * NA + tid] = static_cast<float>(wrap_2pi(a));
-    }
+  // Angle increments (float, as the forward rounds them) in parallel, in place of the raw angles.
+  for (int i = tid; i < m * NA; i += kThreads)
+    th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  for (int i = tid; i < mr * N; i += kThreads) {
+    const int row = i / N, n = i % N, r = row % R;
+    if (want_q) sm[lay.q + row * lay.qn + n] += qb[r * N + n];
+    if (want_k) sm[lay.k + row * lay.qn + n] += kb[r * N + n];
   }
   __syncthreads();
-  if (tid < m) {
-    ex[tid] = expf(cs[tid]);
-    fw[tid] = expf(cs[m - 1] - cs[tid]) * w[tid];
+  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
+    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
+    for (int t = 0; t < m; ++t) {
+      a += static_cast<double>(th[t * NA + tid]);
+      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
+    }
   }
+  if (tid >= 32 && tid - 32 < m) {
+    const int t = tid - 32;
+    ex[t] = expf(cs[t]);
+    fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
+  }
+  __syncthreads();
   // Rotate each rope pair of each row in place.
   for (int i = tid; i < mr * NA; i += kThreads) {
     const int row = i / NA, a = i % NA, t = row / R;
