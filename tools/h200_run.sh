@@ -31,12 +31,12 @@ step info 60 "$bin/mamba3" info
 
 if [[ $mode == all || $mode == tests ]]; then
   step gpu_tests 400 "$bin/mamba3_gpu_tests"
-  step golden_cuda_forward 120 "$bin/mamba3" check --lane cuda --forward-only
+  step golden_cuda 180 "$bin/mamba3" check --lane cuda
   step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:*CudaSegmented*mimo*:CudaStep.*'
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:*CudaSegmented*mimo*:CudaStep.*:*CudaBackwardVsReference*siso_L63*:*CudaBackwardVsReference*mimo_r2*:*CudaBackwardVsReference*varlen*:*CudaBackwardVsReference*mimo_r4_per_rank*'
   step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill'
-  grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda_forward.log \
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill:*CudaBackwardVsReference*siso_L1:*CudaBackwardVsReference*mimo_r4_per_rank*'
+  grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda.log \
     "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -20 | tee -a "$summary"
   grep -A14 "Failure" "$OUT"/gpu_tests.log | head -60 | tee -a "$summary"
 fi
@@ -46,6 +46,10 @@ if [[ $mode == all || $mode == bench ]]; then
     step "bench_fwd_$shape" 240 "$bin/mamba3" bench --lane cuda --shape "$shape" --dtype bf16 \
       --what fwd --warmup 1 --iters 3 --json "$OUT/bench_fwd_$shape.json"
   done
+  for shape in ${BWD_SHAPES-train}; do
+    step "bench_bwd_$shape" 240 "$bin/mamba3" bench --lane cuda --shape "$shape" --dtype bf16 \
+      --what fwd,bwd --warmup 1 --iters 3 --json "$OUT/bench_bwd_$shape.json"
+  done
   for R in ${STEP_RANKS-1 4}; do
     for B in 1 16 128 512; do
       step "bench_step_R${R}_B${B}" 120 "$bin/mamba3" bench --lane cuda --shape train -B "$B" -L 1 \
@@ -54,7 +58,7 @@ if [[ $mode == all || $mode == bench ]]; then
   done
   for f in "$OUT"/bench_*.log; do
     printf '%s: ' "$(basename "$f" .log)" >>"$summary"
-    grep -hE "^  (fwd|step) " "$f" | head -1 >>"$summary"
+    grep -hE "^  (fwd|bwd|step) " "$f" | head -2 >>"$summary"
     grep -hE "floor|of copy" "$f" >>"$summary"
   done
 fi

@@ -138,8 +138,9 @@ struct ForwardArgs {
   Tensor out;
   States final_states;  // optional outputs, all four or none; shapes as Inputs::initial
   // Optional: activations saved for the backward, (saved_numel(args),) float32 on the inputs'
-  // device. Lane-specific contents (cpu: chunk-start states and pre-gate y); hand the same
-  // buffer to BackwardArgs::saved with the same inputs to skip the backward's recomputation.
+  // device. Lane-specific contents (cpu: chunk-start states and pre-gate y; reference and
+  // cuda: empty, their backward recomputes); hand the same buffer to BackwardArgs::saved with
+  // the same inputs to skip the backward's recomputation.
   Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;  // cpu lane: 0 = all available
@@ -202,7 +203,8 @@ Status backward(const BackwardArgs& args);
 Status step(const StepArgs& args);
 
 // Number of float32 elements of ForwardArgs::saved for these arguments on the lane they resolve
-// to (0 when the lane saves nothing: reference). Validates the arguments (saved itself aside).
+// to (0 when the lane saves nothing: reference, cuda). Validates the arguments (saved itself
+// aside).
 Status saved_numel(const ForwardArgs& args, int64_t* numel);
 
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ namespace mamba3::cuda {
 // Seconds per forward call.
 Status time_forward_staged(const ForwardArgs& host_args, int warmup, int iters,
                            std::vector<double>* seconds);
+// Seconds per backward call (inputs, cotangents and gradient buffers staged once).
+Status time_backward_staged(const BackwardArgs& host_args, int warmup, int iters,
+                            std::vector<double>* seconds);
 // Seconds per decode step: `steps` consecutive steps per timed run, launched directly or as one
 // captured CUDA graph (`graph`), states updated in place.
 Status time_step_staged(const StepArgs& host_args, int warmup, int iters, int steps, bool graph,

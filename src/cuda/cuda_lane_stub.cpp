@@ -23,6 +23,9 @@ Status forward_staged(const ForwardArgs&) { return no_cuda(); }
 Status backward_staged(const BackwardArgs&) { return no_cuda(); }
 Status step_staged(const StepArgs&) { return no_cuda(); }
 Status time_forward_staged(const ForwardArgs&, int, int, std::vector<double>*) { return no_cuda(); }
+Status time_backward_staged(const BackwardArgs&, int, int, std::vector<double>*) {
+  return no_cuda();
+}
 Status time_step_staged(const StepArgs&, int, int, int, bool, std::vector<double>*) {
   return no_cuda();
 }

@@ -9,6 +9,7 @@
 
 #include "core/step_view.h"
 #include "core/validate.h"
+#include "cuda/chunk_bwd/bwd_dispatch.h"
 #include "cuda/chunk_fwd/fwd_kernel.cuh"
 #include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
 #include "cuda/common/check.cuh"
@@ -221,8 +222,9 @@ std::string device_summary() {
 std::string supported_configurations() {
   return "forward: tensor cores (bf16 mma.sync, cp.async pipeline, sequence split when the grid "
          "is small) for bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128}, "
-         "fp32 SIMT otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 SIMT; "
-         "backward: none yet";
+         "fp32 SIMT otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 "
+         "SIMT; " +
+         backward_configurations();
 }
 
 Status forward(const ForwardArgs& a) {
@@ -234,8 +236,13 @@ Status forward(const ForwardArgs& a) {
   return launch_forward(a, d, max_len);
 }
 
-Status backward(const BackwardArgs&) {
-  return Status::NotSupported("cuda lane: backward not implemented yet (issue 5)");
+Status backward(const BackwardArgs& a) {
+  Dims d;
+  M3_RETURN_IF_ERROR(validate_backward(a, &d));
+  M3_RETURN_IF_ERROR(check_supported(d));
+  int64_t max_len = 0;
+  M3_RETURN_IF_ERROR(check_cu_seqlens(a.in, d, &max_len));
+  return backward_chunked(a, d);
 }
 
 Status step(const StepArgs& a) {

@@ -1,0 +1,17 @@
+// The chunked backward's translation unit: kernels (bwd_kernels.cuh) and their launch sequence
+// (bwd_launch.cuh) compiled for sm_90a, behind the entry point of bwd_dispatch.h.
+#include "cuda/chunk_bwd/bwd_dispatch.h"
+#include "cuda/chunk_bwd/bwd_launch.cuh"
+
+namespace mamba3::cuda {
+
+Status backward_chunked(const BackwardArgs& args, const Dims& dims) {
+  return bwd::backward_chunked(args, dims);
+}
+
+std::string backward_configurations() {
+  return "backward: fp32 SIMT (any input dtype), N <= 128, P <= 128, R in {1, 2, 4, 8}, "
+         "NA <= 64, deterministic; chunk of 64 rows (32 where shared memory is short)";
+}
+
+}  // namespace mamba3::cuda

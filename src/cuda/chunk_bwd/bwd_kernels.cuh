@@ -1,0 +1,909 @@
+// Kernels of the chunked backward, in launch order (DESIGN.md §2.3, §2.5; the math is the cpu
+// lane's backward_task in src/cpu/chunked.cpp, spread over chunks):
+//   plan         chunk ids of every sequence
+//   angle_sum    per chunk: sum of the angle increments (float64)
+//   angle_scan   per (sequence, head): chunk-start angles
+//   chunk_state  per chunk: the chunk's state increment sum_j fw_j v_j k_j^T and its decay
+//   state_scan   per (sequence, head): chunk-start states (in place over the increments)
+//   chunk_out    per chunk: y recomputed, the output stage's adjoint -> dy, dz, parameter
+//                partials, and the chunk's dS increment sum_i e_i dy_i q_i^T
+//   dstate_scan  per (sequence, head): state cotangent at every chunk end, and at the start
+//   chunk_grad   per chunk: dq, dk, dv, d cs / d gamma / d w, rotation gradients, partials
+//   dtheta_scan  per (sequence, head): angle cotangent carried into every chunk end
+//   init_grads   per (sequence, head): gradients of the initial k, v and the initial pair
+//   token_grads  per chunk: adt / dt / trap / angles gradients
+//   reduce_qk    q, k gradients summed over the heads of a group (fixed order)
+//   reduce_par   parameter gradients summed over chunks and sequences (fixed order)
+// Chunk kernels run on a (chunk upper bound, H) grid; (sequence, head) kernels on S * H blocks.
+//
+// Measured (H200, 2026-11-29, `mamba3 bench --lane cuda --shape train --dtype bf16 --what bwd`,
+// per-kernel times from ncu gpu__time_duration): 56.9 ms per backward, of which chunk_grad
+// 29.0 ms, chunk_out 18.2 ms, chunk_state 4.0 ms, the two state scans 1.5 ms, the rest < 1 ms.
+// The chunk kernels hold ~200 KB of shared memory (one CTA, 8 warps per SM) and their fp32 SIMT
+// products reach ~10 % of the FMA peak: the next step is tensor cores and two CTAs per SM.
+#pragma once
+
+#include "cuda/chunk_bwd/bwd_params.cuh"
+
+namespace mamba3::cuda::bwd {
+
+#ifdef MAMBA3_CUDA_EMU
+#define M3B_DYNAMIC_SMEM(name) float* name = ::m3emu::dynamic_smem()
+#else
+#define M3B_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
+
+__global__ void __launch_bounds__(32) bwd_plan_kernel(BwdParams bp) {
+  if (threadIdx.x != 0) return;
+  int off = 0;
+  for (int s = 0; s < bp.p.S; ++s) {
+    bp.ws.chunk_off[s] = off;
+    off += (seq_info(bp.p, s).n + bp.C - 1) / bp.C;
+  }
+  bp.ws.chunk_off[bp.p.S] = off;
+}
+
+// grid (chunks, H): the chunk's angles and dt staged in shared memory (C * NA + kMaxRows
+// floats), then one thread per rope angle sums its increments in float64.
+__global__ void __launch_bounds__(kThreads, 1) bwd_angle_sum_kernel(BwdParams bp) {
+  M3B_DYNAMIC_SMEM(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, NA = p.NA, m = ck.m, l0 = ck.begin + ck.t0;
+  float* dtv = sm;
+  float* ang = sm + kMaxRows;
+  if (tid < m) dtv[tid] = in_bhl(p.dt, ck.b, ck.h, l0 + tid);
+#pragma unroll 8
+  for (int i = tid; i < m * NA; i += kThreads) ang[i] = angle_at(p, ck.b, l0 + i / NA, ck.h, i % NA);
+  __syncthreads();
+  if (tid >= NA) return;
+  double acc = 0.0;
+  for (int t = 0; t < m; ++t) acc += angle_inc(ang[t * NA + tid], dtv[t]);
+  bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + ck.h) * NA + tid] = acc;
+}
+
+// grid S * H, 64 threads: theta at each chunk start = theta0 + earlier increments.
+__global__ void __launch_bounds__(64) bwd_angle_scan_kernel(BwdParams bp) {
+  const CoreParams& p = bp.p;
+  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
+  if (i >= p.NA) return;
+  double th = p.init_angle.defined()
+                  ? dload_f64(p.init_angle, s * p.init_angle.stride[0] + h * p.init_angle.stride[1] +
+                                                i * p.init_angle.stride[2])
+                  : 0.0;
+  for (int c = bp.ws.chunk_off[s]; c < bp.ws.chunk_off[s + 1]; ++c) {
+    double* slot = bp.ws.theta + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
+    const double inc = *slot;
+    *slot = th;
+    th += inc;
+  }
+}
+
+// grid (chunks, H): the chunk's state increment sum_j fw_j (v_j psi) k_j^T (P, N) and decay.
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_state_kernel(BwdParams bp, BwdSmem lay) {
+  M3B_DYNAMIC_SMEM(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, N = p.N, P = p.P, R = p.R;
+  float* par = sm + lay.par;
+  load_head_params(p, ck.h, par, par + R * P, par + 2 * R * P, par + 3 * R * P, tid, kThreads);
+  __syncthreads();
+  load_chunk(bp, ck, lay, sm, sm + lay.tl, false, true, true, tid);
+  const float* fw = sm + lay.scal + kFw * kMaxRows;
+  float* V = sm + lay.v;
+  const float* K = sm + lay.k;
+  for (int i = tid; i < ck.mr * P; i += kThreads) V[(i / P) * lay.vp + i % P] *= fw[(i / P) / R];
+  __syncthreads();
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + ck.h;
+  float* out = bp.ws.s_prev + cell * P * N;
+  block_gemm<4, 4>(
+      P, N, ck.mr, [&](int x, int k) { return V[k * lay.vp + x]; },
+      [&](int k, int n) { return K[k * lay.qn + n]; },
+      [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, tid);
+  if (tid == 0) bp.ws.decay[cell] = sm[lay.scal + kE * kMaxRows + ck.m - 1];
+}
+
+// grid (S * H, ceil(P * N / kThreads)): chunk-start states, in place over the increments:
+// S_0 = S0 + sg0 sum_r (v0 psi_r) k0_r^T; S_{c+1} = decay_c S_c + increment_c.
+__global__ void __launch_bounds__(kThreads) bwd_state_scan_kernel(BwdParams bp) {
+  M3B_DYNAMIC_SMEM(sm);
+  const CoreParams& p = bp.p;
+  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, tid = threadIdx.x;
+  const int R = p.R, P = p.P, N = p.N;
+  load_head_params(p, h, sm, sm + R * P, sm + 2 * R * P, sm + 3 * R * P, tid, kThreads);
+  __syncthreads();
+  const int e = blockIdx.y * kThreads + tid;
+  if (e >= P * N) return;
+  const SeqInfo q = seq_info(p, s);
+  const float sg0 = q.n > 0 && p.init_ssm.defined()
+                        ? (1.f - sigmoidf_(in_bhl(p.trap, q.b, h, q.begin))) * in_bhl(p.dt, q.b, h, q.begin)
+                        : 0.f;
+  float st = initial_state_elem(p, s, h, e / N, e % N, sg0, sm);
+  const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
+  for (int cb = c0; cb < c1; cb += kScanBatch) {  // loads of a batch in flight together
+    float inc[kScanBatch], dec[kScanBatch];
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u) {
+      const int64_t cell = static_cast<int64_t>(cb + u) * p.H + h;
+      inc[u] = cb + u < c1 ? bp.ws.s_prev[cell * P * N + e] : 0.f;
+      dec[u] = cb + u < c1 ? bp.ws.decay[cell] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb + u < c1) {
+        bp.ws.s_prev[(static_cast<int64_t>(cb + u) * p.H + h) * P * N + e] = st;
+        st = dec[u] * st + inc[u];
+      }
+  }
+}
+
+// The output stage's adjoint at (row, x) of a chunk (DESIGN §2.2, common/epilogue.h), from the
+// cotangent g of out, the gate input z (unused without z) and y.
+struct EpiAdjoint {
+  float dyn;   // d(normed y)
+  float du;    // d(z * zeta) (0 without z)
+  float dphi;  // d phi contribution (0 for per-rank output)
+};
+
+__device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, float g, float z,
+                                                       int r, int x, float y, float rstd,
+                                                       const float* zeta, const float* phi,
+                                                       const float* wn) {
+  const int P = p.P;
+  const bool reduce = !p.per_rank_out;
+  const float yn = p.norm_weight.defined() ? y * rstd * wn[x] : y;
+  EpiAdjoint o{0.f, 0.f, 0.f};
+  float gate = 1.f, dgate = 0.f;
+  if (p.z.defined()) {
+    const float u = z * zeta[r * P + x], sg = sigmoidf_(u);
+    gate = u * sg;
+    dgate = sg * (1.f + u * (1.f - sg));
+  }
+  float gphi = g;
+  if (reduce) {
+    o.dphi = g * yn * gate;
+    gphi = g * phi[r * P + x];
+  }
+  o.dyn = gphi * gate;
+  if (p.z.defined()) o.du = gphi * yn * dgate;
+  return o;
+}
+
+// grid (chunks, H): y of the chunk recomputed from its start state, then the output stage's
+// adjoint: dy (workspace), dz (written), partials of d zeta, d phi, d norm_weight, d D, and the
+// chunk's increment of the state cotangent sum_i e_i dy_i q_i^T (in place of ds_end).
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp, BwdSmem lay) {
+  M3B_DYNAMIC_SMEM(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kThreads / 32;
+  const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
+  float* psi = sm + lay.par;
+  float* zeta = psi + R * P;
+  float* phi = zeta + R * P;
+  float* wn = phi + R * P;
+  load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
+  __syncthreads();
+  load_chunk(bp, ck, lay, sm, sm + lay.tl, true, true, true, tid);
+  const float* sc = sm + lay.scal;
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* xr = sm + lay.scal + kXr * kMaxRows;
+  float* rstd = sm + lay.scal + kRstd * kMaxRows;
+  const float* Q = sm + lay.q;
+  const float* K = sm + lay.k;
+  const float* V = sm + lay.v;
+  float* A = sm + lay.ra;
+  float* Y = sm + lay.dy;
+  float* TL = sm + lay.tl;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+
+  // A = (Q K^T) o M; Y = A V + D V + diag(e) Q S_prev^T.
+  block_gemm<4, 4>(
+      mr, mr, N, [&](int i, int k) { return Q[i * lay.qn + k]; },
+      [&](int k, int j) { return K[j * lay.qn + k]; },
+      [&](int i, int j, float acc) { A[i * lay.ap + j] = acc * mask_coef(cs, w, gam, i / R, j / R); },
+      tid);
+  __syncthreads();
+  block_gemm<4, 4>(
+      mr, P, mr, [&](int i, int k) { return A[i * lay.ap + k]; },
+      [&](int k, int j) { return V[k * lay.vp + j]; },
+      [&](int i, int j, float acc) { Y[i * lay.vp + j] = acc + dskip * V[i * lay.vp + j]; }, tid);
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  for (int x0 = 0; x0 < P; x0 += kTileX) {
+    const int tx = imin(kTileX, P - x0);
+    __syncthreads();
+    stage_state_tile(sprev, x0, tx, N, lay.qn, TL, tid);
+    __syncthreads();
+    block_gemm<2, 4>(
+        mr, tx, N, [&](int i, int k) { return Q[i * lay.qn + k]; },
+        [&](int k, int j) { return TL[j * lay.qn + k]; },
+        [&](int i, int j, float acc) { Y[i * lay.vp + x0 + j] += ex[i / R] * acc; }, tid);
+  }
+  __syncthreads();
+
+  // Output stage adjoint (norm statistics first; they read y). The cotangent of out (per token,
+  // or per row for per-rank output) and z are staged in shared memory first.
+  float* GO = sm + lay.go;
+  float* Z = sm + lay.z;
+  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
+  const DTensor& go = bp.d_out;
+  const int go_rows = reduce ? m : mr;
+#pragma unroll 8
+  for (int i = tid; i < go_rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    GO[row * lay.vp + x] =
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] + x * go.stride[3])
+               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
+                                  h * go.stride[3] + x * go.stride[4]);
+  }
+  if (has_z) {
+#pragma unroll 8
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      Z[t * lay.vp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+                                            h * p.z.stride[2] + x * p.z.stride[3]);
+    }
+  }
+  __syncthreads();
+  auto adjoint = [&](int row, int x, float rs) {
+    const int t = row / R, r = row % R;
+    return epilogue_adjoint(p, GO[(reduce ? t : row) * lay.vp + x], has_z ? Z[t * lay.vp + x] : 0.f,
+                            r, x, Y[row * lay.vp + x], rs, zeta, phi, wn);
+  };
+  const bool norm = p.norm_weight.defined();
+  if (norm) {
+    for (int row = warp; row < mr; row += kWarps) {
+      float ss = 0.f;
+      for (int x = lane; x < P; x += 32) ss += Y[row * lay.vp + x] * Y[row * lay.vp + x];
+      ss = warp_sum(ss);
+      if (lane == 0) rstd[row] = rsqrtf(ss / P + p.eps);
+    }
+    __syncthreads();
+    for (int row = warp; row < mr; row += kWarps) {
+      float dot = 0.f;
+      for (int x = lane; x < P; x += 32)
+        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * lay.vp + x];
+      dot = warp_sum(dot);
+      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
+    }
+    __syncthreads();
+  }
+  float* par = bp.ws.par + cell * bp.pf.count;
+  for (int i = tid; i < R * P; i += kThreads) {  // d zeta, d phi: sums over the chunk's tokens
+    const int r = i / P, x = i % P;
+    float dz = 0.f, dph = 0.f;
+    for (int t = 0; t < m; ++t) {
+      const int row = t * R + r;
+      const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
+      dz += e.du * (has_z ? Z[t * lay.vp + x] : 0.f);
+      dph += e.dphi;
+    }
+    par[bp.pf.zeta + i] = dz;
+    par[bp.pf.phi + i] = dph;
+  }
+  for (int x = tid; x < P; x += kThreads) {  // d norm_weight
+    float acc = 0.f;
+    if (norm)
+      for (int row = 0; row < mr; ++row)
+        acc += adjoint(row, x, rstd[row]).dyn * Y[row * lay.vp + x] * rstd[row];
+    par[bp.pf.w + x] = acc;
+  }
+  if (bp.g_z.defined())
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      float acc = 0.f;
+      for (int r = 0; r < R; ++r) {
+        const int row = t * R + r;
+        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
+      }
+      const DTensor& gz = bp.g_z;
+      dstore(gz, ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
+                     h * gz.stride[2] + x * gz.stride[3],
+             acc);
+    }
+  __syncthreads();
+  // dy in place of y (each element read and written by its own thread), to the workspace.
+  float dd = 0.f;
+  for (int i = tid; i < mr * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const float y = Y[row * lay.vp + x];
+    const float rs = norm ? rstd[row] : 1.f;
+    const float dyn = adjoint(row, x, rs).dyn;
+    const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
+    Y[row * lay.vp + x] = dy;
+    bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] = dy;
+    dd += dy * V[row * lay.vp + x];
+  }
+  dd = block_sum(dd, sm + lay.red, tid);  // has barriers: Y is complete after it
+  if (tid == 0) par[bp.pf.d] = dd;
+  for (int i = tid; i < mr * P; i += kThreads) Y[(i / P) * lay.vp + i % P] *= ex[(i / P) / R];
+  __syncthreads();
+  float* dsi = bp.ws.ds_end + cell * P * N;
+  block_gemm<4, 4>(
+      P, N, mr, [&](int x, int k) { return Y[k * lay.vp + x]; },
+      [&](int k, int n) { return Q[k * lay.qn + n]; },
+      [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, tid);
+}
+
+// grid (S * H, ceil(P * N / kThreads)): the state cotangent at each chunk end, in place over the
+// increments (dS_end_last = d final ssm; dS_end_{c-1} = decay_c dS_end_c + increment_c); the
+// cotangent of the effective initial state goes to grad.initial.ssm and the workspace.
+__global__ void __launch_bounds__(kThreads) bwd_dstate_scan_kernel(BwdParams bp) {
+  const CoreParams& p = bp.p;
+  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const int P = p.P, N = p.N, e = blockIdx.y * kThreads + threadIdx.x;
+  if (e >= P * N) return;
+  const int x = e / N, n = e % N;
+  float ds = bp.df_ssm.defined()
+                 ? dload(bp.df_ssm, s * bp.df_ssm.stride[0] + h * bp.df_ssm.stride[1] +
+                                        x * bp.df_ssm.stride[2] + n * bp.df_ssm.stride[3])
+                 : 0.f;
+  const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
+  for (int cb = c1 - 1; cb >= c0; cb -= kScanBatch) {  // chunks cb, cb - 1, ... (batched loads)
+    float inc[kScanBatch], dec[kScanBatch];
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u) {
+      const int64_t cell = static_cast<int64_t>(cb - u) * p.H + h;
+      inc[u] = cb - u >= c0 ? bp.ws.ds_end[cell * P * N + e] : 0.f;
+      dec[u] = cb - u >= c0 ? bp.ws.decay[cell] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb - u >= c0) {
+        bp.ws.ds_end[(static_cast<int64_t>(cb - u) * p.H + h) * P * N + e] = ds;
+        ds = dec[u] * ds + inc[u];
+      }
+  }
+  if (bp.gi_ssm.defined())
+    dstore(bp.gi_ssm, s * bp.gi_ssm.stride[0] + h * bp.gi_ssm.stride[1] + x * bp.gi_ssm.stride[2] +
+                          n * bp.gi_ssm.stride[3],
+           ds);
+  if (bp.ws.ds0) bp.ws.ds0[(static_cast<int64_t>(s) * p.H + h) * P * N + e] = ds;
+}
+
+// Rotation adjoint of the rows of token t, pair i: d(rotated) in D (pitch dp) becomes d(unrotated)
+// in place; returns sum_r d theta = -d_a x_b + d_b x_a with x the rotated rows (pitch xp).
+__device__ __forceinline__ float rope_adjoint_rows(float* D, int dp, const float* X, int xp, int t,
+                                                   int i, int R, int N, bool interleaved,
+                                                   float theta) {
+  int ia, ib;
+  pair_members(interleaved, N, i, &ia, &ib);
+  float sn, cn;
+  sincosf(theta, &sn, &cn);
+  float acc = 0.f;
+  for (int r = 0; r < R; ++r) {
+    const int row = t * R + r;
+    const float da = D[row * dp + ia], db = D[row * dp + ib];
+    acc += -da * X[row * xp + ib] + db * X[row * xp + ia];
+    D[row * dp + ia] = da * cn + db * sn;
+    D[row * dp + ib] = -da * sn + db * cn;
+  }
+  return acc;
+}
+
+// Writes the unrotated q or k gradient rows (ST, pitch sp) of a chunk: straight to the grad when
+// the head is alone in its group, else to the per-head workspace; and the bias partial.
+__device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& ck,
+                                              const BwdSmem& lay, const float* ST,
+                                              const DTensor& grad, float* ws, float* par_bias,
+                                              int tid) {
+  const CoreParams& p = bp.p;
+  const int N = p.N, R = p.R;
+  if (grad.defined())
+    for (int i = tid; i < ck.mr * N; i += kThreads) {
+      const int row = i / N, n = i % N, t = row / R, r = row % R;
+      const float val = ST[row * lay.sp + n];
+      if (ws)
+        ws[((ck.l_abs0 + t) * p.H + ck.h) * static_cast<int64_t>(R * N) + r * N + n] = val;
+      else
+        dstore(grad, qk_off(grad, ck.b, ck.begin + ck.t0 + t, r, ck.g, n), val);
+    }
+  for (int i = tid; i < R * N; i += kThreads) {
+    const int r = i / N, n = i % N;
+    float acc = 0.f;
+    for (int t = 0; t < ck.m; ++t) acc += ST[(t * R + r) * lay.sp + n];
+    par_bias[i] = acc;
+  }
+}
+
+// grid (chunks, H): every gradient of the chunk given its start state S_prev, the cotangent dS
+// of its end state and dy:
+//   raw = Q K^T, dA = dY V^T        -> d gamma, d w, d cs of the mask
+//   dV = Am^T dY + fw (K dS^T) + D dY               -> dv, d psi partial
+//   dK = dAm^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk, d k_bias partial
+//   dQ = dAm K + e (dY S_prev)                      -> rope adjoint -> dq, d q_bias partial
+//   d cs from e, fw and exp(cs_last) (sum dS o S_prev); then d adt (written), d gamma, d w,
+//   d theta per token and per chunk (workspace).
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams bp, BwdSmem lay) {
+  M3B_DYNAMIC_SMEM(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kThreads / 32;
+  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h;
+  float* psi = sm + lay.par;
+  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kThreads);
+  __syncthreads();
+  load_chunk(bp, ck, lay, sm, sm + lay.tl, true, true, true, tid);
+  float* sc = sm + lay.scal;
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* fw = sc + kFw * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* dcs = sc + kDcs * kMaxRows;
+  float* dwt = sc + kDw * kMaxRows;
+  float* dgam = sc + kDgam * kMaxRows;
+  float* xr = sc + kXr * kMaxRows;
+  const float* Q = sm + lay.q;
+  const float* K = sm + lay.k;
+  const float* V = sm + lay.v;
+  float* DY = sm + lay.dy;
+  float* RA = sm + lay.ra;
+  float* DA = sm + lay.da;
+  float* ST = sm + lay.st;
+  float* TL = sm + lay.tl;
+  const float* TH = sm + lay.th;
+  float* DTH = sm + lay.dth;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  const float* dsend = bp.ws.ds_end + cell * P * N;
+  float* par = bp.ws.par + cell * bp.pf.count;
+
+#pragma unroll 8
+  for (int i = tid; i < lay.rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    DY[row * lay.vp + x] =
+        row < mr ? bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) +
+                            (row % R) * P + x]
+                 : 0.f;
+  }
+  __syncthreads();
+
+  // raw = Q K^T and dA = dY V^T (unmasked).
+  block_gemm<4, 4>(
+      mr, mr, N, [&](int i, int k) { return Q[i * lay.qn + k]; },
+      [&](int k, int j) { return K[j * lay.qn + k]; },
+      [&](int i, int j, float acc) { RA[i * lay.ap + j] = acc; }, tid);
+  block_gemm<4, 4>(
+      mr, mr, P, [&](int i, int k) { return DY[i * lay.vp + k]; },
+      [&](int k, int j) { return V[j * lay.vp + k]; },
+      [&](int i, int j, float acc) { DA[i * lay.ap + j] = acc; }, tid);
+  __syncthreads();
+  // Time-level T[ti][tj] = sum over the ranks of dA o raw (tj <= ti), in the staging buffer.
+  float* T = ST;
+  for (int i = tid; i < m * m; i += kThreads) {
+    const int ti = i / m, tj = i % m;
+    float acc = 0.f;
+    if (tj <= ti)
+      for (int r = 0; r < R; ++r)
+        for (int r2 = 0; r2 < R; ++r2) {
+          const int a = (ti * R + r) * lay.ap + tj * R + r2;
+          acc += DA[a] * RA[a];
+        }
+    T[i] = acc;
+  }
+  __syncthreads();
+  if (tid < m) {
+    const int t = tid;
+    float dw_acc = 0.f, dc = 0.f;
+    for (int i = t + 1; i < m; ++i) {  // t as the key token j of later query tokens i
+      const float e = expf(cs[i] - cs[t]);
+      dw_acc += T[i * m + t] * e;
+      dc -= T[i * m + t] * e * w[t];
+    }
+    for (int j = 0; j < t; ++j) dc += T[t * m + j] * expf(cs[t] - cs[j]) * w[j];
+    dgam[t] = T[t * m + t];
+    dwt[t] = dw_acc;
+    dcs[t] = dc;
+  }
+  __syncthreads();
+  for (int i = tid; i < mr * mr; i += kThreads) {  // mask in place: Am, dAm
+    const int row = i / mr, col = i % mr;
+    const float coef = mask_coef(cs, w, gam, row / R, col / R);
+    RA[row * lay.ap + col] *= coef;
+    DA[row * lay.ap + col] *= coef;
+  }
+  __syncthreads();
+
+  // dV. First K dS^T (mr, P) into ST by tiles of dS rows, then x_t = sum v o (K dS^T).
+  for (int x0 = 0; x0 < P; x0 += kTileX) {
+    const int tx = imin(kTileX, P - x0);
+    __syncthreads();
+    stage_state_tile(dsend, x0, tx, N, lay.qn, TL, tid);
+    __syncthreads();
+    block_gemm<2, 4>(
+        mr, tx, N, [&](int i, int k) { return K[i * lay.qn + k]; },
+        [&](int k, int j) { return TL[j * lay.qn + k]; },
+        [&](int i, int j, float acc) { ST[i * lay.sp + x0 + j] = acc; }, tid);
+  }
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float acc = 0.f;
+    for (int x = lane; x < P; x += 32) acc += V[row * lay.vp + x] * ST[row * lay.sp + x];
+    acc = warp_sum(acc);
+    if (lane == 0) xr[row] = acc;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    float last = 0.f;
+    for (int t = 0; t < m; ++t) {
+      float xt = 0.f;
+      for (int r = 0; r < R; ++r) xt += xr[t * R + r];
+      dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
+      dcs[t] -= fw[t] * xt;
+      last += fw[t] * xt;
+    }
+    dcs[m - 1] += last;
+  }
+  block_gemm<4, 4>(
+      mr, P, mr, [&](int i, int k) { return RA[k * lay.ap + i]; },
+      [&](int k, int j) { return DY[k * lay.vp + j]; },
+      [&](int i, int j, float acc) {
+        ST[i * lay.sp + j] = acc + fw[i / R] * ST[i * lay.sp + j] + dskip * DY[i * lay.vp + j];
+      },
+      tid);
+  __syncthreads();
+  {
+    // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
+    const DTensor& gv = bp.g_v;
+    if (gv.defined())
+      for (int i = tid; i < m * P; i += kThreads) {
+        const int t = i / P, x = i % P;
+        float acc = 0.f;
+        for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * lay.sp + x] * psi[r * P + x];
+        if (ck.last && t == m - 1 && bp.df_v.defined())
+          acc += dload(bp.df_v, ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+        dstore(gv, ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
+                       h * gv.stride[2] + x * gv.stride[3],
+               acc);
+      }
+    for (int i = tid; i < R * P; i += kThreads) {
+      const int r = i / P, x = i % P;
+      float acc = 0.f;
+      for (int tb = 0; tb < m; tb += 8) {  // raw v in batches of 8 loads in flight
+        float vv[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          vv[u] = tb + u < m ? dload_ro(p.v, ck.b * p.v.stride[0] +
+                                                 static_cast<int64_t>(ck.begin + ck.t0 + tb + u) * p.v.stride[1] +
+                                                 h * p.v.stride[2] + x * p.v.stride[3])
+                             : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (tb + u < m) acc += ST[((tb + u) * R + r) * lay.sp + x] * vv[u];
+      }
+      par[bp.pf.psi + i] = acc;
+    }
+  }
+
+  // dK. First V dS (mr, N) accumulated over tiles of dS rows, then the intra-chunk part.
+  for (int x0 = 0; x0 < P; x0 += kTileX) {
+    const int tx = imin(kTileX, P - x0);
+    __syncthreads();
+    stage_state_tile(dsend, x0, tx, N, lay.qn, TL, tid);
+    __syncthreads();
+    block_gemm<4, 4>(
+        mr, N, tx, [&](int i, int k) { return V[i * lay.vp + x0 + k]; },
+        [&](int k, int j) { return TL[k * lay.qn + j]; },
+        [&](int i, int j, float acc) { ST[i * lay.sp + j] = (x0 == 0 ? 0.f : ST[i * lay.sp + j]) + acc; },
+        tid);
+  }
+  __syncthreads();
+  const bool dfk = ck.last && bp.df_k.defined();
+  block_gemm<4, 4>(
+      mr, N, mr, [&](int i, int k) { return DA[k * lay.ap + i]; },
+      [&](int k, int j) { return Q[k * lay.qn + j]; },
+      [&](int i, int j, float acc) {
+        float v = acc + fw[i / R] * ST[i * lay.sp + j];
+        if (dfk && i / R == m - 1) v += dload(bp.df_k, sk_off(bp.df_k, ck.s, i % R, h, j));
+        ST[i * lay.sp + j] = v;
+      },
+      tid);
+  __syncthreads();
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    DTH[i] = rope_adjoint_rows(ST, lay.sp, K, lay.qn, t, a, R, N, p.interleaved, TH[i]);
+  }
+  __syncthreads();
+  store_qk_grad(bp, ck, lay, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
+  __syncthreads();
+
+  // dQ. First T1 = dY S_prev (mr, N) accumulated over tiles, d cs from e, then the intra part.
+  for (int x0 = 0; x0 < P; x0 += kTileX) {
+    const int tx = imin(kTileX, P - x0);
+    __syncthreads();
+    stage_state_tile(sprev, x0, tx, N, lay.qn, TL, tid);
+    __syncthreads();
+    block_gemm<4, 4>(
+        mr, N, tx, [&](int i, int k) { return DY[i * lay.vp + x0 + k]; },
+        [&](int k, int j) { return TL[k * lay.qn + j]; },
+        [&](int i, int j, float acc) { ST[i * lay.sp + j] = (x0 == 0 ? 0.f : ST[i * lay.sp + j]) + acc; },
+        tid);
+  }
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float acc = 0.f;
+    for (int n = lane; n < N; n += 32) acc += ST[row * lay.sp + n] * Q[row * lay.qn + n];
+    acc = warp_sum(acc);
+    if (lane == 0) xr[row] = acc;
+  }
+  __syncthreads();
+  if (tid < m) {
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) acc += xr[tid * R + r];
+    dcs[tid] += ex[tid] * acc;
+  }
+  block_gemm<4, 4>(
+      mr, N, mr, [&](int i, int k) { return DA[i * lay.ap + k]; },
+      [&](int k, int j) { return K[k * lay.qn + j]; },
+      [&](int i, int j, float acc) { ST[i * lay.sp + j] = acc + ex[i / R] * ST[i * lay.sp + j]; },
+      tid);
+  __syncthreads();
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    DTH[i] += rope_adjoint_rows(ST, lay.sp, Q, lay.qn, t, a, R, N, p.interleaved, TH[i]);
+  }
+  __syncthreads();
+  store_qk_grad(bp, ck, lay, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
+
+  // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev.
+  float acc = 0.f;
+#pragma unroll 8
+  for (int e = tid; e < P * N; e += kThreads) acc += dsend[e] * sprev[e];
+  acc = block_sum(acc, sm + lay.red, tid);
+  if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
+  __syncthreads();
+
+  // Per-token results: d adt (reverse cumulative sum of d cs inside the chunk), d gamma, d w,
+  // d theta per token and the chunk's d theta sum.
+  if (tid == 0 && bp.g_adt.defined()) {
+    float run = 0.f;
+    for (int t = m - 1; t >= 0; --t) {
+      run += dcs[t];
+      const DTensor& g = bp.g_adt;
+      dstore(g, ck.b * g.stride[0] + h * g.stride[1] + static_cast<int64_t>(ck.begin + ck.t0 + t) * g.stride[2],
+             run);
+    }
+  }
+  if (tid < m) {
+    const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + tid;
+    bp.ws.tok[slot] = dgam[tid];
+    bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
+  }
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[i];
+  }
+  for (int a = tid; a < NA; a += kThreads) {
+    float sum = 0.f;
+    for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
+    bp.ws.dthc[cell * NA + a] = sum;
+  }
+}
+
+// grid S * H, 64 threads: the angle cotangent carried into each chunk's end (in place over the
+// chunk sums), starting from d final angle; what remains is grad.initial.angle.
+__global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
+  const CoreParams& p = bp.p;
+  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
+  if (i >= p.NA) return;
+  float carry = bp.df_angle.defined()
+                    ? dload(bp.df_angle, s * bp.df_angle.stride[0] + h * bp.df_angle.stride[1] +
+                                             i * bp.df_angle.stride[2])
+                    : 0.f;
+  for (int c = bp.ws.chunk_off[s + 1] - 1; c >= bp.ws.chunk_off[s]; --c) {
+    float* slot = bp.ws.dthc + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
+    const float sum = *slot;
+    *slot = carry;
+    carry += sum;
+  }
+  if (bp.gi_angle.defined())
+    dstore(bp.gi_angle, s * bp.gi_angle.stride[0] + h * bp.gi_angle.stride[1] + i * bp.gi_angle.stride[2],
+           carry);
+}
+
+// grid S * H (initial states given): gradients of the initial k and v and of the initial pair
+// S_eff = S0 + sg0 sum_r (v0 psi_r) k0_r^T, from the cotangent dS0 of S_eff:
+//   dk0_r = sg0 dS0^T (v0 psi_r), dv0 = sg0 sum_r psi_r (dS0 k0_r), d psi_r += sg0 v0 (dS0 k0_r),
+//   d sg0 = sum_r (v0 psi_r) . (dS0 k0_r). An empty sequence passes the final cotangents through.
+__global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) {
+  M3B_DYNAMIC_SMEM(sm);
+  const CoreParams& p = bp.p;
+  const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, tid = threadIdx.x;
+  const int R = p.R, P = p.P, N = p.N;
+  float* psi = sm;                // psi, zeta, phi (R, P), norm weight (P)
+  float* u = sm + 3 * R * P + P;  // (R, P): dS0 k0_r
+  float* v0 = u + R * P;          // (P)
+  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kThreads);
+  const SeqInfo q = seq_info(p, s);
+  const DTensor &gk = bp.gi_k, &gv = bp.gi_v;
+  float* initp = bp.ws.initp + (static_cast<int64_t>(s) * p.H + h) * (R * P + 1);
+  if (q.n == 0) {
+    for (int i = tid; i < R * N; i += kThreads) {
+      const int r = i / N, n = i % N;
+      if (gk.defined())
+        dstore(gk, sk_off(gk, s, r, h, n), bp.df_k.defined() ? dload(bp.df_k, sk_off(bp.df_k, s, r, h, n)) : 0.f);
+    }
+    for (int x = tid; x < P; x += kThreads)
+      if (gv.defined())
+        dstore(gv, s * gv.stride[0] + h * gv.stride[1] + x * gv.stride[2],
+               bp.df_v.defined()
+                   ? dload(bp.df_v, s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2])
+                   : 0.f);
+    for (int i = tid; i <= R * P; i += kThreads) initp[i] = 0.f;
+    return;
+  }
+  const float sg0 = (1.f - sigmoidf_(in_bhl(p.trap, q.b, h, q.begin))) * in_bhl(p.dt, q.b, h, q.begin);
+  const float* ds0 = bp.ws.ds0 + (static_cast<int64_t>(s) * p.H + h) * P * N;
+  for (int x = tid; x < P; x += kThreads)
+    v0[x] = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + x * p.init_v.stride[2]);
+  __syncthreads();
+  for (int i = tid; i < R * P; i += kThreads) {
+    const int r = i / P, x = i % P;
+    float acc = 0.f;
+    for (int n = 0; n < N; ++n) acc += ds0[x * N + n] * dload(p.init_k, sk_off(p.init_k, s, r, h, n));
+    u[i] = acc;
+    initp[i] = sg0 * v0[x] * acc;
+  }
+  __syncthreads();
+  for (int x = tid; x < P; x += kThreads)
+    if (gv.defined()) {
+      float acc = 0.f;
+      for (int r = 0; r < R; ++r) acc += psi[r * P + x] * u[r * P + x];
+      dstore(gv, s * gv.stride[0] + h * gv.stride[1] + x * gv.stride[2], sg0 * acc);
+    }
+  for (int i = tid; i < R * N; i += kThreads)
+    if (gk.defined()) {
+      const int r = i / N, n = i % N;
+      float acc = 0.f;
+      for (int x = 0; x < P; ++x) acc += ds0[x * N + n] * v0[x] * psi[r * P + x];
+      dstore(gk, sk_off(gk, s, r, h, n), sg0 * acc);
+    }
+  if (tid == 0) {
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r)
+      for (int x = 0; x < P; ++x) acc += v0[x] * psi[r * P + x] * u[r * P + x];
+    initp[R * P] = acc;
+  }
+}
+
+// grid (chunks, H): per-token gradients of angles, dt, trap (lambda) from d gamma, d w, the
+// rotation gradients and the angle carry; the sequence's first token takes the initial pair's
+// d sg0. Inputs are staged in shared memory (TH: raw angles, DTH: d theta, then d dt parts).
+__global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp, BwdSmem lay) {
+  M3B_DYNAMIC_SMEM(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, NA = p.NA, h = ck.h, b = ck.b, m = ck.m, l0 = ck.begin + ck.t0;
+  float* ang = sm + lay.th;       // (C, NA) raw angles
+  float* ddt_ang = sm + lay.dth;  // (C, NA) d theta, then its d dt parts
+  float* dtv = sm + lay.scal + kDt * kMaxRows;
+  float* lam = sm + lay.scal + kLam * kMaxRows;
+  const float pi_f = static_cast<float>(kPiD);
+  if (tid < m) {
+    dtv[tid] = in_bhl(p.dt, b, h, l0 + tid);
+    lam[tid] = sigmoidf_(in_bhl(p.trap, b, h, l0 + tid));
+  }
+#pragma unroll 8
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    ang[i] = angle_at(p, b, l0 + t, h, a);
+    ddt_ang[i] = bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a];
+  }
+  __syncthreads();
+  if (tid < NA) {
+    float dtheta = bp.ws.dthc[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
+    for (int t = m - 1; t >= 0; --t) {
+      dtheta += ddt_ang[t * NA + tid];
+      const float th = tanhf(ang[t * NA + tid]);
+      ang[t * NA + tid] = dtheta * pi_f * dtv[t] * (1.f - th * th);  // d angles
+      ddt_ang[t * NA + tid] = dtheta * pi_f * th;
+    }
+  }
+  __syncthreads();
+  if (bp.g_angles.defined()) {
+    const DTensor& ga = bp.g_angles;
+    for (int i = tid; i < m * NA; i += kThreads) {
+      const int t = i / NA, a = i % NA;
+      dstore(ga, b * ga.stride[0] + static_cast<int64_t>(l0 + t) * ga.stride[1] + h * ga.stride[2] +
+                     a * ga.stride[3],
+             ang[i]);
+    }
+  }
+  if (tid < m) {
+    const int t = tid, l = l0 + t;
+    float ddt = 0.f;
+    for (int i = 0; i < NA; ++i) ddt += ddt_ang[t * NA + i];
+    const float la = lam[t], dl = dtv[t];
+    const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + t;
+    const float* dwt = bp.ws.tok + static_cast<int64_t>(p.H) * bp.L_tot;
+    const float dg = bp.ws.tok[slot] + dwt[slot];
+    float dlam = dg * dl;
+    ddt += dg * la;
+    float prev = 0.f;  // d of sgamma = (1 - lambda_t) dt_t: from token t - 1, or the initial pair
+    if (ck.t0 + t > 0)
+      prev = dwt[slot - 1];
+    else if (bp.ws.initp)
+      prev = bp.ws.initp[(static_cast<int64_t>(ck.s) * p.H + h) * (p.R * p.P + 1) + p.R * p.P];
+    dlam -= prev * dl;
+    ddt += prev * (1.f - la);
+    if (bp.g_dt.defined())
+      dstore(bp.g_dt, b * bp.g_dt.stride[0] + h * bp.g_dt.stride[1] + static_cast<int64_t>(l) * bp.g_dt.stride[2],
+             ddt);
+    if (bp.g_trap.defined())
+      dstore(bp.g_trap,
+             b * bp.g_trap.stride[0] + h * bp.g_trap.stride[1] + static_cast<int64_t>(l) * bp.g_trap.stride[2],
+             dlam * la * (1.f - la));
+  }
+}
+
+// Grid-stride over (token slot, group, rank, n): q or k gradient = sum of the per-head gradients
+// of the group's heads, in head order.
+__global__ void __launch_bounds__(kThreads) bwd_reduce_qk_kernel(BwdParams bp, const float* ws,
+                                                                 DTensor grad) {
+  const CoreParams& p = bp.p;
+  const int N = p.N, R = p.R, G = p.G, hpg = p.hpg;
+  const int64_t total = bp.L_tot * G * R * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int n = static_cast<int>(i % N), r = static_cast<int>((i / N) % R);
+    const int g = static_cast<int>((i / (N * R)) % G);
+    const int64_t slot = i / (static_cast<int64_t>(N) * R * G);
+    float acc = 0.f;
+    for (int h = g * hpg; h < (g + 1) * hpg; ++h)
+      acc += ws[(slot * p.H + h) * static_cast<int64_t>(R * N) + r * N + n];
+    const int b = static_cast<int>(slot / p.L), l = static_cast<int>(slot % p.L);
+    dstore(grad, qk_off(grad, b, l, r, g, n), acc);
+  }
+}
+
+// grid H: parameter gradients of head h = sum over every chunk of the call (in chunk order) of
+// the partials, plus the initial pairs' d psi (in sequence order).
+__global__ void __launch_bounds__(kThreads) bwd_reduce_par_kernel(BwdParams bp) {
+  const CoreParams& p = bp.p;
+  const int h = blockIdx.x, R = p.R, P = p.P, N = p.N;
+  const ParFields& f = bp.pf;
+  const int chunks = bp.ws.chunk_off[p.S];
+  for (int k = threadIdx.x; k < f.count; k += kThreads) {
+    float acc = 0.f;
+    for (int c = 0; c < chunks; ++c) acc += bp.ws.par[(static_cast<int64_t>(c) * p.H + h) * f.count + k];
+    if (k >= f.psi && k < f.psi + R * P && bp.ws.initp)
+      for (int s = 0; s < p.S; ++s)
+        acc += bp.ws.initp[(static_cast<int64_t>(s) * p.H + h) * (R * P + 1) + (k - f.psi)];
+    auto rp = [&](const DTensor& t, int base) {
+      if (!t.defined()) return;
+      const int r = (k - base) / P, x = (k - base) % P;
+      dstore(t, h * t.stride[0] + r * t.stride[1] + x * t.stride[2], acc);
+    };
+    if (k < f.phi) {
+      rp(bp.g_zeta, f.zeta);
+    } else if (k < f.w) {
+      rp(bp.g_phi, f.phi);
+    } else if (k < f.psi) {
+      if (bp.g_w.defined()) dstore(bp.g_w, h * bp.g_w.stride[0] + (k - f.w) * bp.g_w.stride[1], acc);
+    } else if (k < f.qb) {
+      rp(bp.g_psi, f.psi);
+    } else if (k < f.kb) {
+      if (bp.g_qb.defined()) dstore(bp.g_qb, bias_off(bp.g_qb, h, (k - f.qb) / N, (k - f.qb) % N), acc);
+    } else if (k < f.d) {
+      if (bp.g_kb.defined()) dstore(bp.g_kb, bias_off(bp.g_kb, h, (k - f.kb) / N, (k - f.kb) % N), acc);
+    } else if (bp.g_d.defined()) {
+      dstore(bp.g_d, h * bp.g_d.stride[0], acc);
+    }
+  }
+}
+
+}  // namespace mamba3::cuda::bwd

@@ -1,0 +1,271 @@
+// Host side of the chunked backward: configuration check, chunk size from the shared-memory
+// budget, the workspace and the launch sequence (bwd_kernels.cuh). Compiled by nvcc in
+// bwd_dispatch.cu, and as plain C++ by the CPU emulation test (MAMBA3_CUDA_EMU, tests/emu), which
+// runs the same kernels with one host thread per CUDA thread.
+//
+// Workspace: one stream-ordered allocation (cudaMallocAsync / cudaFreeAsync on the call's
+// stream), so the call stays asynchronous and capturable; nothing is kept between calls. The
+// backward saves nothing from the forward (the cuda lane's saved-activation layout is empty):
+// it recomputes the chunk-start states itself.
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/validate.h"
+#include "cuda/chunk_bwd/bwd_kernels.cuh"
+
+#ifndef MAMBA3_CUDA_EMU
+#include "cuda/common/check.cuh"
+#endif
+
+namespace mamba3::cuda::bwd {
+
+#ifdef MAMBA3_CUDA_EMU
+#define M3B_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::m3emu::launch(kernel, dim3 grid, dim3 block, smem, __VA_ARGS__)
+#define M3B_CHECK(expr) (void)0
+#define M3B_CHECK_LAUNCH(name) (void)0
+#else
+#define M3B_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<dim3 grid, dim3 block, smem, stream>>>(__VA_ARGS__)
+#define M3B_CHECK(expr) MAMBA3_CHECK_CUDA(expr)
+#define M3B_CHECK_LAUNCH(name) MAMBA3_CHECK_LAUNCH(name)
+#endif
+
+#define M3B_RETURN_IF_ERROR(expr) \
+  do {                            \
+    ::mamba3::Status _s = (expr); \
+    if (!_s.ok()) return _s;      \
+  } while (0)
+
+// The largest dynamic shared memory a block may opt into on the current device.
+inline Status max_dynamic_smem(int* bytes) {
+#ifdef MAMBA3_CUDA_EMU
+  *bytes = 232448;  // sm_90
+#else
+  int dev = 0;
+  M3B_CHECK(cudaGetDevice(&dev));
+  M3B_CHECK(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+#endif
+  return Status::Ok();
+}
+
+template <typename Kernel>
+inline Status allow_smem(Kernel kernel, size_t bytes) {
+#ifdef MAMBA3_CUDA_EMU
+  (void)kernel, (void)bytes;
+#else
+  if (bytes > 48 * 1024)
+    M3B_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(bytes)));
+#endif
+  return Status::Ok();
+}
+
+// The workspace of one call, released (stream-ordered) when it goes out of scope.
+class WorkspaceBuffer {
+ public:
+  explicit WorkspaceBuffer(cudaStream_t stream) : stream_(stream) {}
+  ~WorkspaceBuffer() {
+#ifdef MAMBA3_CUDA_EMU
+    std::free(base_);
+#else
+    if (base_) cudaFreeAsync(base_, stream_);
+#endif
+  }
+  WorkspaceBuffer(const WorkspaceBuffer&) = delete;
+  WorkspaceBuffer& operator=(const WorkspaceBuffer&) = delete;
+
+  // Reserves `count` elements of T (256-byte aligned); pointers are valid after allocate().
+  template <typename T>
+  void reserve(T** slot, int64_t count) {
+    slots_[n_slots_] = {reinterpret_cast<void**>(slot), bytes_};
+    ++n_slots_;
+    bytes_ += (static_cast<size_t>(count) * sizeof(T) + 255) / 256 * 256;
+  }
+  Status allocate() {
+    if (bytes_ == 0) return Status::Ok();
+#ifdef MAMBA3_CUDA_EMU
+    base_ = std::malloc(bytes_);
+    std::memset(base_, 0xff, bytes_);  // NaN everywhere: an unwritten read shows up
+#else
+    M3B_CHECK(cudaMallocAsync(&base_, bytes_, stream_));
+#endif
+    for (int i = 0; i < n_slots_; ++i) *slots_[i].slot = static_cast<char*>(base_) + slots_[i].offset;
+    return Status::Ok();
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  struct Slot {
+    void** slot;
+    size_t offset;
+  };
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+  size_t bytes_ = 0;
+  Slot slots_[16] = {};
+  int n_slots_ = 0;
+};
+
+// Chunk rows whose three chunk-kernel layouts fit `smem_limit` bytes (0: none fits).
+inline int pick_rows(const Dims& d, int smem_limit, BwdSmem* l3, BwdSmem* l5, BwdSmem* l7) {
+  const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
+  const int NA = static_cast<int>(d.NA);
+  for (int rows = kMaxRows; rows >= R && rows >= 8; rows /= 2) {
+    *l3 = bwd_smem_layout(N, P, R, NA, rows, kPartK | kPartV | kPartTL | kPartTH);
+    *l5 = bwd_smem_layout(N, P, R, NA, rows,
+                          kPartQ | kPartK | kPartV | kPartDY | kPartRA | kPartTL | kPartTH |
+                              kPartGO | kPartZ);
+    *l7 = bwd_smem_layout(N, P, R, NA, rows,
+                          kPartQ | kPartK | kPartV | kPartDY | kPartRA | kPartDA | kPartST |
+                              kPartTL | kPartTH | kPartDTH);
+    const size_t need = smem_bytes(*l7) > smem_bytes(*l5) ? smem_bytes(*l7) : smem_bytes(*l5);
+    if (need <= static_cast<size_t>(smem_limit)) return rows;
+  }
+  return 0;
+}
+
+// What the backward kernels serve; NotSupported names the value otherwise.
+inline Status check_backward_supported(const Dims& d) {
+  if (!(d.R == 1 || d.R == 2 || d.R == 4 || d.R == 8) || d.N > 128 || d.P > 128 || d.NA > 64)
+    return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) +
+                                ", P = " + std::to_string(d.P) + ", R = " + std::to_string(d.R) +
+                                ", NA = " + std::to_string(d.NA) +
+                                " not supported (needs N <= 128, P <= 128, R in {1, 2, 4, 8}, "
+                                "NA <= 64); the cpu lane runs it");
+  return Status::Ok();
+}
+
+inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
+  BwdParams bp;
+  ForwardArgs f;
+  f.in = a.in;
+  bp.p = make_params(f, d);
+  bp.d_out = to_device_view(a.d_out);
+  bp.df_angle = to_device_view(a.d_final.angle), bp.df_ssm = to_device_view(a.d_final.ssm);
+  bp.df_k = to_device_view(a.d_final.k), bp.df_v = to_device_view(a.d_final.v);
+  const Grads& g = a.grads;
+  bp.g_q = to_device_view(g.q), bp.g_k = to_device_view(g.k), bp.g_v = to_device_view(g.v);
+  bp.g_adt = to_device_view(g.adt), bp.g_dt = to_device_view(g.dt);
+  bp.g_trap = to_device_view(g.trap), bp.g_qb = to_device_view(g.q_bias);
+  bp.g_kb = to_device_view(g.k_bias), bp.g_angles = to_device_view(g.angles);
+  bp.g_d = to_device_view(g.d), bp.g_z = to_device_view(g.z), bp.g_psi = to_device_view(g.mimo_v);
+  bp.g_zeta = to_device_view(g.mimo_z), bp.g_phi = to_device_view(g.mimo_o);
+  bp.g_w = to_device_view(g.norm_weight);
+  bp.gi_angle = to_device_view(g.initial.angle), bp.gi_ssm = to_device_view(g.initial.ssm);
+  bp.gi_k = to_device_view(g.initial.k), bp.gi_v = to_device_view(g.initial.v);
+  bp.L_tot = d.B * d.L;
+  bp.pf = par_fields(static_cast<int>(d.R), static_cast<int>(d.P), static_cast<int>(d.N));
+  return bp;
+}
+
+// The whole backward on `a.stream`; arguments validated, tensors on the device.
+inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
+  M3B_RETURN_IF_ERROR(check_backward_supported(d));
+  if (d.S * d.H == 0) return Status::Ok();
+  int smem_limit = 0;
+  M3B_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
+  BwdSmem l3, l5, l7;
+  const int rows = pick_rows(d, smem_limit, &l3, &l5, &l7);
+  if (rows == 0)
+    return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) + ", P = " +
+                                std::to_string(d.P) + " does not fit the device's shared memory");
+  BwdParams bp = make_bwd_params(a, d);
+  bp.rows = rows, bp.C = rows / static_cast<int>(d.R);
+  const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
+  const int H = static_cast<int>(d.H), NA = static_cast<int>(d.NA), S = static_cast<int>(d.S);
+  const BwdSmem l9 = bwd_smem_layout(N, P, R, NA, rows, kPartTH | kPartDTH);
+  const int64_t C = bp.C, L = d.L;
+  const int64_t ncu = d.varlen ? (L + C - 1) / C + S : S * ((L + C - 1) / C);
+  const int64_t cells = ncu * H, PN = static_cast<int64_t>(P) * N;
+  const bool has_init = a.in.initial.all();
+  const bool shared_qk = d.heads_per_group() > 1;
+
+  const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  WorkspaceBuffer buf(stream);
+  Workspace& ws = bp.ws;
+  buf.reserve(&ws.chunk_off, S + 1);
+  buf.reserve(&ws.theta, cells * NA);
+  buf.reserve(&ws.decay, cells);
+  buf.reserve(&ws.s_prev, cells * PN);
+  buf.reserve(&ws.ds_end, cells * PN);
+  buf.reserve(&ws.dy, bp.L_tot * H * R * P);
+  if (shared_qk && a.grads.q.defined()) buf.reserve(&ws.dq, bp.L_tot * H * R * N);
+  if (shared_qk && a.grads.k.defined()) buf.reserve(&ws.dk, bp.L_tot * H * R * N);
+  buf.reserve(&ws.tok, 2 * H * bp.L_tot);
+  buf.reserve(&ws.dth, bp.L_tot * H * NA);
+  buf.reserve(&ws.dthc, cells * NA);
+  buf.reserve(&ws.par, cells * bp.pf.count);
+  if (has_init) {
+    buf.reserve(&ws.ds0, S * H * PN);
+    buf.reserve(&ws.initp, S * H * (R * P + 1));
+  }
+  M3B_RETURN_IF_ERROR(buf.allocate());
+
+  const unsigned grid_ch = static_cast<unsigned>(ncu), seq_heads = static_cast<unsigned>(S * H);
+  const unsigned pn_blocks = static_cast<unsigned>((PN + kThreads - 1) / kThreads);
+  const size_t par_bytes = sizeof(float) * (3 * R * P + P);
+  const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
+  const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
+  M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
+  M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
+  M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
+  M3B_RETURN_IF_ERROR(allow_smem(bwd_token_grads_kernel, smem_bytes(l9)));
+
+  M3B_LAUNCH(bwd_plan_kernel, (1), (32), 0, stream, bp);
+  M3B_CHECK_LAUNCH("bwd_plan_kernel");
+  if (ncu > 0) {
+    if (NA > 0) {
+      M3B_LAUNCH(bwd_angle_sum_kernel, (grid_ch, H), (kThreads), angle_bytes, stream, bp);
+      M3B_CHECK_LAUNCH("bwd_angle_sum_kernel");
+      M3B_LAUNCH(bwd_angle_scan_kernel, (seq_heads), (64), 0, stream, bp);
+      M3B_CHECK_LAUNCH("bwd_angle_scan_kernel");
+    }
+    M3B_LAUNCH(bwd_chunk_state_kernel, (grid_ch, H), (kThreads), smem_bytes(l3), stream, bp, l3);
+    M3B_CHECK_LAUNCH("bwd_chunk_state_kernel");
+    M3B_LAUNCH(bwd_state_scan_kernel, (seq_heads, pn_blocks), (kThreads), par_bytes, stream, bp);
+    M3B_CHECK_LAUNCH("bwd_state_scan_kernel");
+    M3B_LAUNCH(bwd_chunk_out_kernel, (grid_ch, H), (kThreads), smem_bytes(l5), stream, bp, l5);
+    M3B_CHECK_LAUNCH("bwd_chunk_out_kernel");
+  }
+  M3B_LAUNCH(bwd_dstate_scan_kernel, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
+  M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");
+  if (ncu > 0) {
+    M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);
+    M3B_CHECK_LAUNCH("bwd_chunk_grad_kernel");
+  }
+  if (NA > 0) {
+    M3B_LAUNCH(bwd_dtheta_scan_kernel, (seq_heads), (64), 0, stream, bp);
+    M3B_CHECK_LAUNCH("bwd_dtheta_scan_kernel");
+  }
+  if (has_init) {
+    M3B_LAUNCH(bwd_init_grads_kernel, (seq_heads), (kThreads), init_bytes, stream, bp);
+    M3B_CHECK_LAUNCH("bwd_init_grads_kernel");
+  }
+  if (ncu > 0) {
+    M3B_LAUNCH(bwd_token_grads_kernel, (grid_ch, H), (kThreads), smem_bytes(l9), stream, bp, l9);
+    M3B_CHECK_LAUNCH("bwd_token_grads_kernel");
+  }
+  const int64_t qk_elems = bp.L_tot * d.G * R * N;
+  const unsigned qk_blocks =
+      static_cast<unsigned>(std::min<int64_t>((qk_elems + kThreads - 1) / kThreads, 65536));
+  if (qk_elems > 0) {
+    if (ws.dq) {
+      M3B_LAUNCH(bwd_reduce_qk_kernel, (qk_blocks), (kThreads), 0, stream, bp, ws.dq, bp.g_q);
+      M3B_CHECK_LAUNCH("bwd_reduce_qk_kernel");
+    }
+    if (ws.dk) {
+      M3B_LAUNCH(bwd_reduce_qk_kernel, (qk_blocks), (kThreads), 0, stream, bp, ws.dk, bp.g_k);
+      M3B_CHECK_LAUNCH("bwd_reduce_qk_kernel");
+    }
+  }
+  M3B_LAUNCH(bwd_reduce_par_kernel, (static_cast<unsigned>(H)), (kThreads), 0, stream, bp);
+  M3B_CHECK_LAUNCH("bwd_reduce_par_kernel");
+  return Status::Ok();
+}
+
+}  // namespace mamba3::cuda::bwd

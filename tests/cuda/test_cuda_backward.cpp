@@ -1,0 +1,222 @@
+// The cuda lane's backward on a GPU: golden gradients, the random-problem matrix against the
+// float64 reference (tolerance recipe, gradients only: the forward has its own tests), bitwise
+// determinism, the (empty) saved-activation buffer, capture in a CUDA graph and the errors of
+// unsupported configurations. Every test skips cleanly without a device.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include "check/golden.h"
+#include "cuda/common/staging.cuh"
+#include "test_util.h"
+
+namespace mamba3::test {
+namespace {
+
+#define REQUIRE_GPU()                                                                  \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_summary()
+
+std::string golden_path(const char* file) {
+  const char* env = std::getenv("MAMBA3_GOLDEN_DIR");
+  const std::string dir = env && *env ? env : std::string(MAMBA3_SOURCE_DIR) + "/tests/data/golden";
+  return dir + "/" + file;
+}
+
+Result grads_only(const Result& r) {
+  Result o;
+  for (const auto& [name, v] : r)
+    if (name.rfind("grad.", 0) == 0) o[name] = v;
+  return o;
+}
+
+TEST(CudaBackwardGolden, GradientsWithinRecipe) {
+  REQUIRE_GPU();
+  for (const char* f : {"golden_public_siso.safetensors", "golden_public_mimo.safetensors"}) {
+    std::vector<check::CaseReport> reports;
+    Status st = check::run_golden_file(golden_path(f), Lane::kCuda, &reports, /*forward_only=*/false);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    ASSERT_FALSE(reports.empty());
+    for (const auto& r : reports) {
+      EXPECT_TRUE(r.status.ok()) << r.case_name << ": " << r.status.ToString();
+      int grads = 0;
+      for (const auto& m : r.metrics) {
+        grads += m.name.rfind("grad.", 0) == 0;
+        EXPECT_TRUE(m.pass) << r.case_name << "\n" << check::format_metric(m);
+      }
+      EXPECT_GE(grads, 10) << r.case_name << ": gradients were not checked";
+    }
+  }
+}
+
+class CudaBackwardVsReference : public testing::TestWithParam<Case> {};
+
+TEST_P(CudaBackwardVsReference, GradientsWithinRecipe) {
+  REQUIRE_GPU();
+  const Case& c = GetParam();
+  check::Problem p = make(c, 700 + c.L);
+  RunOptions o;
+  o.out_dtype = c.dtype;
+  const Result ref = grads_only(run(p, Eval::kReference, o));
+  const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
+  const Result got = grads_only(run(p, Eval::kCuda, o));
+  expect_within_recipe(got, ref, naive, p.config().describe());
+}
+
+const auto kI = RopePairing::kInterleaved;
+const auto kH = RopePairing::kHalved;
+const auto kF = DType::kF32;
+const auto kB = DType::kBF16;
+const auto kF16 = DType::kF16;
+
+INSTANTIATE_TEST_SUITE_P(
+    Matrix, CudaBackwardVsReference,
+    testing::Values(
+        Case{"siso_L1", 2, 1, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kF},
+        Case{"siso_L0", 2, 0, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kF},
+        Case{"siso_L63", 1, 63, 2, 1, 64, 32, 1, 16, true, false, false, {}, kI, kF},
+        Case{"siso_L64_nostates", 1, 64, 4, 2, 128, 64, 1, 32, false, false, false, {}, kI, kF},
+        Case{"siso_L65_norm", 2, 65, 4, 2, 128, 64, 1, 64, true, true, false, {}, kI, kF},
+        Case{"siso_L331_halved", 1, 331, 2, 1, 64, 64, 1, 32, true, false, false, {}, kH, kF},
+        Case{"siso_N128_P128", 1, 200, 2, 1, 128, 128, 1, 64, true, true, false, {}, kI, kF},
+        Case{"siso_odd_P", 1, 97, 2, 1, 32, 40, 1, 8, true, true, false, {}, kH, kF},
+        Case{"mimo_r2", 1, 67, 2, 1, 64, 64, 2, 16, true, false, true, {}, kH, kF},
+        Case{"mimo_r4_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH, kF},
+        Case{"mimo_r4_per_rank", 1, 45, 2, 1, 64, 32, 4, 16, false, false, false, {}, kI, kF},
+        Case{"mimo_r8", 1, 33, 2, 1, 64, 64, 8, 32, true, false, true, {}, kH, kF},
+        Case{"mimo_r8_N128_P128", 1, 40, 2, 1, 128, 128, 8, 64, true, true, true, {}, kI, kF},
+        Case{"varlen", 1, 150, 2, 1, 64, 64, 1, 16, true, false, false, {70, 0, 1, 64, 15}, kI, kF},
+        Case{"varlen_mimo", 1, 200, 4, 2, 64, 64, 2, 16, true, true, true, {80, 0, 63, 57}, kI, kF},
+        Case{"bf16_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+        Case{"bf16_mimo", 1, 200, 4, 1, 128, 64, 4, 32, true, true, true, {}, kH, kB},
+        Case{"fp16_siso", 1, 150, 2, 1, 64, 64, 1, 16, true, true, false, {}, kI, kF16}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+TEST(CudaBackward, BitwiseDeterministic) {
+  REQUIRE_GPU();
+  // GQA (shared q/k over 4 heads), parameters over 2 sequences and many chunks.
+  for (const Case& c : {Case{"det_mimo", 2, 300, 8, 2, 128, 64, 4, 32, true, true, true, {}, kH, kF},
+                        Case{"det_siso", 1, 700, 8, 1, 128, 64, 1, 32, true, true, false,
+                             {100, 0, 333, 267}, kI, kB}}) {
+    check::Problem p = make(c, 8);
+    RunOptions o;
+    o.out_dtype = c.dtype;
+    expect_bitwise_equal(grads_only(run(p, Eval::kCuda, o)), grads_only(run(p, Eval::kCuda, o)),
+                         std::string("two cuda backward runs, ") + c.name);
+  }
+}
+
+// Backward arguments of `p` on host buffers (cotangents from seed 7), gradients into `g`.
+BackwardArgs host_backward(const check::Problem& p, const check::HostTensor& dout,
+                           const check::StateBuffers& ds, const check::GradBuffers& g) {
+  BackwardArgs b;
+  b.in = p.inputs();
+  b.d_out = dout.view();
+  b.d_final = ds.view();
+  b.grads = g.view();
+  b.lane = Lane::kCuda;
+  return b;
+}
+
+Result collect(const check::GradBuffers& g) {
+  Result r;
+  put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);
+  put(&r, "grad.adt", g.adt), put(&r, "grad.dt", g.dt), put(&r, "grad.trap", g.trap);
+  put(&r, "grad.q_bias", g.q_bias), put(&r, "grad.k_bias", g.k_bias);
+  put(&r, "grad.angles", g.angles), put(&r, "grad.d", g.d), put(&r, "grad.z", g.z);
+  put(&r, "grad.mimo_v", g.mimo_v), put(&r, "grad.mimo_z", g.mimo_z);
+  put(&r, "grad.mimo_o", g.mimo_o), put(&r, "grad.norm_weight", g.norm_weight);
+  put(&r, "grad.initial.angle", g.initial.angle), put(&r, "grad.initial.ssm", g.initial.ssm);
+  put(&r, "grad.initial.k", g.initial.k), put(&r, "grad.initial.v", g.initial.v);
+  return r;
+}
+
+// The cuda lane saves nothing: saved_numel is 0, an empty buffer is accepted and changes no bit,
+// a non-empty one is an error naming the expected size.
+TEST(CudaBackward, EmptySavedBufferChangesNothing) {
+  REQUIRE_GPU();
+  Case c{"saved", 1, 130, 2, 1, 64, 64, 2, 16, true, true, true, {}, kH, kF};
+  check::Problem p = make(c, 3);
+  check::HostTensor dout = p.random_d_out(DType::kF32, 7);
+  check::StateBuffers ds = p.random_d_states(7);
+  check::GradBuffers g1 = p.make_grads(false), g2 = p.make_grads(false), g3 = p.make_grads(false);
+  BackwardArgs b1 = host_backward(p, dout, ds, g1);
+  Status st = cuda::backward_staged(b1);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  BackwardArgs b2 = host_backward(p, dout, ds, g2);
+  b2.saved = make_tensor(nullptr, DType::kF32, {0});
+  st = cuda::backward_staged(b2);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  expect_bitwise_equal(collect(g1), collect(g2), "empty saved buffer vs none");
+  std::vector<float> junk(16, 1.f);
+  BackwardArgs b3 = host_backward(p, dout, ds, g3);
+  b3.saved = make_tensor(junk.data(), DType::kF32, {16});
+  st = cuda::backward_staged(b3);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("(0,)"), std::string::npos) << st.message();
+}
+
+// The backward allocates its workspace stream-ordered and never synchronizes, so it can be
+// captured in a CUDA graph; a replay gives the same bits as a direct call.
+TEST(CudaBackward, CapturableInGraph) {
+  REQUIRE_GPU();
+  Case c{"graph", 2, 100, 4, 2, 64, 32, 2, 16, true, true, true, {}, kH, kF};
+  check::Problem p = make(c, 5);
+  check::HostTensor dout = p.random_d_out(DType::kF32, 7);
+  check::StateBuffers ds = p.random_d_states(7);
+  check::GradBuffers g1 = p.make_grads(false), g2 = p.make_grads(false);
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  {
+    cuda::Staging st;
+    BackwardArgs d;
+    ASSERT_TRUE(st.stage_backward(host_backward(p, dout, ds, g1), &d).ok());
+    d.stream = stream;
+    ASSERT_TRUE(backward(d).ok());
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const Grads& g = d.grads;
+    ASSERT_TRUE(st.copy_back_all({&g.q, &g.k, &g.v, &g.adt, &g.dt, &g.trap, &g.q_bias, &g.k_bias,
+                                  &g.angles, &g.d, &g.z, &g.mimo_v, &g.mimo_z, &g.mimo_o,
+                                  &g.norm_weight, &g.initial.angle, &g.initial.ssm, &g.initial.k,
+                                  &g.initial.v})
+                    .ok());
+  }
+  {
+    cuda::Staging st;
+    BackwardArgs d;
+    ASSERT_TRUE(st.stage_backward(host_backward(p, dout, ds, g2), &d).ok());
+    d.stream = stream;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    Status cap = backward(d);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    ASSERT_TRUE(cap.ok()) << cap.ToString();
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const Grads& g = d.grads;
+    ASSERT_TRUE(st.copy_back_all({&g.q, &g.k, &g.v, &g.adt, &g.dt, &g.trap, &g.q_bias, &g.k_bias,
+                                  &g.angles, &g.d, &g.z, &g.mimo_v, &g.mimo_z, &g.mimo_o,
+                                  &g.norm_weight, &g.initial.angle, &g.initial.ssm, &g.initial.k,
+                                  &g.initial.v})
+                    .ok());
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  cudaStreamDestroy(stream);
+  expect_bitwise_equal(collect(g2), collect(g1), "graph replay vs direct backward");
+}
+
+TEST(CudaBackward, UnsupportedConfigurationSaysSo) {
+  REQUIRE_GPU();
+  Case c{"big", 1, 8, 2, 1, 256, 64, 1, 16, false, false, false, {}, kI, kF};
+  check::Problem p = make(c, 1);
+  check::HostTensor dout = p.random_d_out(DType::kF32, 7);
+  check::StateBuffers ds = p.random_d_states(7);
+  check::GradBuffers g = p.make_grads(false);
+  Status st = cuda::backward_staged(host_backward(p, dout, ds, g));
+  EXPECT_EQ(st.code(), StatusCode::kNotSupported) << st.ToString();
+  EXPECT_NE(st.message().find("N = 256"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace mamba3::test

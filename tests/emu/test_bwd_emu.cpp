@@ -1,0 +1,92 @@
+// The cuda lane's backward kernels run on the CPU through tests/emu/emu.h (one host thread per
+// CUDA thread), against the float64 reference with the tolerance recipe, on small shapes. For
+// developing the kernels without a GPU; the GPU tests (tests/cuda/test_cuda_backward.cpp) are the
+// real check. Built with -DMAMBA3_BUILD_EMU_TESTS=ON (a CPU-only build is enough).
+#define MAMBA3_CUDA_EMU 1
+#include "emu.h"
+// clang-format off
+#include "cuda/chunk_bwd/bwd_launch.cuh"
+// clang-format on
+
+#include <gtest/gtest.h>
+
+#include "test_util.h"
+
+namespace mamba3::test {
+namespace {
+
+// Gradients of the emulated cuda backward, named as run() names them.
+Result run_emu(const check::Problem& p, const RunOptions& o) {
+  Result r;
+  const DType odt = o.out_dtype;
+  check::HostTensor dout = p.random_d_out(odt, o.cot_seed);
+  check::StateBuffers ds = p.random_d_states(o.cot_seed);
+  check::GradBuffers g = p.make_grads(false);
+  BackwardArgs b;
+  b.in = p.inputs();
+  b.d_out = dout.view();
+  b.d_final = ds.view();
+  b.grads = g.view();
+  b.lane = Lane::kCpu;  // validation of host tensors; the kernels run emulated
+  Dims d;
+  Status st = validate_backward(b, &d);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  st = cuda::bwd::backward_chunked(b, d);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);
+  put(&r, "grad.adt", g.adt), put(&r, "grad.dt", g.dt), put(&r, "grad.trap", g.trap);
+  put(&r, "grad.q_bias", g.q_bias), put(&r, "grad.k_bias", g.k_bias);
+  put(&r, "grad.angles", g.angles), put(&r, "grad.d", g.d), put(&r, "grad.z", g.z);
+  put(&r, "grad.mimo_v", g.mimo_v), put(&r, "grad.mimo_z", g.mimo_z);
+  put(&r, "grad.mimo_o", g.mimo_o), put(&r, "grad.norm_weight", g.norm_weight);
+  put(&r, "grad.initial.angle", g.initial.angle), put(&r, "grad.initial.ssm", g.initial.ssm);
+  put(&r, "grad.initial.k", g.initial.k), put(&r, "grad.initial.v", g.initial.v);
+  return r;
+}
+
+Result grads_only(const Result& r) {
+  Result o;
+  for (const auto& [name, v] : r)
+    if (name.rfind("grad.", 0) == 0) o[name] = v;
+  return o;
+}
+
+class EmuBackward : public testing::TestWithParam<Case> {};
+
+TEST_P(EmuBackward, WithinRecipe) {
+  const Case& c = GetParam();
+  check::Problem p = make(c, 900 + c.L);
+  RunOptions o;
+  o.out_dtype = c.dtype;
+  const Result ref = grads_only(run(p, Eval::kReference, o));
+  const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
+  const Result got = run_emu(p, o);
+  expect_within_recipe(got, ref, naive, p.config().describe());
+  if (std::getenv("MAMBA3_EMU_DETERMINISM"))
+    expect_bitwise_equal(got, run_emu(p, o), "two emulated runs");
+}
+
+const auto kI = RopePairing::kInterleaved;
+const auto kH = RopePairing::kHalved;
+const auto kF = DType::kF32;
+const auto kB = DType::kBF16;
+
+INSTANTIATE_TEST_SUITE_P(
+    Small, EmuBackward,
+    testing::Values(
+        Case{"siso_L70", 2, 70, 2, 1, 16, 8, 1, 4, true, false, false, {}, kI, kF},
+        Case{"siso_gqa_norm", 1, 67, 4, 2, 16, 12, 1, 8, true, true, false, {}, kH, kF},
+        Case{"mimo_r2_norm", 1, 45, 4, 2, 16, 8, 2, 4, true, true, true, {}, kH, kF},
+        Case{"mimo_r4_per_rank", 1, 21, 2, 1, 8, 8, 4, 2, true, false, false, {}, kI, kF},
+        Case{"mimo_r8", 1, 11, 2, 1, 16, 8, 8, 8, true, false, true, {}, kH, kF},
+        Case{"mimo_r8_13_chunks", 2, 100, 2, 1, 16, 8, 8, 4, true, true, true, {}, kI, kF},
+        Case{"varlen", 1, 110, 2, 1, 16, 8, 1, 4, true, false, false, {30, 0, 1, 64, 15}, kI, kF},
+        Case{"L0", 2, 0, 2, 1, 16, 8, 1, 4, true, false, false, {}, kI, kF},
+        Case{"L1_nostates", 2, 1, 2, 1, 16, 8, 1, 4, false, false, false, {}, kI, kF},
+        Case{"bf16_mimo", 1, 40, 2, 1, 16, 8, 2, 4, true, true, true, {}, kH, kB},
+        Case{"p48_tiles", 1, 130, 2, 1, 32, 48, 1, 8, true, true, false, {}, kI, kF},
+        Case{"n128_p128_r2", 1, 40, 2, 1, 128, 128, 2, 64, true, false, true, {}, kH, kF}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+}  // namespace
+}  // namespace mamba3::test
