@@ -1311,10 +1311,20 @@ def _spawn(cmd: List[str], name: str) -> subprocess.Popen:
     import tempfile
 
     fd, path = tempfile.mkstemp(prefix=f"peers-{name}-", suffix=".log")
-    p = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT)
+    # Its own process group, so that stopping it also stops the compile processes it spawns.
+    p = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, start_new_session=True)
     os.close(fd)
     p.logpath = path  # type: ignore[attr-defined]
     return p
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, 9)
+        except OSError:
+            p.kill()
+    p.wait()
 
 
 def _log_tail(p: subprocess.Popen, n: int, prefix: str = "") -> List[str]:
@@ -1343,8 +1353,7 @@ def join_prewarm(procs: List[subprocess.Popen], timeout_s: float, run: Run) -> N
             p.wait(timeout=left)
             done += p.returncode == 0
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            _stop(p)
         for ln in _log_tail(p, 3):
             log(f"  {ln}")
     run.meta["prewarm"] = (f"{done}/{len(procs)} compile workers finished in "
@@ -1355,17 +1364,17 @@ def join_prewarm(procs: List[subprocess.Popen], timeout_s: float, run: Run) -> N
     reset_autotune_choices()
 
 
-def wait_tilelang(proc: subprocess.Popen, run: Run) -> None:
+def wait_tilelang(proc: subprocess.Popen, run: Run, cap_s: float) -> None:
     t0 = time.monotonic()
-    left = max(0.0, run.budget.seconds - run.budget.elapsed() - 30.0)
+    left = max(0.0, min(cap_s, run.budget.seconds - run.budget.elapsed() - 30.0))
     try:
         proc.wait(timeout=left)
         run.meta["tilelang_prewarm"] = (f"exit {proc.returncode}, waited "
                                         f"{time.monotonic() - t0:.0f} s")
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        run.meta["tilelang_prewarm"] = "killed: the run's budget ran out first"
+        _stop(proc)
+        run.meta["tilelang_prewarm"] = (f"compile process stopped after {left:.0f} s of "
+                                        "waiting; unfinished kernels compiled on first use")
     for ln in _log_tail(proc, 10, "[precompile]") + _log_tail(proc, 3, "Traceback"):
         log(f"  {ln}")
     log(f"TileLang compile process: {run.meta['tilelang_prewarm']}")
@@ -1475,40 +1484,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tl_proc: Optional[subprocess.Popen] = None
     timer = Timer(run.gpu, budget, target_s=0.25 if run.gpu else 0.3,
                   max_iters=40 if run.gpu else 5, min_iters=3 if run.gpu else 2)
+    def section(name, fn):
+        """Runs one section; a failure outside its rows is logged and noted, the next runs."""
+        if name not in sections:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            run.meta["notes"].append(f"section {name} stopped: {not_run_reason(e)}")
+            log(f"section {name} stopped: {e}")
+        write_report(run)  # after every section: a run cut short still leaves its report
+
+    def parity():
+        parity_prefill(run, cfg["parity_siso"], "siso")
+        parity_decode(run, cfg["parity_decode"])
+        parity_prefill(run, cfg["parity_mimo"], "mimo")  # last: TileLang may still compile
+
+    def mimo():
+        nonlocal tl_proc
+        if tl_proc is not None:
+            wait_tilelang(tl_proc, run, cap_s=120.0)
+            tl_proc = None
+        prefill_rows(run, cfg["mimo"], "mimo", timer)
+
     try:
-        if "ceilings" in sections:
-            measure_ceilings(run)
+        section("ceilings", lambda: measure_ceilings(run))
         if run.gpu and args.prewarm > 0 and any(s in sections for s in ("siso", "context", "sweep")):
             procs = start_prewarm(args.prewarm)
             log(f"started {len(procs)} compile workers")
         if run.gpu and args.prewarm > 0 and any(s in sections for s in ("mimo", "parity")):
             tl_proc = start_tilelang_prewarm()
-        if "parity" in sections:
-            parity_prefill(run, cfg["parity_siso"], "siso")
-            parity_decode(run, cfg["parity_decode"])
-            parity_prefill(run, cfg["parity_mimo"], "mimo")  # last: TileLang may still compile
+        section("parity", parity)
         if procs:
             join_prewarm(procs, timeout_s=max(0.0, min(150.0, budget.seconds * 0.35
                                                        - budget.elapsed())), run=run)
             procs = []
-        if "siso" in sections:
-            prefill_rows(run, cfg["siso"], "siso", timer)
-        if "decode" in sections:
-            decode_rows(run, cfg["decode"], timer)
-        if "mimo" in sections:
-            if tl_proc is not None:
-                wait_tilelang(tl_proc, run)
-                tl_proc = None
-            prefill_rows(run, cfg["mimo"], "mimo", timer)
-        if "context" in sections:
-            context_rows(run, cfg["siso"] + [s for s in cfg["mimo"] if s.name == "megacpp"],
-                         timer)
-        if "sweep" in sections:
-            for s in cfg["sweep"]:
-                sweep_rows(run, s, timer)
+        section("siso", lambda: prefill_rows(run, cfg["siso"], "siso", timer))
+        section("decode", lambda: decode_rows(run, cfg["decode"], timer))
+        # Context before MIMO: the TileLang compile process (CPU only) gets that long to finish.
+        section("context", lambda: context_rows(
+            run, cfg["siso"] + [s for s in cfg["mimo"] if s.name == "megacpp"], timer))
+        section("mimo", mimo)
+        section("sweep", lambda: [sweep_rows(run, s, timer) for s in cfg["sweep"]])
     finally:
         for p in procs + ([tl_proc] if tl_proc is not None else []):
-            p.kill()
+            _stop(p)
         files = write_report(run)
     log(f"wrote {files['md']}, {files['json']}" + (f", {files['png']}" if files["png"] else ""))
     return 0
