@@ -28,6 +28,7 @@ nothing of it is copied here. Peer code is imported from the installed package o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import importlib.util
@@ -446,6 +447,9 @@ class Run:
     ceilings: List[Dict[str, object]] = field(default_factory=list)
     timing: List[Dict[str, object]] = field(default_factory=list)
     parity: List[Dict[str, object]] = field(default_factory=list)
+    # Compile pass (GPU): every row's callable runs once, nothing is recorded.
+    dry: bool = False
+    current: str = ""  # the row in progress (shown if the run is stopped from outside)
 
     @property
     def gpu(self) -> bool:
@@ -454,6 +458,11 @@ class Run:
     @property
     def device(self) -> str:
         return "cuda" if self.gpu else "cpu"
+
+    def record(self, row: Dict[str, object]) -> None:
+        if not self.dry:
+            self.timing.append(row)
+            write_json(self)
 
     def ceiling(self, name: str) -> Optional[float]:
         for c in self.ceilings:
@@ -468,6 +477,12 @@ class Run:
         steps per graph replay), the reported time is per call."""
         row = dict(section=section, shape=shape.name, dims=asdict(shape), op=op, impl=impl,
                    note=note)
+        self.current = f"{section} {shape.name} {op} {impl}"
+        if self.dry:  # compile pass: only the peers' JIT-compiled kernels need it
+            if not op.endswith("-graph") and impl not in ("ours", "sdpa"):
+                self.dry_call(fn)
+            return row
+        write_json(self)
         try:
             self.budget.check()
             f = fn()
@@ -487,10 +502,21 @@ class Run:
             if self.gpu:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-        self.timing.append(row)
+        self.record(row)
         shown = f"{row['ms']:.4g} ms" if row["status"] == "measured" else row["status"]
         log(f"{section:8s} {shape.name:14s} {op:9s} {impl:9s} {shown}")
         return row
+
+    def dry_call(self, build: Callable[[], Callable]) -> None:
+        """Compile pass: build and call once; failures are the real pass's business."""
+        try:
+            self.budget.check()
+            build()()
+        except Exception as e:  # noqa: BLE001
+            log(f"compile pass: {self.current}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            if self.gpu:
+                torch.cuda.synchronize()
 
 
 # ----- ceilings
@@ -583,8 +609,8 @@ def prefill_rows(run: Run, shapes: Sequence[Shape], kind: str, timer: Timer) -> 
         except Exception as e:  # noqa: BLE001
             for op in ("fwd", "fwd+bwd"):
                 for impl in ("ours", official_name):
-                    run.timing.append(dict(section=kind, shape=s.name, dims=asdict(s), op=op,
-                                           impl=impl, status=not_run_reason(e)))
+                    run.record(dict(section=kind, shape=s.name, dims=asdict(s), op=op,
+                                    impl=impl, status=not_run_reason(e)))
             continue
         fl = mamba3_flops(s)
         nb = input_bytes(x) + tensor_bytes(x["v"])  # inputs read, out written (out as V)
@@ -741,9 +767,10 @@ def decode_rows(run: Run, shapes: Sequence[Shape], timer: Timer) -> None:
             run.budget.check()
             xs = [make_step_inputs(s, run.device, seed=10 + i) for i in range(layers)]
         except Exception as e:  # noqa: BLE001
-            for impl in ("ours", "official"):
-                run.timing.append(dict(section="decode", shape=s.name, dims=asdict(s), op="step",
-                                       impl=impl, status=not_run_reason(e)))
+            for impl in ("ours", "official" if run.gpu else "official-ref"):
+                for op in ("step", "step-graph") if run.gpu else ("step",):
+                    run.record(dict(section="decode", shape=s.name, dims=asdict(s), op=op,
+                                    impl=impl, status=not_run_reason(e)))
             continue
         x0 = xs[0]
         out_shape = x0["v"].shape
@@ -913,7 +940,13 @@ def parity_prefill(run: Run, s: Shape, kind: str) -> None:
         # Cotangents for the final states only where the official function differentiates them.
         state_cot = not (mimo and run.gpu)
         official_impl = call_official if run.gpu else official_ref_prefill
+        if run.dry:  # compile pass: the official call exactly as below, nothing recorded
+            run.current = f"parity {kind} official"
+            run.dry_call(lambda: lambda: evaluate(official_impl, x, GRAD_NAMES, cots, True,
+                                                  state_cot))
+            return
         results = {}
+        run.current = f"parity {kind}"
         for impl, call, inp in (("reference", call_ours, to_ref(x)), ("ours", call_ours, x),
                                 ("official", official_impl, x)):
             run.budget.check()
@@ -924,13 +957,19 @@ def parity_prefill(run: Run, s: Shape, kind: str) -> None:
                 results[impl] = NotRun(not_run_reason(e)[len("not run: "):])
             log(f"parity {kind} {impl}: {time.time() - t0:.1f} s")
     except Exception as e:  # noqa: BLE001
-        run.parity.append(dict(case=case, tensor="*", status=not_run_reason(e)))
+        if not run.dry:
+            run.parity.append(dict(case=case, tensor="*", status=not_run_reason(e)))
         return
     add_parity(run, case, results, cot_note="" if state_cot else
                "cotangent on out only (the official MIMO final states are not differentiable)")
 
 
 def add_parity(run: Run, case: str, results, cot_note: str = "") -> None:
+    add_parity_rows(run, case, results, cot_note)
+    write_json(run)
+
+
+def add_parity_rows(run: Run, case: str, results, cot_note: str = "") -> None:
     ref = results["reference"]
     if isinstance(ref, NotRun):
         run.parity.append(dict(case=case, tensor="*", status=f"not run: reference: {ref}"))
@@ -1005,7 +1044,12 @@ def parity_decode(run: Run, s: Shape) -> None:
                     outs.append(o.detach())
                 return {"out": torch.stack(outs, 1), **dict(zip(STATE_NAMES, states))}
 
+            if run.dry:
+                run.current = f"parity decode R={R} official"
+                run.dry_call(lambda: lambda: run_impl("official"))
+                continue
             results = {}
+            run.current = f"parity decode R={R}"
             for impl in ("reference", "ours", "official"):
                 try:
                     results[impl] = run_impl(impl)
@@ -1014,7 +1058,8 @@ def parity_decode(run: Run, s: Shape) -> None:
             # The official SISO step returns the K state as (B, H, N); ours (B, H, N) too.
             add_parity(run, case, results)
         except Exception as e:  # noqa: BLE001
-            run.parity.append(dict(case=case, tensor="*", status=not_run_reason(e)))
+            if not run.dry:
+                run.parity.append(dict(case=case, tensor="*", status=not_run_reason(e)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1060,13 +1105,66 @@ def ratio(a, b) -> str:
     return f"{b['ms'] / a['ms']:.2f}×"
 
 
-def write_report(run: Run) -> Dict[str, str]:
+def report_stem(run: Run) -> str:
+    return os.path.join(run.out_dir, f"peers-{run.device_tag}-{run.meta['date']}")
+
+
+def write_json(run: Run) -> str:
+    """The run's data so far (rewritten after every row, so a run stopped from outside can still
+    be rendered: --render)."""
+    if run.dry or not run.out_dir:
+        return ""
     os.makedirs(run.out_dir, exist_ok=True)
-    stem = os.path.join(run.out_dir, f"peers-{run.device_tag}-{run.meta['date']}")
-    run.meta["elapsed_s"] = round(run.budget.elapsed(), 1)
+    path = report_stem(run) + ".json"
+    if not run.meta.get("rendered"):
+        run.meta["elapsed_s"] = round(run.budget.elapsed(), 1)
+        run.meta["current"] = run.current
     data = dict(meta=run.meta, ceilings=run.ceilings, timing=run.timing, parity=run.parity)
-    with open(stem + ".json", "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def planned_rows(run: Run):
+    """Every (section, shape, op, impl) a full run of this mode records, in report order."""
+    cfg = run_cfg(run)
+    off = "official" if run.gpu else "official-ref"
+    rows = []
+    for section in ("siso", "decode", "mimo"):
+        for s in cfg[section]:
+            ops = (("step", "step-graph") if run.gpu else ("step",)) if section == "decode" \
+                else ("fwd", "fwd+bwd")
+            rows += [(section, s, op, impl) for op in ops for impl in ("ours", off)]
+    for s in cfg["siso"] + [m for m in cfg["mimo"] if m.name == "megacpp"]:
+        rows += [("context", s, op, impl) for op in ("fwd", "fwd+bwd")
+                 for impl in ("mamba2", "sdpa")]
+    for s in cfg["sweep"]:
+        rows += [("sweep", s, op, impl) for impl in ("ours", off, "mamba2", "sdpa")
+                 for op in ("fwd", "fwd+bwd")]
+    return rows
+
+
+def fill_missing(run: Run, reason: str) -> int:
+    """Adds every planned row the run did not reach, with `reason`; returns how many."""
+    have = {(r["section"], r["shape"], r["op"], r["impl"]) for r in run.timing}
+    n = 0
+    for section, s, op, impl in planned_rows(run):
+        if (section, s.name, op, impl) not in have:
+            run.timing.append(dict(section=section, shape=s.name, dims=asdict(s), op=op,
+                                   impl=impl, status=f"not run: {reason}"))
+            n += 1
+    cases = {p["case"].split()[0] + (" R=4" if "R=4" in p["case"] else "") for p in run.parity}
+    for case in ("siso", "decode", "decode R=4", "mimo"):
+        if case not in cases and not (case == "mimo" and "mimo R=4" in cases):
+            run.parity.append(dict(case=case, tensor="*", status=f"not run: {reason}"))
+            n += 1
+    return n
+
+
+def write_report(run: Run) -> Dict[str, str]:
+    stem = report_stem(run)
+    write_json(run)
     png = make_plot(run, stem + ".png")
     official_name = "official" if run.gpu else "official-ref"
     L: List[str] = []
@@ -1173,11 +1271,12 @@ def write_report(run: Run) -> Dict[str, str]:
     L.append("")
     for n in run.meta.get("notes", []):
         L.append(f"- {n}")
-    if run.meta.get("prewarm") or run.meta.get("tilelang_prewarm"):
-        L.append(f"- Compilation (never inside a timed call): Triton kernels of the peers were "
-                 f"compiled into Triton's cache by parallel workers during the parity checks "
-                 f"({run.meta.get('prewarm', 'not started')}); the timed runs autotune over the "
-                 f"official, unmodified configuration lists on a quiet GPU. TileLang kernels: "
+    if run.gpu:
+        L.append(f"- Compilation is never inside a timed call. Compile pass: "
+                 f"{run.meta.get('compile_pass_s', 'not run')} s (every autotuning configuration "
+                 f"of the official Triton kernels compiled in parallel before anything is timed; "
+                 f"the timed pass then autotunes over the official, unmodified configuration "
+                 f"lists). TileLang kernels (official MIMO): "
                  f"{run.meta.get('tilelang_prewarm', 'compiled on first use')}.")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(L) + "\n")
@@ -1213,8 +1312,11 @@ def make_plot(run: Run, path: str) -> Optional[str]:
         ax.set_ylabel("ms (median)")
         ax.set_title(f"{op}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     rows = [r for r in run.timing if r["section"] == "sweep"]
+    if any_point:
+        for ax in axes:
+            if ax.get_lines():
+                ax.legend(fontsize=8)
     if rows:
         d = rows[0]["dims"]
         fig.suptitle(f"{run.meta['device']}: B·L = {d['B'] * d['L']}, H={d['H']}, N={d['N']}, "
@@ -1230,70 +1332,52 @@ def make_plot(run: Run, path: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prewarm (GPU mode): compile the peers' Triton kernels in parallel processes while the main
-# process runs the parity checks (which time nothing). Each worker keeps only every k-th
-# autotuning configuration of every official Triton kernel, so together they compile every
-# configuration once, into Triton's on-disk cache; the timed runs afterwards autotune over the
-# full, unmodified configuration lists and find the binaries there. Best effort: a worker's
-# failure only means the main process compiles that kernel itself.
+# Compile pass (GPU mode). The official Triton kernels autotune over many configurations (the
+# Mamba-3 SISO forward and backward alone: 216), each compiled on first use, one after another:
+# tens of minutes on a fresh machine. Before anything is timed, every row's callable runs once
+# with each autotuner asked to compile ALL its configurations at once, in a thread pool (Triton's
+# AsyncCompileMode; its passes release the GIL), and to launch the first that works, so the
+# calling wrapper reaches its next kernel. Nothing is benchmarked or chosen there: the timed
+# pass afterwards runs the official autotuners unmodified, over their full configuration lists,
+# and finds every binary compiled. Compilation is never inside a timed call either way.
 
 
-def prewarm_worker(index: int, count: int) -> None:
+@contextlib.contextmanager
+def compile_all_configs(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
     from triton.runtime.autotuner import Autotuner
 
-    official_light_import()
-    cfg = gpu_config()
-    mods = []
-    for name in ("siso_combined", "siso_step", "ssd_combined"):
+    original = Autotuner.run
+
+    def run_compiling_all(self, *args, **kwargs):
+        plain = {k: v for k, v in kwargs.items() if k != "warmup"}
         try:
-            official(name)
-        except NotRun as e:
-            print(f"[prewarm {index}] {e}", flush=True)
-    for modname, mod in list(sys.modules.items()):
-        if modname.startswith("mamba_ssm.ops.triton") and mod is not None:
-            mods.append(mod)
-    n_patched = 0
-    for mod in mods:
-        for obj in list(vars(mod).values()):
-            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                sub = obj.configs[index::count] or [obj.configs[index % len(obj.configs)]]
-                obj.configs = sub
-                n_patched += 1
-    print(f"[prewarm {index}] {n_patched} autotuned kernels restricted to every {count}-th "
-          f"configuration", flush=True)
-    # The timed shapes, at L = 4096 (the same integer specializations: multiples of 16, B = 1).
-    shapes = {(s.B, s.H, s.G, s.N, s.P): s.with_(L=4096, R=1)
-              for s in cfg["siso"] + cfg["mimo"] + cfg["sweep"]}
-    for s in shapes.values():
-        for what in ("siso", "ssd"):
+            self.warmup(*args, **plain)  # submits every configuration for compilation
+        except Exception:  # noqa: BLE001 - a configuration that cannot compile is skipped
+            pass
+        last: Optional[BaseException] = None
+        for config in self.configs:
+            self.nargs = dict(zip(self.arg_names, args))
             try:
-                if what == "siso" and s.N != 128:
-                    continue
-                if what == "siso":
-                    x = make_inputs(s, "cuda", seed=1)
-                    call = call_official
-                else:
-                    x = mamba2_inputs(s, "cuda")
-                    call = lambda y: mamba2_call(y, True)  # noqa: E731
-                with torch.no_grad():
-                    call(x)
-                grad_fn(call, x, GRAD_NAMES if what == "siso" else M2_GRADS, seed=2)()
-                torch.cuda.synchronize()
-                del x
-            except Exception as e:  # noqa: BLE001
-                print(f"[prewarm {index}] {what} {s}: {type(e).__name__}: {e}", flush=True)
-    for s in cfg["decode"]:
-        if s.R != 1:
-            continue
-        try:
-            x = make_step_inputs(s, "cuda", seed=1)
-            official("siso_step")(x["q"], x["k"], x["v"], x["adt"], x["dt"], x["trap"],
-                                  x["q_bias"], x["k_bias"], x["angles"], D=x["d"], Z=x["z"],
-                                  Input_States=x["init"])
-        except Exception as e:  # noqa: BLE001
-            print(f"[prewarm {index}] step {s.B}: {type(e).__name__}: {e}", flush=True)
-    torch.cuda.synchronize()
-    print(f"[prewarm {index}] done", flush=True)
+                if config.pre_hook is not None:
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
+                return self.fn.run(*args, **kwargs, **config.all_kwargs())
+            except Exception as e:  # noqa: BLE001 - e.g. out of resources: try the next one
+                last = e
+            finally:
+                self.nargs = None
+        raise last if last is not None else RuntimeError("no configuration")
+
+    Autotuner.run = run_compiling_all
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        with AsyncCompileMode(pool, ignore_errors=True):
+            yield
+    finally:
+        Autotuner.run = original
+        pool.shutdown(wait=True)
 
 
 def start_tilelang_prewarm() -> Optional[subprocess.Popen]:
@@ -1303,7 +1387,8 @@ def start_tilelang_prewarm() -> Optional[subprocess.Popen]:
     if not (os.path.exists(tl) and os.environ.get("TILELANG_TARGET")
             and os.environ.get("TILELANG_CACHE_DIR")):
         return None
-    return _spawn([sys.executable, tl, "--jobs", "7"], "tilelang")
+    jobs = max(1, min(4, (os.cpu_count() or 4) // 4))
+    return _spawn(["nice", "-n", "10", sys.executable, tl, "--jobs", str(jobs)], "tilelang")
 
 
 def _spawn(cmd: List[str], name: str) -> subprocess.Popen:
@@ -1336,34 +1421,6 @@ def _log_tail(p: subprocess.Popen, n: int, prefix: str = "") -> List[str]:
         return []
 
 
-def start_prewarm(count: int) -> List[subprocess.Popen]:
-    procs = []
-    for i in range(count):
-        procs.append(_spawn([sys.executable, os.path.abspath(__file__), "--prewarm-worker",
-                             f"{i}/{count}"], f"triton{i}"))
-    return procs
-
-
-def join_prewarm(procs: List[subprocess.Popen], timeout_s: float, run: Run) -> None:
-    t0 = time.monotonic()
-    done = 0
-    for p in procs:
-        left = max(0.0, timeout_s - (time.monotonic() - t0))
-        try:
-            p.wait(timeout=left)
-            done += p.returncode == 0
-        except subprocess.TimeoutExpired:
-            _stop(p)
-        for ln in _log_tail(p, 3):
-            log(f"  {ln}")
-    run.meta["prewarm"] = (f"{done}/{len(procs)} compile workers finished in "
-                           f"{time.monotonic() - t0:.0f} s of waiting")
-    log(run.meta["prewarm"])
-    # Autotuning choices made while the workers shared the GPU (during parity) are dropped, so
-    # every timed official kernel autotunes again on a quiet GPU, over its full configuration list.
-    reset_autotune_choices()
-
-
 def wait_tilelang(proc: subprocess.Popen, run: Run, cap_s: float) -> None:
     t0 = time.monotonic()
     left = max(0.0, min(cap_s, run.budget.seconds - run.budget.elapsed() - 30.0))
@@ -1378,22 +1435,6 @@ def wait_tilelang(proc: subprocess.Popen, run: Run, cap_s: float) -> None:
     for ln in _log_tail(proc, 10, "[precompile]") + _log_tail(proc, 3, "Traceback"):
         log(f"  {ln}")
     log(f"TileLang compile process: {run.meta['tilelang_prewarm']}")
-
-
-def reset_autotune_choices() -> int:
-    try:
-        from triton.runtime.autotuner import Autotuner
-    except ImportError:
-        return 0
-    n = 0
-    for modname, mod in list(sys.modules.items()):
-        if not modname.startswith("mamba_ssm.ops.triton") or mod is None:
-            continue
-        for obj in list(vars(mod).values()):
-            if isinstance(obj, Autotuner):
-                obj.cache.clear()
-                n += 1
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1443,6 +1484,30 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def render(path: str) -> int:
+    """Re-renders the report of a run from its JSON; planned rows the run never reached (it was
+    stopped from outside, e.g. by a wall-clock limit) are added as not run, naming the row that
+    was in progress."""
+    with open(path) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    mode = meta.get("mode", "gpu")
+    run = Run(mode=mode, out_dir=os.path.dirname(os.path.abspath(path)),
+              budget=Budget(float(meta.get("budget_s", 0) or 0)))
+    run.meta, run.ceilings, run.timing, run.parity = meta, data["ceilings"], data["timing"], data["parity"]
+    run.device_tag = os.path.basename(path)[len("peers-"):-len("-" + meta["date"] + ".json")]
+    current = meta.get("current") or "unknown"
+    n = fill_missing(run, f"the run was stopped from outside after {meta.get('elapsed_s')} s "
+                          f"(its wall-clock limit) while running: {current}")
+    meta["rendered"] = True
+    meta.setdefault("notes", []).append(
+        f"This report was rendered from the run's JSON after the run was stopped from outside "
+        f"while running `{current}`; {n} planned rows were not reached.")
+    files = write_report(run)
+    log(f"rendered {files['md']}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description="mamba3 vs the official mamba-ssm kernels")
@@ -1451,21 +1516,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "..", "results"))
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget; rows past it are 'not run' (gpu 420, cpu 300)")
-    ap.add_argument("--sections", default="ceilings,parity,siso,decode,mimo,context,sweep")
-    ap.add_argument("--prewarm", type=int, default=12, help="GPU: parallel compile workers (0: none)")
-    ap.add_argument("--prewarm-worker", default=None, help=argparse.SUPPRESS)
+                    help="wall-clock budget; rows past it are 'not run' (gpu 540, cpu 300)")
+    ap.add_argument("--sections", default="ceilings,parity,siso,decode,context,mimo,sweep")
+    ap.add_argument("--no-compile-pass", action="store_true",
+                    help="GPU: let each official kernel compile on first use (serially)")
+    ap.add_argument("--render", metavar="JSON", help="re-render a run's report from its JSON")
     args = ap.parse_args(argv)
-    if args.prewarm_worker:
-        i, k = (int(v) for v in args.prewarm_worker.split("/"))
-        prewarm_worker(i, k)
-        return 0
+    if args.render:
+        return render(args.render)
     if args.mode == "gpu" and not torch.cuda.is_available():
         print("--mode gpu needs a CUDA device; use --mode cpu", file=sys.stderr)
         return 2
-    budget = Budget(args.budget_s or (420.0 if args.mode == "gpu" else 300.0))
+    budget = Budget(args.budget_s or (540.0 if args.mode == "gpu" else 300.0))
     run = Run(mode=args.mode, out_dir=os.path.abspath(args.out), budget=budget)
     collect_meta(run, argv)
+    run.meta["mode"] = run.mode
+    run.meta["budget_s"] = budget.seconds
     cfg = run_cfg(run)
     sections = args.sections.split(",")
     torch.manual_seed(0)
@@ -1477,13 +1543,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "the official module's defaults. Both implementations get the same tensors.")
         run.meta["notes"].append(
             "Decode: each timed call steps 8 layers (8 independent state sets), the time is per "
-            "step; `step` launches from Python, `step-graph` replays one CUDA graph of the 8 "
-            "steps. Ours updates states in place; the official step returns new state tensors.")
-
-    procs: List[subprocess.Popen] = []
-    tl_proc: Optional[subprocess.Popen] = None
+            "step; `step` launches from Python (CUDA events, so host launch gaps count), "
+            "`step-graph` replays one CUDA graph of the 8 steps. Ours updates states in place; "
+            "the official step returns new state tensors.")
     timer = Timer(run.gpu, budget, target_s=0.25 if run.gpu else 0.3,
                   max_iters=40 if run.gpu else 5, min_iters=3 if run.gpu else 2)
+    tl_proc: Optional[subprocess.Popen] = None
+
     def section(name, fn):
         """Runs one section; a failure outside its rows is logged and noted, the next runs."""
         if name not in sections:
@@ -1491,9 +1557,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             fn()
         except Exception as e:  # noqa: BLE001
-            run.meta["notes"].append(f"section {name} stopped: {not_run_reason(e)}")
+            if not run.dry:
+                run.meta["notes"].append(f"section {name} stopped: {not_run_reason(e)}")
             log(f"section {name} stopped: {e}")
-        write_report(run)  # after every section: a run cut short still leaves its report
+        if not run.dry:
+            write_report(run)  # after every section: a run cut short still leaves its report
 
     def parity():
         parity_prefill(run, cfg["parity_siso"], "siso")
@@ -1503,32 +1571,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def mimo():
         nonlocal tl_proc
         if tl_proc is not None:
-            wait_tilelang(tl_proc, run, cap_s=120.0)
+            wait_tilelang(tl_proc, run, cap_s=150.0)
             tl_proc = None
         prefill_rows(run, cfg["mimo"], "mimo", timer)
 
+    def context():
+        context_rows(run, cfg["siso"] + [s for s in cfg["mimo"] if s.name == "megacpp"], timer)
+
+    def sweep():
+        for s in cfg["sweep"]:
+            sweep_rows(run, s, timer)
+
+    passes = [("parity", parity), ("siso", lambda: prefill_rows(run, cfg["siso"], "siso", timer)),
+              ("decode", lambda: decode_rows(run, cfg["decode"], timer)), ("context", context),
+              ("sweep", sweep), ("mimo", mimo)]
     try:
         section("ceilings", lambda: measure_ceilings(run))
-        if run.gpu and args.prewarm > 0 and any(s in sections for s in ("siso", "context", "sweep")):
-            procs = start_prewarm(args.prewarm)
-            log(f"started {len(procs)} compile workers")
-        if run.gpu and args.prewarm > 0 and any(s in sections for s in ("mimo", "parity")):
+        if run.gpu and any(s in sections for s in ("mimo", "parity")):
             tl_proc = start_tilelang_prewarm()
-        section("parity", parity)
-        if procs:
-            join_prewarm(procs, timeout_s=max(0.0, min(150.0, budget.seconds * 0.35
-                                                       - budget.elapsed())), run=run)
-            procs = []
-        section("siso", lambda: prefill_rows(run, cfg["siso"], "siso", timer))
-        section("decode", lambda: decode_rows(run, cfg["decode"], timer))
-        # Context before MIMO: the TileLang compile process (CPU only) gets that long to finish.
-        section("context", lambda: context_rows(
-            run, cfg["siso"] + [s for s in cfg["mimo"] if s.name == "megacpp"], timer))
-        section("mimo", mimo)
-        section("sweep", lambda: [sweep_rows(run, s, timer) for s in cfg["sweep"]])
+        if run.gpu and not args.no_compile_pass:
+            t0 = time.monotonic()
+            run.dry = True
+            run_budget, run.budget = run.budget, Budget(0.45 * budget.seconds - budget.elapsed())
+            threads = os.cpu_count() or 8
+            log(f"compile pass: every autotuning configuration of the peers' kernels, "
+                f"{threads} threads")
+            try:
+                with compile_all_configs(threads):
+                    for name, fn in passes:  # MIMO last: TileLang compiles meanwhile
+                        section(name, fn)
+            except Exception as e:  # noqa: BLE001
+                log(f"compile pass stopped: {type(e).__name__}: {e}")
+            finally:
+                run.dry = False
+                run.budget = run_budget
+            run.meta["compile_pass_s"] = round(time.monotonic() - t0, 1)
+            log(f"compile pass: {run.meta['compile_pass_s']} s")
+        for name, fn in [passes[0], passes[1], passes[2], passes[3], passes[5], passes[4]]:
+            section(name, fn)
     finally:
-        for p in procs + ([tl_proc] if tl_proc is not None else []):
-            _stop(p)
+        if tl_proc is not None:
+            _stop(tl_proc)
+        fill_missing(run, "its section stopped before this row (see the notes)")
         files = write_report(run)
     log(f"wrote {files['md']}, {files['json']}" + (f", {files['png']}" if files["png"] else ""))
     return 0
