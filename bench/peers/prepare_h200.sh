@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares what a device run of the peer harness carries (run_h200.sh runs it there):
 #   ROOT/.devpy  the mamba3 package with its cuda lane, built here for the H200's CPU (AVX2+FMA,
-#                no -march=native), this harness, and COMMIT (the commit it was built from)
+#                no -march=native), this harness, the CUDA tests of the torch ops
+#                (tests/python/test_cuda.py) and COMMIT (the commit it was built from)
 #   ROOT/.whl    mamba_ssm-2.3.2.post1 as a pure-Python wheel (its CUDA extension is never used),
 #                tilelang-site.tar.xz (tilelang 0.1.8 + apache-tvm-ffi, torch-c-dlpack-ext and
 #                z3-solver for cp312, the packages the device image lacks; tilelang's AMD-only
@@ -31,6 +32,7 @@ cmake --build "$build" --target mamba3_torch
 rm -rf "$root/.devpy" && mkdir -p "$root/.devpy/mamba3" "$root/.devpy/peers"
 cp "$here"/python/mamba3/*.py "$build/python/_C.so" "$build/python/_build_info.py" "$root/.devpy/mamba3/"
 cp "$here"/bench/peers/*.py "$here"/bench/peers/*.sh "$root/.devpy/peers/"
+mkdir -p "$root/.devpy/tests" && cp "$here"/tests/python/{conftest,test_cuda}.py "$root/.devpy/tests/"
 git -C "$here" rev-parse --short HEAD >"$root/.devpy/COMMIT"
 
 echo "[prepare] wheels -> $root/.whl"

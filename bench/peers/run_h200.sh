@@ -31,6 +31,10 @@ export PEERS_COMMIT=${PEERS_COMMIT:-$(cat .devpy/COMMIT 2>/dev/null || echo unkn
 export PEERS_COMMAND=${PEERS_COMMAND:-"bash bench/peers/run_h200.sh (python bench/peers/peers.py --mode gpu $*)"}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader || true
+# The torch ops on CUDA tensors first (a few seconds); their result is in the log, the run goes on.
+if [[ -f .devpy/tests/test_cuda.py ]]; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -rs .devpy/tests/test_cuda.py || true
+fi
 # The harness stops starting rows at its --budget-s; this hard limit (below the device tool's
 # 600 s) covers a call that hangs. The JSON is rewritten after every row, so the report is then
 # rendered from it, with the rows never reached marked as such.
