@@ -12,6 +12,12 @@
 //         input is absent, comes back as a 0-element tensor.
 //   step  one decode token; mutates the four states and writes `out` (allocates nothing).
 //         Not differentiable (decode is inference): its output carries no autograd history.
+//
+// Devices: every tensor of a call must be on one device (checked by name here, index included).
+// CUDA tensors are passed to the core as device pointers, with the device made current and
+// torch's current stream of that device as the launch stream, so the ops follow torch's stream
+// semantics (and are capturable in a CUDA graph where the lane is). A build without the cuda
+// lane answers CUDA tensors with the core's "not supported".
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +30,11 @@
 #include <vector>
 
 #include "mamba3/mamba3.h"
+
+#ifdef MAMBA3_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace mamba3_torch {
 namespace {
@@ -49,10 +60,27 @@ mamba3::DType to_dtype(const at::Tensor& t, const char* name) {
               " (expected float32, float64, bfloat16, float16, or int32 for cu_seqlens)");
 }
 
+// The one device of a call: the first tensor bound sets it, every later one must match it.
+struct CallDevice {
+  std::optional<c10::Device> device;
+  const char* first = nullptr;
+
+  void check(const at::Tensor& t, const char* name) {
+    if (!device) {
+      device = t.device();
+      first = name;
+      return;
+    }
+    TORCH_CHECK(t.device() == *device, name, ": expected device ", *device, " (the device of ",
+                first, "), got ", t.device(), "; all tensors of one call must be on one device");
+  }
+};
+
 // A non-owning strided view of a torch tensor (no copy: any strides, including 0).
-mamba3::Tensor view(const at::Tensor& t, const char* name) {
+mamba3::Tensor view(const at::Tensor& t, const char* name, CallDevice& dev) {
   mamba3::Tensor v;
   if (!t.defined()) return v;
+  dev.check(t, name);
   TORCH_CHECK(t.dim() <= mamba3::kMaxDims, name, ": at most ", mamba3::kMaxDims,
               " dims are supported, got ", t.dim());
   TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), name,
@@ -69,9 +97,32 @@ mamba3::Tensor view(const at::Tensor& t, const char* name) {
   return v;
 }
 
-mamba3::Tensor view(const OptTensor& t, const char* name) {
-  return t.has_value() ? view(*t, name) : mamba3::Tensor{};
+mamba3::Tensor view(const OptTensor& t, const char* name, CallDevice& dev) {
+  return t.has_value() ? view(*t, name, dev) : mamba3::Tensor{};
 }
+
+// Makes the call's CUDA device current for the scope and returns torch's current stream on it
+// (null for CPU tensors, whose lanes take no stream).
+class DeviceScope {
+ public:
+  explicit DeviceScope(const CallDevice& dev) {
+#ifdef MAMBA3_WITH_CUDA
+    if (dev.device && dev.device->is_cuda()) {
+      guard_.emplace(*dev.device);
+      stream_ = static_cast<void*>(c10::cuda::getCurrentCUDAStream(dev.device->index()).stream());
+    }
+#else
+    (void)dev;
+#endif
+  }
+  void* stream() const { return stream_; }
+
+ private:
+#ifdef MAMBA3_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard_;
+#endif
+  void* stream_ = nullptr;
+};
 
 void check_status(const mamba3::Status& st, const char* op) {
   TORCH_CHECK(st.ok(), "mamba3::", op, ": ", st.ToString());
@@ -92,28 +143,28 @@ struct InputTensors {
 };
 
 mamba3::Inputs make_inputs(const InputTensors& t, bool halved_rope, double norm_eps,
-                           int64_t chunk_size) {
+                           int64_t chunk_size, CallDevice& dev) {
   mamba3::Inputs in;
-  in.q = view(t.q, "q");
-  in.k = view(t.k, "k");
-  in.v = view(t.v, "v");
-  in.adt = view(t.adt, "adt");
-  in.dt = view(t.dt, "dt");
-  in.trap = view(t.trap, "trap");
-  in.q_bias = view(t.q_bias, "q_bias");
-  in.k_bias = view(t.k_bias, "k_bias");
-  in.angles = view(t.angles, "angles");
-  in.d = view(t.d, "d");
-  in.z = view(t.z, "z");
-  in.mimo_v = view(t.mimo_v, "mimo_v");
-  in.mimo_z = view(t.mimo_z, "mimo_z");
-  in.mimo_o = view(t.mimo_o, "mimo_o");
-  in.norm_weight = view(t.norm_weight, "norm_weight");
-  in.initial.angle = view(t.init_angle, "initial.angle");
-  in.initial.ssm = view(t.init_ssm, "initial.ssm");
-  in.initial.k = view(t.init_k, "initial.k");
-  in.initial.v = view(t.init_v, "initial.v");
-  in.cu_seqlens = view(t.cu_seqlens, "cu_seqlens");
+  in.q = view(t.q, "q", dev);
+  in.k = view(t.k, "k", dev);
+  in.v = view(t.v, "v", dev);
+  in.adt = view(t.adt, "adt", dev);
+  in.dt = view(t.dt, "dt", dev);
+  in.trap = view(t.trap, "trap", dev);
+  in.q_bias = view(t.q_bias, "q_bias", dev);
+  in.k_bias = view(t.k_bias, "k_bias", dev);
+  in.angles = view(t.angles, "angles", dev);
+  in.d = view(t.d, "d", dev);
+  in.z = view(t.z, "z", dev);
+  in.mimo_v = view(t.mimo_v, "mimo_v", dev);
+  in.mimo_z = view(t.mimo_z, "mimo_z", dev);
+  in.mimo_o = view(t.mimo_o, "mimo_o", dev);
+  in.norm_weight = view(t.norm_weight, "norm_weight", dev);
+  in.initial.angle = view(t.init_angle, "initial.angle", dev);
+  in.initial.ssm = view(t.init_ssm, "initial.ssm", dev);
+  in.initial.k = view(t.init_k, "initial.k", dev);
+  in.initial.v = view(t.init_v, "initial.v", dev);
+  in.cu_seqlens = view(t.cu_seqlens, "cu_seqlens", dev);
   in.rope_pairing = halved_rope ? mamba3::RopePairing::kHalved : mamba3::RopePairing::kInterleaved;
   in.norm_eps = static_cast<float>(norm_eps);
   TORCH_CHECK(chunk_size >= 1 && chunk_size <= (1 << 20), "chunk_size: must be in [1, 2^20], got ",
@@ -167,15 +218,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                        k_bias,      angles,     d,        z,      mimo_v, mimo_z,    mimo_o,
                        norm_weight, init_angle, init_ssm, init_k, init_v, cu_seqlens};
   const Shapes s = shapes_of(t);
+  CallDevice dev;
   mamba3::ForwardArgs args;
-  args.in = make_inputs(t, halved_rope, norm_eps, chunk_size);
+  args.in = make_inputs(t, halved_rope, norm_eps, chunk_size, dev);
   args.num_threads = at::get_num_threads();
+  const DeviceScope scope(dev);
+  args.stream = scope.stream();
 
   const auto opts = v.options();
   const auto out_opts = opts.dtype(out_dtype.value_or(v.scalar_type()));
   at::Tensor out = s.per_rank ? at::empty({s.B, s.L, s.R, s.H, s.P}, out_opts)
                               : at::empty({s.B, s.L, s.H, s.P}, out_opts);
-  args.out = view(out, "out");
+  args.out = view(out, "out", dev);
 
   const auto sopts = opts.dtype(s.state_dtype);
   at::Tensor f_angle, f_ssm, f_k, f_v;
@@ -184,8 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     f_ssm = at::empty({s.S, s.H, s.P, s.N}, sopts);
     f_k = s.qk_siso ? at::empty({s.S, s.H, s.N}, sopts) : at::empty({s.S, s.R, s.H, s.N}, sopts);
     f_v = at::empty({s.S, s.H, s.P}, sopts);
-    args.final_states = {view(f_angle, "final.angle"), view(f_ssm, "final.ssm"),
-                         view(f_k, "final.k"), view(f_v, "final.v")};
+    args.final_states = {view(f_angle, "final.angle", dev), view(f_ssm, "final.ssm", dev),
+                         view(f_k, "final.k", dev), view(f_v, "final.v", dev)};
   } else {
     f_angle = at::empty({0}, sopts);
     f_ssm = at::empty({0}, sopts);
@@ -194,9 +248,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   int64_t saved_numel = 0;
-  if (save_for_backward) check_status(mamba3::saved_numel(args, &saved_numel), "fwd");
+  if (save_for_backward) {
+    const mamba3::Status st = mamba3::saved_numel(args, &saved_numel);
+    // A lane without a saved-activation layout (the cuda lane today) answers "not supported":
+    // then nothing is saved (0 elements) and bwd recomputes what it needs from the inputs. The
+    // buffer is never handed over unfilled. Any other failure is the forward's own error.
+    if (st.code() == mamba3::StatusCode::kNotSupported && v.is_cuda())
+      saved_numel = 0;
+    else
+      check_status(st, "fwd");
+  }
   at::Tensor saved = at::empty({saved_numel}, opts.dtype(at::kFloat));
-  if (saved_numel > 0) args.saved = view(saved, "saved");
+  if (saved_numel > 0) args.saved = view(saved, "saved", dev);
 
   check_status(mamba3::forward(args), "fwd");
   return {out, f_angle, f_ssm, f_k, f_v, saved};
@@ -221,13 +284,16 @@ std::vector<at::Tensor> bwd(const at::Tensor& d_out, const OptTensor& d_final_an
                        norm_weight, init_angle, init_ssm, init_k, init_v, cu_seqlens};
   TORCH_CHECK(static_cast<int64_t>(grad_mask_ints.size()) == kNumGrads, "grad_mask: expected ",
               kNumGrads, " entries, got ", grad_mask_ints.size());
+  CallDevice dev;
   mamba3::BackwardArgs args;
-  args.in = make_inputs(t, halved_rope, norm_eps, chunk_size);
+  args.in = make_inputs(t, halved_rope, norm_eps, chunk_size, dev);
   args.num_threads = at::get_num_threads();
-  args.d_out = view(d_out, "d_out");
-  args.d_final = {view(d_final_angle, "d_final.angle"), view(d_final_ssm, "d_final.ssm"),
-                  view(d_final_k, "d_final.k"), view(d_final_v, "d_final.v")};
-  if (saved.has_value() && saved->numel() > 0) args.saved = view(*saved, "saved");
+  args.d_out = view(d_out, "d_out", dev);
+  args.d_final = {view(d_final_angle, "d_final.angle", dev), view(d_final_ssm, "d_final.ssm", dev),
+                  view(d_final_k, "d_final.k", dev), view(d_final_v, "d_final.v", dev)};
+  if (saved.has_value() && saved->numel() > 0) args.saved = view(*saved, "saved", dev);
+  const DeviceScope scope(dev);
+  args.stream = scope.stream();
 
   const std::array<const at::Tensor*, kNumGrads> inputs = {&q,
                                                            &k,
@@ -273,7 +339,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& d_out, const OptTensor& d_final_an
       // Contiguous, whatever the input's strides (an expanded input gets a full gradient).
       grads[static_cast<size_t>(i)] = at::empty(in->sizes(), in->options());
       *slots[static_cast<size_t>(i)] =
-          view(grads[static_cast<size_t>(i)], names[static_cast<size_t>(i)]);
+          view(grads[static_cast<size_t>(i)], names[static_cast<size_t>(i)], dev);
     } else {
       grads[static_cast<size_t>(i)] = at::empty({0}, (in ? *in : v).options());
     }
@@ -289,27 +355,30 @@ void step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const a
           const OptTensor& mimo_o, const OptTensor& norm_weight, const at::Tensor& state_angle,
           const at::Tensor& state_ssm, const at::Tensor& state_k, const at::Tensor& state_v,
           const at::Tensor& out, bool halved_rope, double norm_eps) {
+  CallDevice dev;
   mamba3::StepArgs a;
-  a.q = view(q, "q");
-  a.k = view(k, "k");
-  a.v = view(v, "v");
-  a.adt = view(adt, "adt");
-  a.dt = view(dt, "dt");
-  a.trap = view(trap, "trap");
-  a.angles = view(angles, "angles");
-  a.q_bias = view(q_bias, "q_bias");
-  a.k_bias = view(k_bias, "k_bias");
-  a.d = view(d, "d");
-  a.z = view(z, "z");
-  a.mimo_v = view(mimo_v, "mimo_v");
-  a.mimo_z = view(mimo_z, "mimo_z");
-  a.mimo_o = view(mimo_o, "mimo_o");
-  a.norm_weight = view(norm_weight, "norm_weight");
-  a.state = {view(state_angle, "state.angle"), view(state_ssm, "state.ssm"),
-             view(state_k, "state.k"), view(state_v, "state.v")};
-  a.out = view(out, "out");
+  a.q = view(q, "q", dev);
+  a.k = view(k, "k", dev);
+  a.v = view(v, "v", dev);
+  a.adt = view(adt, "adt", dev);
+  a.dt = view(dt, "dt", dev);
+  a.trap = view(trap, "trap", dev);
+  a.angles = view(angles, "angles", dev);
+  a.q_bias = view(q_bias, "q_bias", dev);
+  a.k_bias = view(k_bias, "k_bias", dev);
+  a.d = view(d, "d", dev);
+  a.z = view(z, "z", dev);
+  a.mimo_v = view(mimo_v, "mimo_v", dev);
+  a.mimo_z = view(mimo_z, "mimo_z", dev);
+  a.mimo_o = view(mimo_o, "mimo_o", dev);
+  a.norm_weight = view(norm_weight, "norm_weight", dev);
+  a.state = {view(state_angle, "state.angle", dev), view(state_ssm, "state.ssm", dev),
+             view(state_k, "state.k", dev), view(state_v, "state.v", dev)};
+  a.out = view(out, "out", dev);
   a.rope_pairing = halved_rope ? mamba3::RopePairing::kHalved : mamba3::RopePairing::kInterleaved;
   a.norm_eps = static_cast<float>(norm_eps);
+  const DeviceScope scope(dev);
+  a.stream = scope.stream();
   check_status(mamba3::step(a), "step");
 }
 

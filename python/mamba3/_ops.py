@@ -4,11 +4,16 @@ Schemas and the CPU/CUDA kernels are C++ (python/csrc/ops.cpp); this module adds
 torch.compile and autograd need, and the two low-level entry points the public functions use:
 `combined` (prefill forward, differentiable) and `step` (decode, in place).
 
-Dtype policy (DESIGN.md §2.6): float64 activations run on the float64 reference lane (so
-gradcheck works); float32/bfloat16/float16 on the fast cpu lane. Parameters (ADT, DT, Angles,
-biases, D, MIMO projections, norm weight, states) must be float32 or float64: other float dtypes
-are cast to float32 here (a differentiable cast). Outputs take V's dtype, final states are
-float32 (float64 when V is float64).
+Lanes: CUDA tensors run on the cuda lane (on torch's current stream of their device; the build
+must have it, see pyproject.toml); on CPU, float64 activations run on the float64 reference lane
+(so gradcheck works) and float32/bfloat16/float16 on the fast cpu lane. All tensors of a call
+must be on one device. On CUDA, fwd saves no activations while the cuda lane has no layout for
+them (its `saved` output is empty) and bwd recomputes from the inputs.
+
+Dtype policy (DESIGN.md §2.6): parameters (ADT, DT, Angles, biases, D, MIMO projections, norm
+weight, states) must be float32 or float64: other float dtypes are cast to float32 here (a
+differentiable cast). Outputs take V's dtype, final states are float32 (float64 when V is
+float64).
 """
 
 from __future__ import annotations
