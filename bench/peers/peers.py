@@ -1149,19 +1149,26 @@ def planned_rows(run: Run):
     return rows
 
 
-def fill_missing(run: Run, reason: str) -> int:
-    """Adds every planned row the run did not reach, with `reason`; returns how many."""
+def fill_missing(run: Run, reason: str, selected: Optional[Sequence[str]] = None) -> int:
+    """Adds every planned row the run did not reach, with `reason`; returns how many. Rows of a
+    section outside `selected` (the run's --sections) say so instead."""
     have = {(r["section"], r["shape"], r["op"], r["impl"]) for r in run.timing}
+
+    def why(section: str) -> str:
+        if selected is not None and section not in selected:
+            return f"not run: section '{section}' not selected in this run (--sections)"
+        return f"not run: {reason}"
+
     n = 0
     for section, s, op, impl in planned_rows(run):
         if (section, s.name, op, impl) not in have:
             run.timing.append(dict(section=section, shape=s.name, dims=asdict(s), op=op,
-                                   impl=impl, status=f"not run: {reason}"))
+                                   impl=impl, status=why(section)))
             n += 1
     cases = {p["case"].split()[0] + (" R=4" if "R=4" in p["case"] else "") for p in run.parity}
     for case in ("siso", "decode", "decode R=4", "mimo"):
         if case not in cases and not (case == "mimo" and "mimo R=4" in cases):
-            run.parity.append(dict(case=case, tensor="*", status=f"not run: {reason}"))
+            run.parity.append(dict(case=case, tensor="*", status=why("parity")))
             n += 1
     return n
 
@@ -1616,7 +1623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if tl_proc is not None:
             _stop(tl_proc)
-        fill_missing(run, "its section stopped before this row (see the notes)")
+        fill_missing(run, "its section stopped before this row (see the notes)", sections)
         files = write_report(run)
     log(f"wrote {files['md']}, {files['json']}" + (f", {files['png']}" if files["png"] else ""))
     return 0
