@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/return_if_error.h"
 #include "core/validate.h"
 #include "cpu/cpu_lane.h"
 #include "cuda/cuda_lane.h"
@@ -49,12 +50,6 @@ Lane resolve_lane(Lane requested, const Dims& d, DType activation_dtype) {
   if (d.device == Device::kCUDA) return Lane::kCuda;
   return activation_dtype == DType::kF64 ? Lane::kReference : Lane::kCpu;
 }
-
-#define M3_RETURN_IF_ERROR(expr)  \
-  do {                            \
-    ::mamba3::Status _s = (expr); \
-    if (!_s.ok()) return _s;      \
-  } while (0)
 
 // ForwardArgs::saved / BackwardArgs::saved: optional, 1-D float32, sized for the lane.
 Status check_saved(const Tensor& saved, Lane lane, const Inputs& in, const Dims& d) {

@@ -1,3 +1,4 @@
+#include "core/return_if_error.h"
 #include "core/validate.h"
 
 #include <cmath>
@@ -91,12 +92,6 @@ class Checker {
  private:
   Device device_;
 };
-
-#define M3_RETURN_IF_ERROR(expr)   \
-  do {                             \
-    ::mamba3::Status _s = (expr);  \
-    if (!_s.ok()) return _s;       \
-  } while (0)
 
 // Every element finite (CPU tensors only; a CUDA tensor is not read here).
 Status check_finite(const char* name, const Tensor& t) {

@@ -8,18 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "core/return_if_error.h"
 #include "cuda/common/check.cuh"
 #include "cuda/common/staging.cuh"
 #include "cuda/cuda_lane.h"
 
 namespace mamba3::cuda {
 namespace {
-
-#define M3_RETURN_IF_ERROR(expr)  \
-  do {                            \
-    ::mamba3::Status _s = (expr); \
-    if (!_s.ok()) return _s;      \
-  } while (0)
 
 // Times `run` (which launches on `stream`) with events; seconds per call.
 template <typename F>

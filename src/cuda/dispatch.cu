@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/return_if_error.h"
 #include "core/step_view.h"
 #include "core/validate.h"
 #include "cuda/chunk_bwd/bwd_dispatch.h"
@@ -19,12 +20,6 @@
 
 namespace mamba3::cuda {
 namespace {
-
-#define M3_RETURN_IF_ERROR(expr)  \
-  do {                            \
-    ::mamba3::Status _s = (expr); \
-    if (!_s.ok()) return _s;      \
-  } while (0)
 
 
 // The SIMT kernels take N, P, R at run time; these bounds keep their shared memory in budget.

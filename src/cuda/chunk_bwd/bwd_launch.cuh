@@ -14,6 +14,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/return_if_error.h"
 #include "core/validate.h"
 #include "cuda/chunk_bwd/bwd_kernels.cuh"
 
@@ -34,12 +35,6 @@ namespace mamba3::cuda::bwd {
 #define M3B_CHECK(expr) MAMBA3_CHECK_CUDA(expr)
 #define M3B_CHECK_LAUNCH(name) MAMBA3_CHECK_LAUNCH(name)
 #endif
-
-#define M3B_RETURN_IF_ERROR(expr) \
-  do {                            \
-    ::mamba3::Status _s = (expr); \
-    if (!_s.ok()) return _s;      \
-  } while (0)
 
 // The largest dynamic shared memory a block may opt into on the current device.
 inline Status max_dynamic_smem(int* bytes) {
@@ -165,10 +160,10 @@ inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
 
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
 inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
-  M3B_RETURN_IF_ERROR(check_backward_supported(d));
+  M3_RETURN_IF_ERROR(check_backward_supported(d));
   if (d.S * d.H == 0) return Status::Ok();
   int smem_limit = 0;
-  M3B_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
+  M3_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
   BwdSmem l3, l5, l7;
   const int rows = pick_rows(d, smem_limit, &l3, &l5, &l7);
   if (rows == 0)
@@ -204,17 +199,17 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     buf.reserve(&ws.ds0, S * H * PN);
     buf.reserve(&ws.initp, S * H * (R * P + 1));
   }
-  M3B_RETURN_IF_ERROR(buf.allocate());
+  M3_RETURN_IF_ERROR(buf.allocate());
 
   const unsigned grid_ch = static_cast<unsigned>(ncu), seq_heads = static_cast<unsigned>(S * H);
   const unsigned pn_blocks = static_cast<unsigned>((PN + kThreads - 1) / kThreads);
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
-  M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
-  M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
-  M3B_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
-  M3B_RETURN_IF_ERROR(allow_smem(bwd_token_grads_kernel, smem_bytes(l9)));
+  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
+  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
+  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
+  M3_RETURN_IF_ERROR(allow_smem(bwd_token_grads_kernel, smem_bytes(l9)));
 
   M3B_LAUNCH(bwd_plan_kernel, (1), (32), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_plan_kernel");
