@@ -25,10 +25,6 @@ TEST_P(CpuVsReference, ForwardBackwardWithinRecipe) {
   expect_within_recipe(cpu, ref, naive, p.config().describe());
 }
 
-const auto kI = RopePairing::kInterleaved;
-const auto kH = RopePairing::kHalved;
-const auto kF = DType::kF32;
-
 INSTANTIATE_TEST_SUITE_P(
     Matrix, CpuVsReference,
     testing::Values(

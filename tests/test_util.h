@@ -55,6 +55,18 @@ inline void put(Result* r, const std::string& name, const check::HostTensor& t) 
   if (t.defined()) (*r)[name] = t.to_double();
 }
 
+// Every gradient of g under the names run() uses ("grad.q", ..., "grad.initial.v").
+inline void put_grads(Result* r, const check::GradBuffers& g) {
+  put(r, "grad.q", g.q), put(r, "grad.k", g.k), put(r, "grad.v", g.v);
+  put(r, "grad.adt", g.adt), put(r, "grad.dt", g.dt), put(r, "grad.trap", g.trap);
+  put(r, "grad.q_bias", g.q_bias), put(r, "grad.k_bias", g.k_bias);
+  put(r, "grad.angles", g.angles), put(r, "grad.d", g.d), put(r, "grad.z", g.z);
+  put(r, "grad.mimo_v", g.mimo_v), put(r, "grad.mimo_z", g.mimo_z);
+  put(r, "grad.mimo_o", g.mimo_o), put(r, "grad.norm_weight", g.norm_weight);
+  put(r, "grad.initial.angle", g.initial.angle), put(r, "grad.initial.ssm", g.initial.ssm);
+  put(r, "grad.initial.k", g.initial.k), put(r, "grad.initial.v", g.initial.v);
+}
+
 // Runs forward (and backward) of `p`; fails the test on a non-ok status.
 inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   const bool f64 = ev == Eval::kReference;
@@ -104,14 +116,7 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   b.saved = f.saved;
   st = run_eval(ev, b);
   EXPECT_TRUE(st.ok()) << st.ToString();
-  put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);
-  put(&r, "grad.adt", g.adt), put(&r, "grad.dt", g.dt), put(&r, "grad.trap", g.trap);
-  put(&r, "grad.q_bias", g.q_bias), put(&r, "grad.k_bias", g.k_bias);
-  put(&r, "grad.angles", g.angles), put(&r, "grad.d", g.d), put(&r, "grad.z", g.z);
-  put(&r, "grad.mimo_v", g.mimo_v), put(&r, "grad.mimo_z", g.mimo_z);
-  put(&r, "grad.mimo_o", g.mimo_o), put(&r, "grad.norm_weight", g.norm_weight);
-  put(&r, "grad.initial.angle", g.initial.angle), put(&r, "grad.initial.ssm", g.initial.ssm);
-  put(&r, "grad.initial.k", g.initial.k), put(&r, "grad.initial.v", g.initial.v);
+  put_grads(&r, g);
   return r;
 }
 
@@ -196,6 +201,13 @@ inline StepArgs step_view(const check::Problem& p, int64_t t, const States& stat
 }
 
 // A row of the random-problem matrices (cpu and cuda lane tests).
+// Short names for the Case tables.
+inline constexpr RopePairing kI = RopePairing::kInterleaved;
+inline constexpr RopePairing kH = RopePairing::kHalved;
+inline constexpr DType kF = DType::kF32;
+inline constexpr DType kB = DType::kBF16;
+inline constexpr DType kF16 = DType::kF16;
+
 struct Case {
   const char* name;
   int64_t B, L, H, G, N, P, R, NA;

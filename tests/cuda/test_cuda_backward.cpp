@@ -61,12 +61,6 @@ TEST_P(CudaBackwardVsReference, GradientsWithinRecipe) {
   expect_within_recipe(got, ref, naive, p.config().describe());
 }
 
-const auto kI = RopePairing::kInterleaved;
-const auto kH = RopePairing::kHalved;
-const auto kF = DType::kF32;
-const auto kB = DType::kBF16;
-const auto kF16 = DType::kF16;
-
 INSTANTIATE_TEST_SUITE_P(
     Matrix, CudaBackwardVsReference,
     testing::Values(
@@ -118,14 +112,7 @@ BackwardArgs host_backward(const check::Problem& p, const check::HostTensor& dou
 
 Result collect(const check::GradBuffers& g) {
   Result r;
-  put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);
-  put(&r, "grad.adt", g.adt), put(&r, "grad.dt", g.dt), put(&r, "grad.trap", g.trap);
-  put(&r, "grad.q_bias", g.q_bias), put(&r, "grad.k_bias", g.k_bias);
-  put(&r, "grad.angles", g.angles), put(&r, "grad.d", g.d), put(&r, "grad.z", g.z);
-  put(&r, "grad.mimo_v", g.mimo_v), put(&r, "grad.mimo_z", g.mimo_z);
-  put(&r, "grad.mimo_o", g.mimo_o), put(&r, "grad.norm_weight", g.norm_weight);
-  put(&r, "grad.initial.angle", g.initial.angle), put(&r, "grad.initial.ssm", g.initial.ssm);
-  put(&r, "grad.initial.k", g.initial.k), put(&r, "grad.initial.v", g.initial.v);
+  put_grads(&r, g);
   return r;
 }
 

@@ -133,11 +133,6 @@ TEST(CudaSegmentedForward, BitwiseDeterministicAndBadOverrideNamed) {
   EXPECT_NE(st.message().find("MAMBA3_CUDA_SEG_LEN"), std::string::npos) << st.message();
 }
 
-const auto kI = RopePairing::kInterleaved;
-const auto kH = RopePairing::kHalved;
-const auto kF = DType::kF32;
-const auto kB = DType::kBF16;
-
 INSTANTIATE_TEST_SUITE_P(
     Matrix, CudaVsReference,
     testing::Values(

@@ -1,7 +1,7 @@
 // The cuda lane's backward kernels run on the CPU through tests/emu/emu.h (one host thread per
 // CUDA thread), against the float64 reference with the tolerance recipe, on small shapes. For
 // developing the kernels without a GPU; the GPU tests (tests/cuda/test_cuda_backward.cpp) are the
-// real check. Built with -DMAMBA3_BUILD_EMU_TESTS=ON (a CPU-only build is enough).
+// real check. Built with -DMAMBA3_BUILD_EMU_TESTS=ON in a CPU-only build (-DMAMBA3_ENABLE_CUDA=OFF).
 #define MAMBA3_CUDA_EMU 1
 #include "emu.h"
 // clang-format off
@@ -33,14 +33,7 @@ Result run_emu(const check::Problem& p, const RunOptions& o) {
   EXPECT_TRUE(st.ok()) << st.ToString();
   st = cuda::bwd::backward_chunked(b, d);
   EXPECT_TRUE(st.ok()) << st.ToString();
-  put(&r, "grad.q", g.q), put(&r, "grad.k", g.k), put(&r, "grad.v", g.v);
-  put(&r, "grad.adt", g.adt), put(&r, "grad.dt", g.dt), put(&r, "grad.trap", g.trap);
-  put(&r, "grad.q_bias", g.q_bias), put(&r, "grad.k_bias", g.k_bias);
-  put(&r, "grad.angles", g.angles), put(&r, "grad.d", g.d), put(&r, "grad.z", g.z);
-  put(&r, "grad.mimo_v", g.mimo_v), put(&r, "grad.mimo_z", g.mimo_z);
-  put(&r, "grad.mimo_o", g.mimo_o), put(&r, "grad.norm_weight", g.norm_weight);
-  put(&r, "grad.initial.angle", g.initial.angle), put(&r, "grad.initial.ssm", g.initial.ssm);
-  put(&r, "grad.initial.k", g.initial.k), put(&r, "grad.initial.v", g.initial.v);
+  put_grads(&r, g);
   return r;
 }
 
@@ -65,11 +58,6 @@ TEST_P(EmuBackward, WithinRecipe) {
   if (std::getenv("MAMBA3_EMU_DETERMINISM"))
     expect_bitwise_equal(got, run_emu(p, o), "two emulated runs");
 }
-
-const auto kI = RopePairing::kInterleaved;
-const auto kH = RopePairing::kHalved;
-const auto kF = DType::kF32;
-const auto kB = DType::kBF16;
 
 INSTANTIATE_TEST_SUITE_P(
     Small, EmuBackward,
