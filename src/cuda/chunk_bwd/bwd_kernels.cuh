@@ -261,12 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   };
   const bool norm = p.norm_weight.defined();
   if (norm) {
-    for (int row = warp; row < mr; row += kWarps) {
-      float ss = 0.f;
-      for (int x = lane; x < P; x += 32) ss += Y[row * lay.vp + x] * Y[row * lay.vp + x];
-      ss = warp_sum(ss);
-      if (lane == 0) rstd[row] = rsqrtf(ss / P + p.eps);
-    }
+    rows_rstd(Y, lay.vp, mr, P, p.eps, rstd, warp, lane, kWarps);
     __syncthreads();
     for (int row = warp; row < mr; row += kWarps) {
       float dot = 0.f;
@@ -588,18 +583,23 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
     }
   }
 
+  // ST (mr, N) = A (mr, P) * state (P, N), accumulated over tiles of state rows staged in TL.
+  auto rows_times_state = [&](const float* A, const float* state) {
+    for (int x0 = 0; x0 < P; x0 += kTileX) {
+      const int tx = imin(kTileX, P - x0);
+      __syncthreads();
+      stage_state_tile(state, x0, tx, N, lay.qn, TL, tid);
+      __syncthreads();
+      block_gemm<4, 4>(
+          mr, N, tx, [&](int i, int k) { return A[i * lay.vp + x0 + k]; },
+          [&](int k, int j) { return TL[k * lay.qn + j]; },
+          [&](int i, int j, float acc) { ST[i * lay.sp + j] = (x0 == 0 ? 0.f : ST[i * lay.sp + j]) + acc; },
+          tid);
+    }
+  };
+
   // dK. First V dS (mr, N) accumulated over tiles of dS rows, then the intra-chunk part.
-  for (int x0 = 0; x0 < P; x0 += kTileX) {
-    const int tx = imin(kTileX, P - x0);
-    __syncthreads();
-    stage_state_tile(dsend, x0, tx, N, lay.qn, TL, tid);
-    __syncthreads();
-    block_gemm<4, 4>(
-        mr, N, tx, [&](int i, int k) { return V[i * lay.vp + x0 + k]; },
-        [&](int k, int j) { return TL[k * lay.qn + j]; },
-        [&](int i, int j, float acc) { ST[i * lay.sp + j] = (x0 == 0 ? 0.f : ST[i * lay.sp + j]) + acc; },
-        tid);
-  }
+  rows_times_state(V, dsend);
   __syncthreads();
   const bool dfk = ck.last && bp.df_k.defined();
   block_gemm<4, 4>(
@@ -621,17 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   __syncthreads();
 
   // dQ. First T1 = dY S_prev (mr, N) accumulated over tiles, d cs from e, then the intra part.
-  for (int x0 = 0; x0 < P; x0 += kTileX) {
-    const int tx = imin(kTileX, P - x0);
-    __syncthreads();
-    stage_state_tile(sprev, x0, tx, N, lay.qn, TL, tid);
-    __syncthreads();
-    block_gemm<4, 4>(
-        mr, N, tx, [&](int i, int k) { return DY[i * lay.vp + x0 + k]; },
-        [&](int k, int j) { return TL[k * lay.qn + j]; },
-        [&](int i, int j, float acc) { ST[i * lay.sp + j] = (x0 == 0 ? 0.f : ST[i * lay.sp + j]) + acc; },
-        tid);
-  }
+  rows_times_state(DY, sprev);
   __syncthreads();
   for (int row = warp; row < mr; row += kWarps) {
     float acc = 0.f;

@@ -192,12 +192,7 @@ __global__ void __launch_bounds__(kFwdThreads) fwd_kernel(CoreParams p, FwdSmem 
     }
     // Output stage: per-row RMSNorm, gate, rank reduction.
     if (p.norm_weight.defined()) {
-      for (int row = warp; row < mr; row += kWarps) {
-        float ss = 0.f;
-        for (int x = lane; x < P; x += 32) ss += Y[row * lay.vp + x] * Y[row * lay.vp + x];
-        ss = warp_sum(ss);
-        if (lane == 0) rstd[row] = rsqrtf(ss / P + p.eps);
-      }
+      rows_rstd(Y, lay.vp, mr, P, p.eps, rstd, warp, lane, kWarps);
       __syncthreads();
     }
     for (int i = tid; i < m * P; i += kFwdThreads) {

@@ -222,30 +222,22 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
                  ok ? thr + static_cast<int64_t>(tok(c0 + t)) * sl + r * sr : base, ok);
     }
   };
-  auto pf_v = [&](int c0, int m) {
+  // One row of P bf16 per token (v, z: (B, L, H, P) with aligned contiguous rows) into dst.
+  auto pf_rows = [&](const DTensor& T, __nv_bfloat16* dst, int c0, int m) {
     constexpr int kCh = P / 8;
-    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(p.v.data);
+    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(T.data);
     for (int i = tid; i < C * kCh; i += kTcThreads) {
       const int t = i / kCh, c = i % kCh;
       const bool ok = t < m;
-      const int64_t off = ok ? b * p.v.stride[0] + static_cast<int64_t>(tok(c0 + t)) * p.v.stride[1] +
-                                   h * p.v.stride[2] + c * 8
+      const int64_t off = ok ? b * T.stride[0] + static_cast<int64_t>(tok(c0 + t)) * T.stride[1] +
+                                   h * T.stride[2] + c * 8
                              : 0;
-      cp_async16(Vr + t * P + c * 8, base + off, ok);
+      cp_async16(dst + t * P + c * 8, base + off, ok);
     }
   };
+  auto pf_v = [&](int c0, int m) { pf_rows(p.v, Vr, c0, m); };
   auto pf_z = [&](int c0, int m) {
-    if (!p.z_vec) return;
-    constexpr int kCh = P / 8;
-    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(p.z.data);
-    for (int i = tid; i < C * kCh; i += kTcThreads) {
-      const int t = i / kCh, c = i % kCh;
-      const bool ok = t < m;
-      const int64_t off = ok ? b * p.z.stride[0] + static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
-                                   h * p.z.stride[2] + c * 8
-                             : 0;
-      cp_async16(Zs + t * P + c * 8, base + off, ok);
-    }
+    if (p.z_vec) pf_rows(p.z, Zs, c0, m);
   };
   auto pf_ang = [&](int c0, int m) {
     const DTensor& A = p.angles;

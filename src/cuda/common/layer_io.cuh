@@ -26,6 +26,18 @@ __device__ __forceinline__ void load_head_params(const CoreParams& p, int h, flo
                 : 1.f;
 }
 
+// RMSNorm factors of a row-major fp32 tile, one warp per row: rstd[row] = 1 / sqrt(mean over
+// the P columns of Y[row]^2 + eps) for rows < rows. The caller synchronizes before reading.
+__device__ __forceinline__ void rows_rstd(const float* Y, int pitch, int rows, int P, float eps,
+                                          float* rstd, int warp, int lane, int nwarps) {
+  for (int row = warp; row < rows; row += nwarps) {
+    float ss = 0.f;
+    for (int x = lane; x < P; x += 32) ss += Y[row * pitch + x] * Y[row * pitch + x];
+    ss = warp_sum(ss);
+    if (lane == 0) rstd[row] = rsqrtf(ss / P + eps);
+  }
+}
+
 // Element (x, n) of the state before the first chunk: S0 + sg0 sum_r (v0 psi_r) k0_r^T, where
 // sg0 = (1 - lambda_0) dt_0 of a non-empty sequence (0 for an empty one or without states).
 __device__ __forceinline__ float initial_state_elem(const CoreParams& p, int s, int h, int x, int n,

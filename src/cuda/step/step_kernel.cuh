@@ -209,12 +209,7 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
 
   // Output stage: optional RMSNorm per rank, gate, rank reduction.
   if (p.norm_weight.defined()) {
-    for (int r = warp; r < R; r += kWarps) {
-      float ss = 0.f;
-      for (int x = lane; x < P; x += 32) ss += y[r * P + x] * y[r * P + x];
-      ss = warp_sum(ss);
-      if (lane == 0) rstd[r] = rsqrtf(ss / P + p.eps);
-    }
+    rows_rstd(y, P, R, P, p.eps, rstd, warp, lane, kWarps);
     __syncthreads();
   }
   for (int x = tid; x < P; x += kStepThreads)
