@@ -70,6 +70,16 @@ if [[ ${NCU:-0} == 1 ]]; then
   grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles" \
     "$OUT/ncu_fwd_train.log" | head -60 >>"$summary"
 fi
+# Optional: Nsight Compute of the decode step kernel at batch 1 and 128 (NCU_STEP=1).
+if [[ ${NCU_STEP:-0} == 1 ]]; then
+  for B in 1 128; do
+    step "ncu_step_B$B" 180 ncu --clock-control none -k regex:step_kernel -s 4 -c 1 --set full \
+      "$bin/mamba3" bench --lane cuda --shape train -B "$B" -L 1 --dtype bf16 --what step \
+      --warmup 0 --iters 1
+    grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles|Dynamic Shared|L2 Hit|Mem Busy|Max Bandwidth|Elapsed Cycles|Issued Ipc|No Eligible" \
+      "$OUT/ncu_step_B$B.log" | head -60 | sed "s/^/[B=$B] /" >>"$summary"
+  done
+fi
 # Everything but the summary in one archive (the device returns at most 8 files).
 (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=summary.txt ./* && \
   find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt -delete)

@@ -1391,6 +1391,29 @@ def compile_all_configs(threads: int):
         pool.shutdown(wait=True)
 
 
+def compile_pass(run: Run, sections: str, cap_s: float) -> None:
+    """Compiles every autotuning configuration of the official Triton kernels into Triton's
+    on-disk cache before anything is timed, in a child process (this file with --compile-only)
+    that is stopped, compile threads and all, when cap_s runs out: a hard cap. Kernels it did not
+    reach compile on first use in the timed pass (outside the timed calls, as warm-up), so a
+    short cap costs time, never results. The unmodified autotuners then choose among them."""
+    t0 = time.monotonic()
+    cap_s = max(0.0, cap_s)
+    proc = _spawn([sys.executable, os.path.abspath(__file__), "--mode", "gpu", "--compile-only",
+                   "--sections", sections, "--budget-s", str(max(cap_s, 1.0))], "compile")
+    try:
+        proc.wait(timeout=cap_s)
+        how = f"finished (exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        how = f"stopped at its cap of {cap_s:.0f} s; kernels it did not reach compile on first use"
+    for ln in _log_tail(proc, 6, "[peers") + _log_tail(proc, 3, "Traceback"):
+        log(f"  {ln}")
+    run.meta["compile_pass_s"] = round(time.monotonic() - t0, 1)
+    run.meta["compile_pass"] = how
+    log(f"compile pass: {how}, {run.meta['compile_pass_s']} s")
+
+
 def start_tilelang_prewarm() -> Optional[subprocess.Popen]:
     """TileLang (official MIMO) kernels compile on the CPU alone, so this one may run on while
     other rows are timed; with a warm TILELANG_CACHE_DIR it finds every kernel there at once."""
@@ -1531,6 +1554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--sections", default="ceilings,parity,siso,decode,context,mimo,sweep")
     ap.add_argument("--no-compile-pass", action="store_true",
                     help="GPU: let each official kernel compile on first use (serially)")
+    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--render", metavar="JSON", help="re-render a run's report from its JSON")
     args = ap.parse_args(argv)
     if args.render:
@@ -1596,28 +1620,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     passes = [("parity", parity), ("siso", lambda: prefill_rows(run, cfg["siso"], "siso", timer)),
               ("decode", lambda: decode_rows(run, cfg["decode"], timer)), ("context", context),
               ("sweep", sweep), ("mimo", mimo)]
+    if args.compile_only:  # the child of compile_pass(): dry calls only, no report
+        run.dry = True
+        threads = os.cpu_count() or 8
+        log(f"compile pass: every autotuning configuration of the peers' kernels, "
+            f"{threads} threads")
+        with compile_all_configs(threads):
+            for name, fn in passes:  # MIMO last: the TileLang prewarm compiles meanwhile
+                section(name, fn)
+        return 0
     try:
         section("ceilings", lambda: measure_ceilings(run))
         if run.gpu and any(s in sections for s in ("mimo", "parity")):
             tl_proc = start_tilelang_prewarm()
         if run.gpu and not args.no_compile_pass:
-            t0 = time.monotonic()
-            run.dry = True
-            run_budget, run.budget = run.budget, Budget(0.45 * budget.seconds - budget.elapsed())
-            threads = os.cpu_count() or 8
-            log(f"compile pass: every autotuning configuration of the peers' kernels, "
-                f"{threads} threads")
-            try:
-                with compile_all_configs(threads):
-                    for name, fn in passes:  # MIMO last: TileLang compiles meanwhile
-                        section(name, fn)
-            except Exception as e:  # noqa: BLE001
-                log(f"compile pass stopped: {type(e).__name__}: {e}")
-            finally:
-                run.dry = False
-                run.budget = run_budget
-            run.meta["compile_pass_s"] = round(time.monotonic() - t0, 1)
-            log(f"compile pass: {run.meta['compile_pass_s']} s")
+            compile_pass(run, args.sections, cap_s=0.45 * budget.seconds - budget.elapsed())
         for name, fn in [passes[0], passes[1], passes[2], passes[3], passes[5], passes[4]]:
             section(name, fn)
     finally:

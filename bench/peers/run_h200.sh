@@ -12,11 +12,14 @@ site=/tmp/peers-site
 
 # tilelang 0.1.8 and the dependencies the image lacks, as one archive (mtimes kept: TileLang's
 # kernel-cache key includes its library's size and mtime).
-rm -rf /tmp/peers-tlcache && mkdir -p /tmp/peers-tlcache
+# A Triton cache from an earlier run on the same software (.whl/triton-cache.tar.xz, written by
+# PEERS_SAVE_TRITON_CACHE=1 below) spares the compile pass; without one it compiles everything.
+rm -rf /tmp/peers-tlcache /tmp/peers-triton && mkdir -p /tmp/peers-tlcache /tmp/peers-triton
 python3 - <<'EOF'
 import os, tarfile
 for src, dst in ((".whl/tilelang-site.tar.xz", "/tmp/peers-site"),
-                 (".whl/tlcache.tar.xz", "/tmp/peers-tlcache")):
+                 (".whl/tlcache.tar.xz", "/tmp/peers-tlcache"),
+                 (".whl/triton-cache.tar.xz", "/tmp/peers-triton")):
     if os.path.exists(src):
         with tarfile.open(src) as t:
             t.extractall(dst)
@@ -26,6 +29,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 
 export PYTHONPATH="$site:$PWD/.devpy${PYTHONPATH:+:$PYTHONPATH}"
 export TILELANG_CACHE_DIR=/tmp/peers-tlcache TILELANG_TARGET="cuda -arch=sm_90a"
+export TRITON_CACHE_DIR=/tmp/peers-triton
 export PYTHONUNBUFFERED=1
 export PEERS_COMMIT=${PEERS_COMMIT:-$(cat .devpy/COMMIT 2>/dev/null || echo unknown)}
 export PEERS_COMMAND=${PEERS_COMMAND:-"bash bench/peers/run_h200.sh (python bench/peers/peers.py --mode gpu $*)"}
@@ -43,5 +47,8 @@ timeout -k 5 "${PEERS_HARD_LIMIT_S:-560}" python3 .devpy/peers/peers.py --mode g
 if [[ $rc -ne 0 ]]; then
   echo "[run_h200] peers.py exited with $rc; rendering the report from its JSON"
   for j in "$out"/peers-*.json; do python3 .devpy/peers/peers.py --render "$j"; done
+fi
+if [[ ${PEERS_SAVE_TRITON_CACHE:-0} == 1 ]]; then
+  tar -C /tmp/peers-triton -cJf "$out/triton-cache.tar.xz" . && ls -la "$out/triton-cache.tar.xz"
 fi
 exit $rc
