@@ -43,6 +43,9 @@ MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "$py" -m pip wheel -q --no-dep
   apache-tvm-ffi==0.1.9 torch-c-dlpack-ext==0.1.5 z3-solver==4.15.4.0
 "$py" -m pip install -q --no-deps --no-compile "${plat[@]}" --target "$work/site312" "$work"/dl/*.whl
 rm -rf "$work/site312/tilelang/3rdparty/composable_kernel"
+# Command-line tools (the z3 and tvm-ffi executables) are never run; leaving them out keeps the
+# carried archive inside a device call's 64 MiB.
+rm -rf "$work/site312/bin"
 touch -d "$stamp" "$work/site312/tilelang/lib/libtilelang.so"
 tar -C "$work/site312" --sort=name -cf - . | xz -T0 -9 >"$root/.whl/tilelang-site.tar.xz"
 

@@ -10,16 +10,17 @@ out=${1:-${OUT:-bench/results}}
 shift || true
 site=/tmp/peers-site
 
+# Autotuning timings of an earlier run on the same card and software (.whl/triton-autotune.tar.xz,
+# written by PEERS_SAVE_AUTOTUNE=1 below: a few KB of JSON) spare this run the benchmarking of
+# every configuration; without them the official autotuners tune here, as they do for a user.
 # tilelang 0.1.8 and the dependencies the image lacks, as one archive (mtimes kept: TileLang's
 # kernel-cache key includes its library's size and mtime).
-# A Triton cache from an earlier run on the same software (.whl/triton-cache.tar.xz, written by
-# PEERS_SAVE_TRITON_CACHE=1 below) spares the compile pass; without one it compiles everything.
 rm -rf /tmp/peers-tlcache /tmp/peers-triton && mkdir -p /tmp/peers-tlcache /tmp/peers-triton
 python3 - <<'EOF'
 import os, tarfile
 for src, dst in ((".whl/tilelang-site.tar.xz", "/tmp/peers-site"),
                  (".whl/tlcache.tar.xz", "/tmp/peers-tlcache"),
-                 (".whl/triton-cache.tar.xz", "/tmp/peers-triton")):
+                 (".whl/triton-autotune.tar.xz", "/tmp/peers-triton")):
     if os.path.exists(src):
         with tarfile.open(src) as t:
             t.extractall(dst)
@@ -29,7 +30,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 
 export PYTHONPATH="$site:$PWD/.devpy${PYTHONPATH:+:$PYTHONPATH}"
 export TILELANG_CACHE_DIR=/tmp/peers-tlcache TILELANG_TARGET="cuda -arch=sm_90a"
-export TRITON_CACHE_DIR=/tmp/peers-triton
+export TRITON_CACHE_DIR=/tmp/peers-triton TRITON_CACHE_AUTOTUNING=1
+if [[ -f /tmp/peers-triton/ORIGIN.txt ]]; then
+  export PEERS_AUTOTUNE_FROM="carried from an earlier run ($(cat /tmp/peers-triton/ORIGIN.txt))"
+fi
 export PYTHONUNBUFFERED=1
 export PEERS_COMMIT=${PEERS_COMMIT:-$(cat .devpy/COMMIT 2>/dev/null || echo unknown)}
 export PEERS_COMMAND=${PEERS_COMMAND:-"bash bench/peers/run_h200.sh (python bench/peers/peers.py --mode gpu $*)"}
@@ -48,7 +52,10 @@ if [[ $rc -ne 0 ]]; then
   echo "[run_h200] peers.py exited with $rc; rendering the report from its JSON"
   for j in "$out"/peers-*.json; do python3 .devpy/peers/peers.py --render "$j"; done
 fi
-if [[ ${PEERS_SAVE_TRITON_CACHE:-0} == 1 ]]; then
-  tar -C /tmp/peers-triton -cJf "$out/triton-cache.tar.xz" . && ls -la "$out/triton-cache.tar.xz"
+if [[ ${PEERS_SAVE_AUTOTUNE:-0} == 1 ]]; then
+  (cd /tmp/peers-triton && { [[ -f ORIGIN.txt ]] || echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nvidia-smi \
+    --query-gpu=name --format=csv,noheader | head -1), triton $(python3 -c 'import triton; print(triton.__version__)')" \
+    >ORIGIN.txt; } && find . -name '*.autotune.json' -o -name ORIGIN.txt | tar -cJf "$out/triton-autotune.tar.xz" -T -) &&
+    ls -la "$out/triton-autotune.tar.xz"
 fi
 exit $rc
