@@ -16,6 +16,7 @@
 #include "cuda/common/check.cuh"
 #include "cuda/common/staging.cuh"
 #include "cuda/cuda_lane.h"
+#include "cuda/step/step_fast_kernel.cuh"
 #include "cuda/step/step_kernel.cuh"
 
 namespace mamba3::cuda {
@@ -240,6 +241,37 @@ Status backward(const BackwardArgs& a) {
   return backward_chunked(a, d);
 }
 
+namespace {
+
+template <int R, int N>
+Status launch_step_fast_rn(const CoreParams& p, const Dims& d, cudaStream_t stream) {
+  const size_t bytes = step_fast_smem_bytes(N, p.P, R, p.NA);
+  if (bytes > 48 * 1024)
+    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(step_fast_kernel<R, N>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  step_fast_kernel<R, N><<<static_cast<unsigned>(d.B * d.H), kStepThreads, bytes, stream>>>(p);
+  MAMBA3_CHECK_LAUNCH("step_fast_kernel");
+  return Status::Ok();
+}
+
+template <int R>
+Status launch_step_fast_r(const CoreParams& p, const Dims& d, cudaStream_t stream) {
+  return p.N == 64 ? launch_step_fast_rn<R, 64>(p, d, stream)
+                   : launch_step_fast_rn<R, 128>(p, d, stream);
+}
+
+// The common case (step_fast_ok): one instantiation per (R, N).
+Status launch_step_fast(const CoreParams& p, const Dims& d, cudaStream_t stream) {
+  switch (p.R) {
+    case 1: return launch_step_fast_r<1>(p, d, stream);
+    case 2: return launch_step_fast_r<2>(p, d, stream);
+    case 4: return launch_step_fast_r<4>(p, d, stream);
+    default: return launch_step_fast_r<8>(p, d, stream);
+  }
+}
+
+}  // namespace
+
 Status step(const StepArgs& a) {
   Dims d;
   M3_RETURN_IF_ERROR(validate_step(a, &d));
@@ -249,6 +281,7 @@ Status step(const StepArgs& a) {
   Dims fd;
   M3_RETURN_IF_ERROR(validate_forward(f, &fd));
   const CoreParams p = make_params(f, fd);
+  if (step_fast_ok(p)) return launch_step_fast(p, d, static_cast<cudaStream_t>(a.stream));
   const size_t bytes = step_smem_bytes(p.N, p.P, p.R, p.NA, p.state_vec4);
   if (bytes > 48 * 1024)
     MAMBA3_CHECK_CUDA(

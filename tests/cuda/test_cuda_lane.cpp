@@ -192,12 +192,25 @@ TEST(CudaForward, UnsupportedConfigurationSaysSo) {
   EXPECT_NE(st.message().find("N = 256"), std::string::npos) << st.message();
 }
 
-// Decode steps through the cuda lane reproduce the float64 prefill.
+// Decode steps through the cuda lane reproduce the float64 prefill: the fast kernel (fp32 float4
+// state rows, N in {64, 128}, P % 16 == 0; R = 1, 2 with k in registers, 4 and 8 from shared
+// memory) and the general one (N = 32; P = 24), with and without the norm, both rope pairings.
 TEST(CudaStep, StepsEqualPrefill) {
   REQUIRE_GPU();
-  for (int64_t R : {1, 4}) {
-    check::ProblemConfig cfg = check::default_config(3, 24, 4, 2, 64, 32, R, 60 + R);
-    cfg.NA = 16;
+  struct StepCase {
+    int64_t N, P, R;
+    bool interleaved;
+  };
+  for (const StepCase& k : {StepCase{64, 32, 1, false}, StepCase{64, 32, 4, true},
+                            StepCase{128, 64, 2, false}, StepCase{128, 128, 8, true},
+                            StepCase{64, 128, 1, true}, StepCase{32, 16, 1, false},
+                            StepCase{64, 24, 2, false}}) {
+    const int64_t R = k.R;
+    SCOPED_TRACE("N=" + std::to_string(k.N) + " P=" + std::to_string(k.P) + " R=" +
+                 std::to_string(R));
+    check::ProblemConfig cfg = check::default_config(3, 24, 4, 2, k.N, k.P, R, 60 + R + k.N);
+    cfg.NA = k.N / 4;
+    cfg.rope_pairing = k.interleaved ? RopePairing::kInterleaved : RopePairing::kHalved;
     cfg.has_states = true;
     cfg.has_norm = R > 1;
     check::Problem p(cfg);
@@ -215,7 +228,9 @@ TEST(CudaStep, StepsEqualPrefill) {
     Result got{{"out", out.to_double()},       {"final.angle", st.angle.to_double()},
                {"final.ssm", st.ssm.to_double()}, {"final.k", st.k.to_double()},
                {"final.v", st.v.to_double()}};
-    expect_within_recipe(got, pre, naive, "cuda steps vs float64 prefill, R=" + std::to_string(R));
+    expect_within_recipe(got, pre, naive,
+                         "cuda steps vs float64 prefill, N=" + std::to_string(k.N) + " P=" +
+                             std::to_string(k.P) + " R=" + std::to_string(R));
   }
 }
 
