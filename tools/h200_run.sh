@@ -32,12 +32,7 @@ step info 60 "$bin/mamba3" info
 if [[ $mode == all || $mode == tests ]]; then
   step gpu_tests 400 "$bin/mamba3_gpu_tests"
   step golden_cuda 180 "$bin/mamba3" check --lane cuda
-  step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:*CudaSegmented*mimo*:CudaStep.*:*CudaBackwardVsReference*siso_L63*:*CudaBackwardVsReference*mimo_r2*:*CudaBackwardVsReference*varlen*:*CudaBackwardVsReference*mimo_r4_per_rank*'
-  step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill:*CudaBackwardVsReference*siso_L1:*CudaBackwardVsReference*mimo_r4_per_rank*'
-  grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda.log \
-    "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -20 | tee -a "$summary"
+  grep -E "PASSED|FAILED|SKIPPED|ERROR SUMMARY|passed, " "$OUT"/gpu_tests.log "$OUT"/golden_cuda.log | tail -20 | tee -a "$summary"
   grep -A14 "Failure" "$OUT"/gpu_tests.log | head -60 | tee -a "$summary"
 fi
 
@@ -61,6 +56,14 @@ if [[ $mode == all || $mode == bench ]]; then
     grep -hE "^  (fwd|bwd|step) " "$f" | head -2 >>"$summary"
     grep -hE "floor|of copy" "$f" >>"$summary"
   done
+fi
+# Sanitizers last (the slowest part; SAN_TIMEOUT bounds each), on small shapes.
+if [[ $mode == all || $mode == tests ]]; then
+  step memcheck "${SAN_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:*CudaSegmented*mimo*:CudaStep.*:*CudaBackwardVsReference*siso_L63*:*CudaBackwardVsReference*mimo_r2*:*CudaBackwardVsReference*varlen*:*CudaBackwardVsReference*mimo_r4_per_rank*'
+  step racecheck "${SAN_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill:*CudaBackwardVsReference*siso_L1:*CudaBackwardVsReference*mimo_r4_per_rank*'
+  grep -E "PASSED|FAILED|ERROR SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -8 | tee -a "$summary"
 fi
 # Optional: Nsight Compute of the forward kernels at `train` (NCU=1), no clock control.
 if [[ ${NCU:-0} == 1 ]]; then

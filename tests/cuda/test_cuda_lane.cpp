@@ -151,6 +151,9 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"bf16_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
         Case{"bf16_mimo", 1, 200, 4, 1, 128, 64, 4, 32, true, true, true, {}, kH, kB},
         Case{"tc_siso_L1", 2, 1, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB},
+        // NA not a multiple of 4: the angle tiles take the out-of-line 4-byte copy.
+        Case{"tc_siso_na6", 1, 100, 2, 1, 64, 64, 1, 6, true, false, false, {}, kI, kB},
+        Case{"tc_siso_N128_na10", 2, 150, 2, 1, 128, 64, 1, 10, false, true, false, {}, kH, kB},
         Case{"tc_siso_N64_P128", 1, 130, 4, 2, 64, 128, 1, 32, true, true, false, {}, kH, kB},
         Case{"tc_siso_N128_P128", 1, 129, 2, 1, 128, 128, 1, 64, true, false, false, {}, kI, kB},
         Case{"tc_mimo_r2_varlen", 1, 200, 2, 1, 64, 64, 2, 16, true, false, true,

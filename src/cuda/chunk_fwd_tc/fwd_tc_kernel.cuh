@@ -123,6 +123,28 @@ __device__ __forceinline__ void rope8_interleaved(float (&x)[8], int c, int NA, 
   }
 }
 
+// The angle tiles of layouts the float4 copy does not take (fp32 rows not 16-byte aligned, other
+// dtypes), out of line: rarely taken, and inlined its registers pushed the main loop to spill.
+__device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64_t base,
+                                            int64_t s_t, int64_t s_a, float* ang, int m, int C,
+                                            int NA, int tid) {
+  DTensor A;  // the angles as dload_ro sees them: element offsets computed here
+  A.data = const_cast<void*>(data), A.dtype = dtype, A.ndim = 1, A.stride[0] = 1;
+  auto off = [&](int t, int a) { return base + t * s_t + a * s_a; };
+  if (dtype == DType::kF32) {
+    for (int i = tid; i < C * NA; i += kTcThreads) {
+      const int t = i / NA, a = i % NA;
+      const bool ok = t < m;
+      cp_async4(ang + i, static_cast<const float*>(A.data) + (ok ? off(t, a) : 0), ok);
+    }
+  } else {  // other dtypes: plain loads (visible after the next barrier)
+    for (int i = tid; i < C * NA; i += kTcThreads) {
+      const int t = i / NA, a = i % NA;
+      ang[i] = t < m ? dload_ro(A, off(t, a)) : 0.f;
+    }
+  }
+}
+
 template <int N, int P, bool kStates>
 __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     fwd_tc_kernel(CoreParams p, SegParams sp) {
@@ -253,17 +275,8 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         cp_async16(ang + t * NA + c * 4, static_cast<const float*>(A.data) + (ok ? off(t, c * 4) : 0),
                    ok);
       }
-    } else if (A.dtype == DType::kF32) {
-      for (int i = tid; i < C * NA; i += kTcThreads) {
-        const int t = i / NA, a = i % NA;
-        const bool ok = t < m;
-        cp_async4(ang + i, static_cast<const float*>(A.data) + (ok ? off(t, a) : 0), ok);
-      }
-    } else {  // other dtypes: plain loads (visible after the next barrier)
-      for (int i = tid; i < C * NA; i += kTcThreads) {
-        const int t = i / NA, a = i % NA;
-        ang[i] = t < m ? dload_ro(A, off(t, a)) : 0.f;
-      }
+    } else {
+      pf_ang_general(A.data, A.dtype, off(0, 0), A.stride[1], A.stride[3], ang, m, C, NA, tid);
     }
   };
   // Per-token scalars of tokens c0 .. c0 + C (one look-ahead token) into one register each.
@@ -290,20 +303,30 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       sg0 = (1.f - sigmoidf_(dload_ro(p.trap, scal_ptr(p.trap, 0)))) *
             dload_ro(p.dt, scal_ptr(p.dt, 0));
     __syncthreads();  // psi_s (used by the initial state) ready
+    // Each element once, in a plain loop, into an fp32 staging tile over the q, k and v buffers
+    // (unused until the first prefetch below), then into the registers of the fragment layout:
+    // computing it in the 32-fold unrolled fragment loop spilled registers.
+    float* stage = reinterpret_cast<float*>(sm + lay.q);
+    static_assert(3 * kTcRows * kQp * 2 + kTcRows * kVp * 2 >= P * N * 4, "staging tile fits");
+    for (int i = tid; i < P * N; i += kTcThreads) {
+      const int x = i / N, n = i % N;
+      float v0;
+      if (from_segment)
+        v0 = kStates ? 0.f : sp.start_state[(static_cast<int64_t>(slot) * P + x) * N + n];
+      else
+        v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
+      stage[i] = v0;
+      if (!kStates) Ss[x * kQp + n] = __float2bfloat16_rn(v0);
+    }
+    __syncthreads();
 #pragma unroll
     for (int j = 0; j < Cfg::kNW / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int x = xt * 16 + gq + (e >> 1) * 8, n = nh * Cfg::kNW + j * 8 + 2 * tq + (e & 1);
-        float v0;
-        if (from_segment)
-          v0 = kStates ? 0.f
-                       : sp.start_state[(static_cast<int64_t>(slot) * P + x) * N + n];
-        else
-          v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
-        sreg[j][e] = v0;
-        if (!kStates) Ss[x * kQp + n] = __float2bfloat16_rn(v0);
+        sreg[j][e] = stage[x * N + n];
       }
+    __syncthreads();  // the staging tile is read before the prefetches overwrite it
   }
 
   // ---- Prologue: the first chunk's tiles and scalars.

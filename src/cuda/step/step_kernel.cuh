@@ -48,7 +48,7 @@ __device__ __forceinline__ float4 step_row4(float4 s, int x, int n, int N, int P
   return o;
 }
 
-__global__ void __launch_bounds__(kStepThreads) step_kernel(CoreParams p) {
+__global__ void __launch_bounds__(kStepThreads, 2) step_kernel(CoreParams p) {
   extern __shared__ float sm[];
   const int N = p.N, P = p.P, R = p.R, NA = p.NA;
   // With float4 state rows, the state is copied into shared memory asynchronously at entry, so
