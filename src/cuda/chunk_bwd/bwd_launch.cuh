@@ -16,7 +16,7 @@
 
 #include "core/return_if_error.h"
 #include "core/validate.h"
-#include "cuda/chunk_bwd/bwd_kernels.cuh"
+#include "cuda/chunk_bwd/bwd_tc.cuh"
 
 #ifndef MAMBA3_CUDA_EMU
 #include "cuda/common/check.cuh"
@@ -135,6 +135,15 @@ inline Status check_backward_supported(const Dims& d) {
   return Status::Ok();
 }
 
+// The tensor-core chunk kernels (bwd_tc.cuh) serve bf16 q, k, v with 16-byte aligned contiguous
+// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128} with whole 16-row tiles;
+// everything else takes the fp32 SIMT kernels.
+inline bool use_tensor_cores(const BackwardArgs& a, const Dims& d, const CoreParams& p, int rows) {
+  const Inputs& in = a.in;
+  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
+         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) && rows % 16 == 0;
+}
+
 inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
   BwdParams bp;
   ForwardArgs f;
@@ -158,6 +167,19 @@ inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
   return bp;
 }
 
+// Whether backward_chunked runs the tensor-core chunk kernels for these arguments (tests).
+inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
+  if (!check_backward_supported(d).ok()) return false;
+  int smem_limit = 0;
+  if (!max_dynamic_smem(&smem_limit).ok()) return false;
+  BwdSmem l3, l5, l7;
+  const int rows = pick_rows(d, smem_limit, &l3, &l5, &l7);
+  if (rows == 0) return false;
+  ForwardArgs f;
+  f.in = a.in;
+  return use_tensor_cores(a, d, make_params(f, d), rows);
+}
+
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
 inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3_RETURN_IF_ERROR(check_backward_supported(d));
@@ -179,6 +201,8 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const int64_t cells = ncu * H, PN = static_cast<int64_t>(P) * N;
   const bool has_init = a.in.initial.all();
   const bool shared_qk = d.heads_per_group() > 1;
+  const bool tc = use_tensor_cores(a, d, bp.p, rows);
+  const TcGradSmem lt = tc_grad_layout(N, P, R, NA, rows);
 
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   WorkspaceBuffer buf(stream);
@@ -208,7 +232,10 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
   M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
   M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
-  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
+  if (tc)
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_tc_kernel, static_cast<size_t>(lt.bytes)));
+  else
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
   M3_RETURN_IF_ERROR(allow_smem(bwd_token_grads_kernel, smem_bytes(l9)));
 
   M3B_LAUNCH(bwd_plan_kernel, (1), (32), 0, stream, bp);
@@ -230,8 +257,14 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3B_LAUNCH(bwd_dstate_scan_kernel, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");
   if (ncu > 0) {
-    M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);
-    M3B_CHECK_LAUNCH("bwd_chunk_grad_kernel");
+    if (tc) {
+      M3B_LAUNCH(bwd_chunk_grad_tc_kernel, (grid_ch, H), (kThreads), static_cast<size_t>(lt.bytes),
+                 stream, bp, lt);
+      M3B_CHECK_LAUNCH("bwd_chunk_grad_tc_kernel");
+    } else {
+      M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);
+      M3B_CHECK_LAUNCH("bwd_chunk_grad_kernel");
+    }
   }
   if (NA > 0) {
     M3B_LAUNCH(bwd_dtheta_scan_kernel, (seq_heads), (64), 0, stream, bp);

@@ -1,0 +1,513 @@
+// Tensor-core pieces of the chunked backward (mma.sync m16n8k16, bf16 operands, fp32
+// accumulation; src/cuda/common/mma.cuh): the chunk loader into bf16 tiles, a warp-tiled GEMM on
+// bf16 shared-memory operands, and the tensor-core chunk_grad kernel. Taken for bf16 q, k, v
+// with 16-byte aligned contiguous rows at N, P in {64, 128} (use_tensor_cores in bwd_launch.cuh);
+// everything else runs the fp32 SIMT kernels of bwd_kernels.cuh.
+//
+// Rounding (DESIGN.md §2.6), the forward's discipline: rotated biased q and k, v * psi, dy, the
+// masked scores and their gradient (A o M, dA o M), and the states S_prev and dS_end as operands
+// are bf16; every product accumulates in fp32, and everything carried across chunks (states,
+// state cotangents, angle carries, partial sums) stays fp32. The unmasked scores Q K^T and
+// dY V^T that give the mask gradients are fp32 accumulators, never rounded.
+//
+// Determinism: each output element of a product is owned by one warp, which accumulates its k
+// tiles in a fixed order; no atomics.
+#pragma once
+
+#include "cuda/chunk_bwd/bwd_kernels.cuh"
+#include "cuda/common/mma.cuh"
+
+namespace mamba3::cuda::bwd {
+
+// Dynamic shared memory of the tensor-core kernels (16-byte aligned: ldmatrix rows, uint4 tiles).
+#ifdef MAMBA3_CUDA_EMU
+#define M3B_DYNAMIC_SMEM_TC(name) \
+  unsigned char* name = reinterpret_cast<unsigned char*>(::m3emu::dynamic_smem())
+#else
+#define M3B_DYNAMIC_SMEM_TC(name)                          \
+  extern __shared__ __align__(16) unsigned char bwd_tc_smem[]; \
+  unsigned char* name = bwd_tc_smem
+#endif
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+
+// Shared-memory layout of the tensor-core chunk_grad kernel; byte offsets, each 16-byte aligned.
+// bf16 pitches pad rows by 16 bytes (conflict-free ldmatrix); fp32 pitches by one word.
+struct TcGradSmem {
+  int rows, C;
+  int qp, vp, ap;   // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
+  int fap, sp;      // fp32 pitches: raw scores (rows + 1), staging rows (max(N, P) + 1)
+  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy
+  int s;            // (P, N) bf16: dS_end, then S_prev
+  int am;           // (rows, ap) bf16 masked scores A o M, then dA o M; first the fp32 (C, C) T
+  int ra;           // (rows, fap) fp32 Q K^T and dY V^T; later the fp32 (rows, sp) staging ST
+  int th, dth;      // (C, NA) fp32 wrapped angles, d theta
+  int scal, par, red, bias;
+  int bytes;
+};
+
+inline int tc_up16(int x) { return (x + 15) & ~15; }
+
+inline TcGradSmem tc_grad_layout(int N, int P, int R, int NA, int rows) {
+  TcGradSmem l{};
+  l.rows = rows, l.C = rows / R;
+  l.qp = N + 8, l.vp = P + 8, l.ap = rows + 8, l.fap = rows + 1, l.sp = (N > P ? N : P) + 1;
+  int o = 0;
+  auto take = [&](int bytes) {
+    const int at = o;
+    o += tc_up16(bytes);
+    return at;
+  };
+  l.q = take(rows * l.qp * 2);
+  l.k = take(rows * l.qp * 2);
+  l.v = take(rows * l.vp * 2);
+  l.dy = take(rows * l.vp * 2);
+  l.s = take(P * l.qp * 2);
+  const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
+  l.am = take(am > t ? am : t);
+  const int ra = 2 * rows * l.fap * 4, st = rows * l.sp * 4;
+  l.ra = take(ra > st ? ra : st);
+  l.th = take(l.C * (NA > 0 ? NA : 1) * 4);
+  l.dth = take(l.C * (NA > 0 ? NA : 1) * 4);
+  l.scal = take(kScalarArrays * kMaxRows * 4);
+  l.par = take((3 * R * P + P) * 4);
+  l.red = take(kThreads * 4);
+  l.bias = take(2 * R * N * 4);
+  l.bytes = o;
+  return l;
+}
+
+// C(i, j) = sum_k A(i, k) B(k, j) for i < M, j < Nc on the tensor cores, one 16 x 16 output tile
+// per warp at a time. A is row-major [i][k] (kATrans: stored [k][i]); B is stored [j][k]
+// (kBKn: [k][j]); both bf16 with 16-byte aligned rows, zero past their extents up to the next
+// multiple of 16. krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of
+// 16); kb >= ke skips the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner.
+template <bool kATrans, bool kBKn, typename FK, typename FE>
+__device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B,
+                                        int bp, FK krange, FE epi, int warp, int lane) {
+  constexpr int kWarps = kThreads / 32;
+  const int tm = (M + 15) / 16, tn = (Nc + 15) / 16;
+  const int g = lane >> 2, tq = lane & 3;
+  __syncwarp();
+  for (int t = warp; t < tm * tn; t += kWarps) {
+    const int i0 = (t / tn) * 16, j0 = (t % tn) * 16;
+    int kb = 0, ke = 0;
+    krange(i0, j0, &kb, &ke);
+    if (kb >= ke) continue;
+    float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    for (int k0 = kb; k0 < ke; k0 += 16) {
+      uint32_t a[4], b[4];
+      if constexpr (kATrans)
+        load_a_trans(a, A, ap, i0, k0, lane);
+      else
+        load_a(a, A, ap, i0, k0, lane);
+      if constexpr (kBKn)
+        load_b_kn(b, B, bp, j0, k0, lane);
+      else
+        load_b_nk(b, B, bp, j0, k0, lane);
+      mma_bf16(c[0], a, b[0], b[1]);
+      mma_bf16(c[1], a, b[2], b[3]);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + (e >> 1) * 8, col = j0 + j * 8 + 2 * tq + (e & 1);
+        if (i < M && col < Nc) epi(i, col, c[j][e]);
+      }
+  }
+}
+
+// A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp.
+__device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
+                                                 int qp, int tid) {
+  const int n4 = N / 4;
+#pragma unroll 4
+  for (int i = tid; i < P * n4; i += kThreads) {
+    const int x = i / n4, n = (i % n4) * 4;
+    const float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
+    uint2 u;
+    u.x = pack_bf16(v.x, v.y);
+    u.y = pack_bf16(v.z, v.w);
+    *reinterpret_cast<uint2*>(dst + x * qp + n) = u;
+  }
+}
+
+// Chunk loader of the tensor-core kernels: the scalars of load_chunk (cs, e, w, fw, gamma,
+// lambda, dt), the wrapped angle of every (token, rope pair) in th, then rotated biased q and k
+// rows and v * psi rows rounded to bf16 (rows past the chunk zero). psi must already be in
+// shared memory (par). Ends with a barrier.
+__device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcGradSmem& lay,
+                              unsigned char* sm, bool want_q, bool want_v, int tid) {
+  const CoreParams& p = bp.p;
+  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h, b = ck.b;
+  const int l0 = ck.begin + ck.t0, rows = lay.rows, half = N / 2;
+  float* sc = reinterpret_cast<float*>(sm + lay.scal);
+  float* cs = sc + kCs * kMaxRows;
+  float* ex = sc + kE * kMaxRows;
+  float* w = sc + kW * kMaxRows;
+  float* fw = sc + kFw * kMaxRows;
+  float* gam = sc + kGam * kMaxRows;
+  float* lam = sc + kLam * kMaxRows;
+  float* dtv = sc + kDt * kMaxRows;
+  const float* psi = reinterpret_cast<const float*>(sm + lay.par);
+  float* th = reinterpret_cast<float*>(sm + lay.th);
+  float* qb = reinterpret_cast<float*>(sm + lay.bias);
+  float* kb = qb + R * N;
+  bf16* Q = reinterpret_cast<bf16*>(sm + lay.q);
+  bf16* K = reinterpret_cast<bf16*>(sm + lay.k);
+  bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
+  if (tid < m) {
+    const int l = l0 + tid;
+    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
+    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
+    const float sg = ck.t0 + tid + 1 < ck.n
+                         ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) * in_bhl(p.dt, b, h, l + 1)
+                         : 0.f;
+    w[tid] = la * dl + sg;
+    cs[tid] = in_bhl(p.adt, b, h, l);
+  }
+  for (int i = tid; i < R * N; i += kThreads) {
+    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
+    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
+  }
+#pragma unroll 8
+  for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  if (want_v) {
+    // v * psi (fp32 product, one rounding), 8 columns per thread-iteration.
+    const int p8 = P / 8;
+    for (int i = tid; i < rows * p8; i += kThreads) {
+      const int row = i / p8, x = (i % p8) * 8, t = row / R, r = row % R;
+      float f[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        f[e] = row < mr ? dload_ro(p.v, b * p.v.stride[0] +
+                                            static_cast<int64_t>(l0 + t) * p.v.stride[1] +
+                                            h * p.v.stride[2] + (x + e) * p.v.stride[3]) *
+                              psi[r * P + x + e]
+                        : 0.f;
+      uint4 u;
+      u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
+      u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
+      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = u;
+    }
+  }
+  __syncthreads();
+  if (tid == 0)
+    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
+  for (int i = tid; i < m * NA; i += kThreads)
+    th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  __syncthreads();
+  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
+    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
+    for (int t = 0; t < m; ++t) {
+      a += static_cast<double>(th[t * NA + tid]);
+      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
+    }
+  }
+  if (tid >= 32 && tid - 32 < m) {
+    const int t = tid - 32;
+    ex[t] = expf(cs[t]);
+    fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
+  }
+  __syncthreads();
+  // Every element of a row belongs to exactly one pair (ia, ib) of either pairing; pairs below
+  // NA rotate. Biased and rotated in fp32 from the raw bf16 inputs, then rounded once.
+  for (int i = tid; i < rows * half; i += kThreads) {
+    const int row = i / half, a = i % half, t = row / R, r = row % R;
+    int ia, ib;
+    pair_members(p.interleaved, N, a, &ia, &ib);
+    float sn = 0.f, cn = 1.f;
+    if (row < mr && a < NA) sincosf(th[t * NA + a], &sn, &cn);
+    auto put = [&](const DTensor& src, const float* bias, bf16* dst) {
+      float xa = 0.f, xb = 0.f;
+      if (row < mr) {
+        xa = dload_ro(src, qk_off(src, b, l0 + t, r, ck.g, ia)) + bias[r * N + ia];
+        xb = dload_ro(src, qk_off(src, b, l0 + t, r, ck.g, ib)) + bias[r * N + ib];
+      }
+      dst[row * lay.qp + ia] = __float2bfloat16_rn(xa * cn - xb * sn);
+      dst[row * lay.qp + ib] = __float2bfloat16_rn(xa * sn + xb * cn);
+    };
+    put(p.k, kb, K);
+    if (want_q) put(p.q, qb, Q);
+  }
+  __syncthreads();
+}
+
+// Rotation adjoint of the rows of token t, pair i, as rope_adjoint_rows with bf16 rotated rows X.
+__device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const bf16* X, int xp,
+                                                        int t, int i, int R, int N,
+                                                        bool interleaved, float theta) {
+  int ia, ib;
+  pair_members(interleaved, N, i, &ia, &ib);
+  float sn, cn;
+  sincosf(theta, &sn, &cn);
+  float acc = 0.f;
+  for (int r = 0; r < R; ++r) {
+    const int row = t * R + r;
+    const float da = D[row * dp + ia], db = D[row * dp + ib];
+    acc += -da * to_f(X[row * xp + ib]) + db * to_f(X[row * xp + ia]);
+    D[row * dp + ia] = da * cn + db * sn;
+    D[row * dp + ib] = -da * sn + db * cn;
+  }
+  return acc;
+}
+
+// grid (chunks, H): bwd_chunk_grad_kernel's gradients with its eight chunk products on the
+// tensor cores (see there for the math):
+//   raw = Q K^T, dA = dY V^T (fp32, lower-triangular tiles)   -> d gamma, d w, d cs; A o M, dA o M
+//   K dS^T, dV = (A o M)^T dY + fw (K dS^T) + D dy             -> dv, d psi partial
+//   V dS, dK = (dA o M)^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk
+//   dY S_prev, dQ = (dA o M) K + e (dY S_prev)                 -> rope adjoint -> dq
+__global__ void __launch_bounds__(kThreads, 1)
+    bwd_chunk_grad_tc_kernel(BwdParams bp, TcGradSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kThreads / 32;
+  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h;
+  const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
+  float* psi = reinterpret_cast<float*>(sm + lay.par);
+  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kThreads);
+  __syncthreads();
+  tc_load_chunk(bp, ck, lay, sm, true, true, tid);
+  float* sc = reinterpret_cast<float*>(sm + lay.scal);
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* fw = sc + kFw * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* dcs = sc + kDcs * kMaxRows;
+  float* dwt = sc + kDw * kMaxRows;
+  float* dgam = sc + kDgam * kMaxRows;
+  float* xr = sc + kXr * kMaxRows;
+  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
+  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
+  bf16* DAM = AM + lay.rows * lay.ap;
+  float* T = reinterpret_cast<float*>(sm + lay.am);  // (m, m) before the masked scores
+  float* RA = reinterpret_cast<float*>(sm + lay.ra);
+  float* DA = RA + lay.rows * lay.fap;
+  float* ST = reinterpret_cast<float*>(sm + lay.ra);  // after the masked scores
+  const float* TH = reinterpret_cast<const float*>(sm + lay.th);
+  float* DTH = reinterpret_cast<float*>(sm + lay.dth);
+  const int qp = lay.qp, vp = lay.vp, ap = lay.ap, fap = lay.fap, sp = lay.sp;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  const float* dsend = bp.ws.ds_end + cell * P * N;
+  float* par = bp.ws.par + cell * bp.pf.count;
+  const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
+  const float* dyg = bp.ws.dy + (ck.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
+  auto dy_at = [&](int row, int x) { return dyg[(row / R) * dy_row + (row % R) * P + x]; };
+
+  {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
+    const int p4 = P / 4;
+    for (int i = tid; i < lay.rows * p4; i += kThreads) {
+      const int row = i / p4, x = (i % p4) * 4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < mr)
+        v = *reinterpret_cast<const float4*>(dyg + (row / R) * dy_row + (row % R) * P + x);
+      uint2 u;
+      u.x = pack_bf16(v.x, v.y);
+      u.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
+    }
+  }
+  __syncthreads();
+
+  // raw = Q K^T and dA = dY V^T (unmasked, fp32) on the tiles that hold causal entries.
+  auto lower = [&](int kext) {
+    return [kext](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? kext : 0; };
+  };
+  tc_gemm<false, false>(
+      mr, mr, Q, qp, K, qp, lower(N), [&](int i, int j, float acc) { RA[i * fap + j] = acc; },
+      warp, lane);
+  tc_gemm<false, false>(
+      mr, mr, DYb, vp, V, vp, lower(P), [&](int i, int j, float acc) { DA[i * fap + j] = acc; },
+      warp, lane);
+  __syncthreads();
+  // Time-level T[ti][tj] = sum over the ranks of dA o raw (tj <= ti).
+  for (int i = tid; i < m * m; i += kThreads) {
+    const int ti = i / m, tj = i % m;
+    float acc = 0.f;
+    if (tj <= ti)
+      for (int r = 0; r < R; ++r)
+        for (int r2 = 0; r2 < R; ++r2) {
+          const int a = (ti * R + r) * fap + tj * R + r2;
+          acc += DA[a] * RA[a];
+        }
+    T[i] = acc;
+  }
+  __syncthreads();
+  if (tid < m) {
+    const int t = tid;
+    float dw_acc = 0.f, dc = 0.f;
+    for (int i = t + 1; i < m; ++i) {  // t as the key token j of later query tokens i
+      const float e = expf(cs[i] - cs[t]);
+      dw_acc += T[i * m + t] * e;
+      dc -= T[i * m + t] * e * w[t];
+    }
+    for (int j = 0; j < t; ++j) dc += T[t * m + j] * expf(cs[t] - cs[j]) * w[j];
+    dgam[t] = T[t * m + t];
+    dwt[t] = dw_acc;
+    dcs[t] = dc;
+  }
+  __syncthreads();
+  // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk).
+  for (int i = tid; i < lay.rows * lay.rows; i += kThreads) {
+    const int row = i / lay.rows, col = i % lay.rows;
+    float a = 0.f, da = 0.f;
+    if (row < mr && col < mr && col / R <= row / R) {
+      const float coef = mask_coef(cs, w, gam, row / R, col / R);
+      a = RA[row * fap + col] * coef;
+      da = DA[row * fap + col] * coef;
+    }
+    AM[row * ap + col] = __float2bfloat16_rn(a);
+    DAM[row * ap + col] = __float2bfloat16_rn(da);
+  }
+  stage_state_bf16(dsend, Sb, P, N, qp, tid);
+  __syncthreads();
+
+  // dV. First K dS^T (mr, P) into ST, then x_t = sum v o (K dS^T).
+  auto full = [](int kext) {
+    return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; };
+  };
+  tc_gemm<false, false>(
+      mr, P, K, qp, Sb, qp, full(N), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+      lane);
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float acc = 0.f;
+    for (int x = lane; x < P; x += 32) acc += to_f(V[row * vp + x]) * ST[row * sp + x];
+    acc = warp_sum(acc);
+    if (lane == 0) xr[row] = acc;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    float last = 0.f;
+    for (int t = 0; t < m; ++t) {
+      float xt = 0.f;
+      for (int r = 0; r < R; ++r) xt += xr[t * R + r];
+      dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
+      dcs[t] -= fw[t] * xt;
+      last += fw[t] * xt;
+    }
+    dcs[m - 1] += last;
+  }
+  // (A o M)^T dY: key rows k >= i only (time level), so k from the row tile on.
+  tc_gemm<true, true>(
+      mr, P, AM, ap, DYb, vp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
+      [&](int i, int j, float acc) {
+        ST[i * sp + j] = acc + fw[i / R] * ST[i * sp + j] + dskip * dy_at(i, j);
+      },
+      warp, lane);
+  __syncthreads();
+  {
+    // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
+    const DTensor& gv = bp.g_v;
+    if (gv.defined())
+      for (int i = tid; i < m * P; i += kThreads) {
+        const int t = i / P, x = i % P;
+        float acc = 0.f;
+        for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
+        if (ck.last && t == m - 1 && bp.df_v.defined())
+          acc += dload(bp.df_v, ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+        dstore(gv, ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
+                       h * gv.stride[2] + x * gv.stride[3],
+               acc);
+      }
+    for (int i = tid; i < R * P; i += kThreads) {
+      const int r = i / P, x = i % P;
+      float acc = 0.f;
+      for (int tb = 0; tb < m; tb += 8) {  // raw v in batches of 8 loads in flight
+        float vv[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          vv[u] = tb + u < m ? dload_ro(p.v, ck.b * p.v.stride[0] +
+                                                 static_cast<int64_t>(ck.begin + ck.t0 + tb + u) * p.v.stride[1] +
+                                                 h * p.v.stride[2] + x * p.v.stride[3])
+                             : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (tb + u < m) acc += ST[((tb + u) * R + r) * sp + x] * vv[u];
+      }
+      par[bp.pf.psi + i] = acc;
+    }
+  }
+  __syncthreads();
+
+  // dK. First V dS (mr, N), then the intra-chunk part (key rows k >= i).
+  tc_gemm<false, true>(
+      mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+      lane);
+  __syncthreads();
+  const bool dfk = ck.last && bp.df_k.defined();
+  tc_gemm<true, true>(
+      mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
+      [&](int i, int j, float acc) {
+        float v = acc + fw[i / R] * ST[i * sp + j];
+        if (dfk && i / R == m - 1) v += dload(bp.df_k, sk_off(bp.df_k, ck.s, i % R, h, j));
+        ST[i * sp + j] = v;
+      },
+      warp, lane);
+  __syncthreads();
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    DTH[i] = rope_adjoint_rows_bf16(ST, sp, K, qp, t, a, R, N, p.interleaved, TH[i]);
+  }
+  __syncthreads();
+  store_qk_grad(bp, ck, sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
+  __syncthreads();
+
+  // dQ. First T1 = dY S_prev (mr, N), d cs from e, then the intra part (key rows k <= i).
+  stage_state_bf16(sprev, Sb, P, N, qp, tid);
+  __syncthreads();
+  tc_gemm<false, true>(
+      mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; },
+      warp, lane);
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float acc = 0.f;
+    for (int n = lane; n < N; n += 32) acc += ST[row * sp + n] * to_f(Q[row * qp + n]);
+    acc = warp_sum(acc);
+    if (lane == 0) xr[row] = acc;
+  }
+  __syncthreads();
+  if (tid < m) {
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) acc += xr[tid * R + r];
+    dcs[tid] += ex[tid] * acc;
+  }
+  tc_gemm<false, true>(
+      mr, N, DAM, ap, K, qp,
+      [&](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
+      [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i / R] * ST[i * sp + j]; }, warp,
+      lane);
+  __syncthreads();
+  for (int i = tid; i < m * NA; i += kThreads) {
+    const int t = i / NA, a = i % NA;
+    DTH[i] += rope_adjoint_rows_bf16(ST, sp, Q, qp, t, a, R, N, p.interleaved, TH[i]);
+  }
+  __syncthreads();
+  store_qk_grad(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
+
+  // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev (fp32 states).
+  float acc = 0.f;
+#pragma unroll 8
+  for (int e = tid; e < P * N; e += kThreads) acc += dsend[e] * sprev[e];
+  acc = block_sum(acc, reinterpret_cast<float*>(sm + lay.red), tid);
+  if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
+  __syncthreads();
+  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
+}
+
+}  // namespace mamba3::cuda::bwd
