@@ -111,7 +111,11 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"tc_siso_halved_n128_norm", 1, 70, 2, 1, 128, 64, 1, 32, true, true, false, {}, kH, kB},
         Case{"tc_mimo_r2_gqa", 1, 50, 4, 2, 64, 64, 2, 16, true, true, true, {}, kH, kB},
         Case{"tc_mimo_r4_p128", 1, 40, 2, 1, 64, 128, 4, 32, true, false, true, {}, kI, kB},
-        Case{"tc_varlen", 1, 110, 2, 1, 64, 64, 1, 16, true, false, false, {30, 0, 1, 64, 15}, kI, kB}),
+        Case{"tc_varlen", 1, 110, 2, 1, 64, 64, 1, 16, true, false, false, {30, 0, 1, 64, 15}, kI, kB},
+        // N = P = 128: the SIMT chunk layouts need 32-row chunks, so the tensor-core kernels run
+        // two 16-row tiles per chunk.
+        Case{"tc_n128_p128_rows32", 1, 70, 1, 1, 128, 128, 1, 64, true, true, false, {}, kI, kB},
+        Case{"tc_mimo_r8_per_rank", 1, 20, 2, 1, 64, 64, 8, 16, false, false, false, {}, kH, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 }  // namespace

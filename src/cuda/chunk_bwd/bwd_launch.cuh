@@ -202,7 +202,9 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const bool has_init = a.in.initial.all();
   const bool shared_qk = d.heads_per_group() > 1;
   const bool tc = use_tensor_cores(a, d, bp.p, rows);
-  const TcGradSmem lt = tc_grad_layout(N, P, R, NA, rows);
+  const TcSmem lt = tc_layout(kTcGrad, N, P, R, NA, rows);
+  const TcSmem lo = tc_layout(kTcOut, N, P, R, NA, rows);
+  const TcSmem ls = tc_layout(kTcState, N, P, R, NA, rows);
 
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   WorkspaceBuffer buf(stream);
@@ -230,12 +232,15 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
-  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
-  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
-  if (tc)
+  if (tc) {
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_tc_kernel, static_cast<size_t>(ls.bytes)));
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_tc_kernel, static_cast<size_t>(lo.bytes)));
     M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_tc_kernel, static_cast<size_t>(lt.bytes)));
-  else
+  } else {
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
     M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
+  }
   M3_RETURN_IF_ERROR(allow_smem(bwd_token_grads_kernel, smem_bytes(l9)));
 
   M3B_LAUNCH(bwd_plan_kernel, (1), (32), 0, stream, bp);
@@ -247,12 +252,24 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
       M3B_LAUNCH(bwd_angle_scan_kernel, (seq_heads), (64), 0, stream, bp);
       M3B_CHECK_LAUNCH("bwd_angle_scan_kernel");
     }
-    M3B_LAUNCH(bwd_chunk_state_kernel, (grid_ch, H), (kThreads), smem_bytes(l3), stream, bp, l3);
-    M3B_CHECK_LAUNCH("bwd_chunk_state_kernel");
+    if (tc) {
+      M3B_LAUNCH(bwd_chunk_state_tc_kernel, (grid_ch, H), (kThreads),
+                 static_cast<size_t>(ls.bytes), stream, bp, ls);
+      M3B_CHECK_LAUNCH("bwd_chunk_state_tc_kernel");
+    } else {
+      M3B_LAUNCH(bwd_chunk_state_kernel, (grid_ch, H), (kThreads), smem_bytes(l3), stream, bp, l3);
+      M3B_CHECK_LAUNCH("bwd_chunk_state_kernel");
+    }
     M3B_LAUNCH(bwd_state_scan_kernel, (seq_heads, pn_blocks), (kThreads), par_bytes, stream, bp);
     M3B_CHECK_LAUNCH("bwd_state_scan_kernel");
-    M3B_LAUNCH(bwd_chunk_out_kernel, (grid_ch, H), (kThreads), smem_bytes(l5), stream, bp, l5);
-    M3B_CHECK_LAUNCH("bwd_chunk_out_kernel");
+    if (tc) {
+      M3B_LAUNCH(bwd_chunk_out_tc_kernel, (grid_ch, H), (kThreads), static_cast<size_t>(lo.bytes),
+                 stream, bp, lo);
+      M3B_CHECK_LAUNCH("bwd_chunk_out_tc_kernel");
+    } else {
+      M3B_LAUNCH(bwd_chunk_out_kernel, (grid_ch, H), (kThreads), smem_bytes(l5), stream, bp, l5);
+      M3B_CHECK_LAUNCH("bwd_chunk_out_kernel");
+    }
   }
   M3B_LAUNCH(bwd_dstate_scan_kernel, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");

@@ -34,16 +34,19 @@ using bf16 = __nv_bfloat16;
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 
-// Shared-memory layout of the tensor-core chunk_grad kernel; byte offsets, each 16-byte aligned.
-// bf16 pitches pad rows by 16 bytes (conflict-free ldmatrix); fp32 pitches by one word.
-struct TcGradSmem {
+// Shared-memory layout of the tensor-core chunk kernels; byte offsets, each 16-byte aligned
+// (-1: not allocated). bf16 pitches pad rows by 16 bytes (conflict-free ldmatrix); fp32 pitches
+// by one word.
+struct TcSmem {
   int rows, C;
   int qp, vp, ap;   // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
-  int fap, sp;      // fp32 pitches: raw scores (rows + 1), staging rows (max(N, P) + 1)
-  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy
-  int s;            // (P, N) bf16: dS_end, then S_prev
-  int am;           // (rows, ap) bf16 masked scores A o M, then dA o M; first the fp32 (C, C) T
-  int ra;           // (rows, fap) fp32 Q K^T and dY V^T; later the fp32 (rows, sp) staging ST
+  int fap, sp, yp;  // fp32 pitches: raw scores (rows + 1), staging (max(N, P) + 1), y rows (P + 1)
+  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi (chunk_state: * fw); dy
+  int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
+  int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M; first the
+                    // fp32 (C, C) T)
+  int ra;           // chunk_grad: (rows, fap) fp32 Q K^T and dY V^T; later the (rows, sp) staging
+  int y, go, z;     // chunk_out: (rows, yp) fp32 y then dy; cotangent of out; z
   int th, dth;      // (C, NA) fp32 wrapped angles, d theta
   int scal, par, red, bias;
   int bytes;
@@ -51,31 +54,39 @@ struct TcGradSmem {
 
 inline int tc_up16(int x) { return (x + 15) & ~15; }
 
-inline TcGradSmem tc_grad_layout(int N, int P, int R, int NA, int rows) {
-  TcGradSmem l{};
+enum TcKernel { kTcState, kTcOut, kTcGrad };
+
+inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
+  TcSmem l{};
   l.rows = rows, l.C = rows / R;
   l.qp = N + 8, l.vp = P + 8, l.ap = rows + 8, l.fap = rows + 1, l.sp = (N > P ? N : P) + 1;
+  l.yp = P + 1;
   int o = 0;
-  auto take = [&](int bytes) {
+  auto take = [&](bool want, int bytes) {
+    if (!want) return -1;
     const int at = o;
     o += tc_up16(bytes);
     return at;
   };
-  l.q = take(rows * l.qp * 2);
-  l.k = take(rows * l.qp * 2);
-  l.v = take(rows * l.vp * 2);
-  l.dy = take(rows * l.vp * 2);
-  l.s = take(P * l.qp * 2);
-  const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
-  l.am = take(am > t ? am : t);
+  const bool grad = kind == kTcGrad, out = kind == kTcOut;
+  l.q = take(grad || out, rows * l.qp * 2);
+  l.k = take(true, rows * l.qp * 2);
+  l.v = take(true, rows * l.vp * 2);
+  l.dy = take(grad || out, rows * l.vp * 2);
+  l.s = take(grad || out, P * l.qp * 2);
+  const int am = (grad ? 2 : 1) * rows * l.ap * 2, t = grad ? l.C * l.C * 4 : 0;
+  l.am = take(grad || out, am > t ? am : t);
   const int ra = 2 * rows * l.fap * 4, st = rows * l.sp * 4;
-  l.ra = take(ra > st ? ra : st);
-  l.th = take(l.C * (NA > 0 ? NA : 1) * 4);
-  l.dth = take(l.C * (NA > 0 ? NA : 1) * 4);
-  l.scal = take(kScalarArrays * kMaxRows * 4);
-  l.par = take((3 * R * P + P) * 4);
-  l.red = take(kThreads * 4);
-  l.bias = take(2 * R * N * 4);
+  l.ra = take(grad, ra > st ? ra : st);
+  l.y = take(out, rows * l.yp * 4);
+  l.go = take(out, rows * l.yp * 4);
+  l.z = take(out, rows * l.yp * 4);
+  l.th = take(true, l.C * (NA > 0 ? NA : 1) * 4);
+  l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
+  l.scal = take(true, kScalarArrays * kMaxRows * 4);
+  l.par = take(true, (3 * R * P + P) * 4);
+  l.red = take(true, kThreads * 4);
+  l.bias = take(true, 2 * R * N * 4);
   l.bytes = o;
   return l;
 }
@@ -138,10 +149,12 @@ __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, 
 
 // Chunk loader of the tensor-core kernels: the scalars of load_chunk (cs, e, w, fw, gamma,
 // lambda, dt), the wrapped angle of every (token, rope pair) in th, then rotated biased q and k
-// rows and v * psi rows rounded to bf16 (rows past the chunk zero). psi must already be in
-// shared memory (par). Ends with a barrier.
-__device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcGradSmem& lay,
-                              unsigned char* sm, bool want_q, bool want_v, int tid) {
+// rows and v * psi rows (v_mode kVPsiFw: v * psi * fw) rounded to bf16 (rows past the chunk
+// zero). psi must already be in shared memory (par). Ends with a barrier.
+enum TcVMode { kVNone, kVPsi, kVPsiFw };
+
+__device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem& lay,
+                              unsigned char* sm, bool want_q, TcVMode v_mode, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h, b = ck.b;
   const int l0 = ck.begin + ck.t0, rows = lay.rows, half = N / 2;
@@ -176,25 +189,6 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcGrad
   }
 #pragma unroll 8
   for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
-  if (want_v) {
-    // v * psi (fp32 product, one rounding), 8 columns per thread-iteration.
-    const int p8 = P / 8;
-    for (int i = tid; i < rows * p8; i += kThreads) {
-      const int row = i / p8, x = (i % p8) * 8, t = row / R, r = row % R;
-      float f[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        f[e] = row < mr ? dload_ro(p.v, b * p.v.stride[0] +
-                                            static_cast<int64_t>(l0 + t) * p.v.stride[1] +
-                                            h * p.v.stride[2] + (x + e) * p.v.stride[3]) *
-                              psi[r * P + x + e]
-                        : 0.f;
-      uint4 u;
-      u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
-      u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
-      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = u;
-    }
-  }
   __syncthreads();
   if (tid == 0)
     for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
@@ -234,6 +228,26 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcGrad
     put(p.k, kb, K);
     if (want_q) put(p.q, qb, Q);
   }
+  if (v_mode != kVNone) {
+    // v * psi (* fw), fp32 products rounded once, 8 columns per thread-iteration.
+    const int p8 = P / 8;
+    for (int i = tid; i < rows * p8; i += kThreads) {
+      const int row = i / p8, x = (i % p8) * 8, t = row / R, r = row % R;
+      float f[8];
+      const float scale = row < mr && v_mode == kVPsiFw ? fw[t] : 1.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        f[e] = row < mr ? dload_ro(p.v, b * p.v.stride[0] +
+                                            static_cast<int64_t>(l0 + t) * p.v.stride[1] +
+                                            h * p.v.stride[2] + (x + e) * p.v.stride[3]) *
+                              psi[r * P + x + e] * scale
+                        : 0.f;
+      uint4 u;
+      u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
+      u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
+      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = u;
+    }
+  }
   __syncthreads();
 }
 
@@ -263,7 +277,7 @@ __device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const 
 //   V dS, dK = (dA o M)^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk
 //   dY S_prev, dQ = (dA o M) K + e (dY S_prev)                 -> rope adjoint -> dq
 __global__ void __launch_bounds__(kThreads, 1)
-    bwd_chunk_grad_tc_kernel(BwdParams bp, TcGradSmem lay) {
+    bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -275,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* psi = reinterpret_cast<float*>(sm + lay.par);
   load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kThreads);
   __syncthreads();
-  tc_load_chunk(bp, ck, lay, sm, true, true, tid);
+  tc_load_chunk(bp, ck, lay, sm, true, kVPsi, tid);
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;
@@ -508,6 +522,199 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
   __syncthreads();
   chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
+}
+
+// grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
+// sum_j (fw_j v_j psi)^T k_j (P, N, fp32 accumulation of bf16 operands) and its decay.
+__global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int N = p.N, P = p.P, R = p.R;
+  const int kr = (ck.mr + 15) & ~15;
+  float* par = reinterpret_cast<float*>(sm + lay.par);
+  load_head_params(p, ck.h, par, par + R * P, par + 2 * R * P, par + 3 * R * P, tid, kThreads);
+  __syncthreads();
+  tc_load_chunk(bp, ck, lay, sm, false, kVPsiFw, tid);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + ck.h;
+  float* out = bp.ws.s_prev + cell * P * N;
+  tc_gemm<true, true>(
+      P, N, V, lay.vp, K, lay.qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
+      [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
+  if (tid == 0)
+    bp.ws.decay[cell] = reinterpret_cast<const float*>(sm + lay.scal)[kE * kMaxRows + ck.m - 1];
+}
+
+// grid (chunks, H): bwd_chunk_out_kernel with its products on the tensor cores:
+//   A o M = (Q K^T) o M (bf16, causal tiles), Y = e (Q S_prev^T) + (A o M) V + D v psi (fp32)
+//   output stage adjoint from fp32 Y (as the SIMT kernel) -> dy, dz, partials
+//   dS increment = (e dY)^T Q (P, N) with e dY rounded to bf16.
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kThreads / 32;
+  const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
+  const int kr = (mr + 15) & ~15;
+  float* psi = reinterpret_cast<float*>(sm + lay.par);
+  float* zeta = psi + R * P;
+  float* phi = zeta + R * P;
+  float* wn = phi + R * P;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
+  stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
+  __syncthreads();
+  tc_load_chunk(bp, ck, lay, sm, true, kVPsi, tid);
+  const float* sc = reinterpret_cast<const float*>(sm + lay.scal);
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* xr = reinterpret_cast<float*>(sm + lay.scal) + kXr * kMaxRows;
+  float* rstd = reinterpret_cast<float*>(sm + lay.scal) + kRstd * kMaxRows;
+  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
+  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
+  float* Y = reinterpret_cast<float*>(sm + lay.y);
+  const int qp = lay.qp, vp = lay.vp, ap = lay.ap, yp = lay.yp;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int l0 = ck.begin + ck.t0;
+  // v psi in fp32 from the raw input (the D skip and its gradient stay exact).
+  auto vpsi = [&](int row, int x) {
+    return dload_ro(p.v, ck.b * p.v.stride[0] + static_cast<int64_t>(l0 + row / R) * p.v.stride[1] +
+                             h * p.v.stride[2] + x * p.v.stride[3]) *
+           psi[(row % R) * P + x];
+  };
+
+  // A o M on the causal tiles, every entry of those tiles written (zero above the diagonal and
+  // past the chunk); Y = e (Q S_prev^T).
+  tc_gemm<false, false>(
+      kr, kr, Q, qp, K, qp,
+      [N](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? N : 0; },
+      [&](int i, int j, float acc) {
+        float a = 0.f;
+        if (i < mr && j < mr && j / R <= i / R) a = acc * mask_coef(cs, w, gam, i / R, j / R);
+        AM[i * ap + j] = __float2bfloat16_rn(a);
+      },
+      warp, lane);
+  tc_gemm<false, false>(
+      mr, P, Q, qp, Sb, qp, [N](int, int, int* kb, int* ke) { *kb = 0, *ke = N; },
+      [&](int i, int j, float acc) { Y[i * yp + j] = ex[i / R] * acc; }, warp, lane);
+  __syncthreads();
+  tc_gemm<false, true>(
+      mr, P, AM, ap, V, vp,
+      [kr](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
+      [&](int i, int j, float acc) { Y[i * yp + j] += acc + dskip * vpsi(i, j); }, warp, lane);
+  __syncthreads();
+
+  // Output stage adjoint (as bwd_chunk_out_kernel).
+  float* GO = reinterpret_cast<float*>(sm + lay.go);
+  float* Z = reinterpret_cast<float*>(sm + lay.z);
+  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
+  const DTensor& go = bp.d_out;
+  const int go_rows = reduce ? m : mr;
+#pragma unroll 8
+  for (int i = tid; i < go_rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    GO[row * yp + x] =
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] + x * go.stride[3])
+               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
+                                  h * go.stride[3] + x * go.stride[4]);
+  }
+  if (has_z) {
+#pragma unroll 8
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+                                        h * p.z.stride[2] + x * p.z.stride[3]);
+    }
+  }
+  __syncthreads();
+  auto adjoint = [&](int row, int x, float rs) {
+    const int t = row / R, r = row % R;
+    return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
+                            Y[row * yp + x], rs, zeta, phi, wn);
+  };
+  const bool norm = p.norm_weight.defined();
+  if (norm) {
+    rows_rstd(Y, yp, mr, P, p.eps, rstd, warp, lane, kWarps);
+    __syncthreads();
+    for (int row = warp; row < mr; row += kWarps) {
+      float dot = 0.f;
+      for (int x = lane; x < P; x += 32) dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
+      dot = warp_sum(dot);
+      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
+    }
+    __syncthreads();
+  }
+  float* par = bp.ws.par + cell * bp.pf.count;
+  for (int i = tid; i < R * P; i += kThreads) {  // d zeta, d phi: sums over the chunk's tokens
+    const int r = i / P, x = i % P;
+    float dz = 0.f, dph = 0.f;
+    for (int t = 0; t < m; ++t) {
+      const int row = t * R + r;
+      const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
+      dz += e.du * (has_z ? Z[t * yp + x] : 0.f);
+      dph += e.dphi;
+    }
+    par[bp.pf.zeta + i] = dz;
+    par[bp.pf.phi + i] = dph;
+  }
+  for (int x = tid; x < P; x += kThreads) {  // d norm_weight
+    float acc = 0.f;
+    if (norm)
+      for (int row = 0; row < mr; ++row) acc += adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row];
+    par[bp.pf.w + x] = acc;
+  }
+  if (bp.g_z.defined())
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      float acc = 0.f;
+      for (int r = 0; r < R; ++r) {
+        const int row = t * R + r;
+        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
+      }
+      const DTensor& gz = bp.g_z;
+      dstore(gz, ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
+                     h * gz.stride[2] + x * gz.stride[3],
+             acc);
+    }
+  __syncthreads();
+  // dy in place of y (each element read and written by its own thread), to the workspace; the
+  // bf16 operand e dy (zero past the chunk) for the state cotangent increment.
+  float dd = 0.f;
+  for (int i = tid; i < lay.rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    float edy = 0.f;
+    if (row < mr) {
+      const float y = Y[row * yp + x];
+      const float rs = norm ? rstd[row] : 1.f;
+      const float dyn = adjoint(row, x, rs).dyn;
+      const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
+      Y[row * yp + x] = dy;
+      bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] = dy;
+      dd += dy * vpsi(row, x);
+      edy = ex[row / R] * dy;
+    }
+    DYb[row * vp + x] = __float2bfloat16_rn(edy);
+  }
+  dd = block_sum(dd, reinterpret_cast<float*>(sm + lay.red), tid);  // barriers: DYb complete
+  if (tid == 0) par[bp.pf.d] = dd;
+  float* dsi = bp.ws.ds_end + cell * P * N;
+  tc_gemm<true, true>(
+      P, N, DYb, vp, Q, qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
+      [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
 }
 
 }  // namespace mamba3::cuda::bwd
