@@ -1,7 +1,10 @@
 // A CPU emulation of the small part of CUDA the backward kernels use, so the kernels in
 // src/cuda/chunk_bwd run (slowly) on a machine without a GPU: each CUDA thread of a block is a
 // std::thread, __syncthreads is a std::barrier over the block, warp shuffles exchange through a
-// per-warp buffer and barrier. Blocks run one after another; dynamic shared memory is a fresh
+// per-warp buffer and barrier, and so do the tensor-core instructions of the bf16 kernels
+// (ldmatrix x4 / x4.trans and mma.sync m16n8k16 bf16 -> fp32, with the fragment layouts of
+// src/cuda/common/mma.cuh; ldmatrix checks that its row addresses are 16-byte aligned and inside
+// dynamic shared memory). Blocks run one after another; dynamic shared memory is a fresh
 // heap buffer per block filled with NaN bytes (so a read of an unwritten word shows up), which
 // lets AddressSanitizer see out-of-bounds shared and global accesses. Include before any kernel
 // header, with MAMBA3_CUDA_EMU defined.

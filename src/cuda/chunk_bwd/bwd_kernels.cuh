@@ -15,12 +15,14 @@
 //   reduce_qk    q, k gradients summed over the heads of a group (fixed order)
 //   reduce_par   parameter gradients summed over chunks and sequences (fixed order)
 // Chunk kernels run on a (chunk upper bound, H) grid; (sequence, head) kernels on S * H blocks.
+// chunk_state, chunk_out and chunk_grad have tensor-core versions in bwd_tc.cuh (bf16 q, k, v
+// at N, P in {64, 128}); the SIMT versions here serve everything else.
 //
 // Measured (H200, 2026-11-29, `mamba3 bench --lane cuda --shape train --dtype bf16 --what bwd`,
 // per-kernel times from ncu gpu__time_duration): 56.9 ms per backward, of which chunk_grad
 // 29.0 ms, chunk_out 18.2 ms, chunk_state 4.0 ms, the two state scans 1.5 ms, the rest < 1 ms.
 // The chunk kernels hold ~200 KB of shared memory (one CTA, 8 warps per SM) and their fp32 SIMT
-// products reach ~10 % of the FMA peak: the next step is tensor cores and two CTAs per SM.
+// products reach ~10 % of the FMA peak (this measurement predates bwd_tc.cuh).
 #pragma once
 
 #include "cuda/chunk_bwd/bwd_params.cuh"

@@ -1,8 +1,19 @@
 // Tensor-core pieces of the chunked backward (mma.sync m16n8k16, bf16 operands, fp32
 // accumulation; src/cuda/common/mma.cuh): the chunk loader into bf16 tiles, a warp-tiled GEMM on
-// bf16 shared-memory operands, and the tensor-core chunk_grad kernel. Taken for bf16 q, k, v
-// with 16-byte aligned contiguous rows at N, P in {64, 128} (use_tensor_cores in bwd_launch.cuh);
-// everything else runs the fp32 SIMT kernels of bwd_kernels.cuh.
+// bf16 shared-memory operands, and the tensor-core chunk_state, chunk_out and chunk_grad
+// kernels (same math, grids and workspace as their SIMT versions in bwd_kernels.cuh). Taken for
+// bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128} (tensor_core_inputs and
+// pick_rows_tc in bwd_launch.cuh; always 64-row chunks on the H200); everything else runs the
+// fp32 SIMT kernels.
+//
+// Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 41 KB, chunk_out
+// 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share one region),
+// chunk_grad 143 KB (one CTA per SM; two would need its output products held in registers
+// instead of the fp32 staging tile, and the unmasked scores too).
+//
+// Angles: the wrapped angles lie in [0, 2 pi), where __sincosf is accurate to ~1e-6 (the forward
+// uses it too), far below the bf16 rounding of the tiles; it keeps the slow-path stack frame and
+// the long polynomial of sincosf out of the loader and the rope adjoints.
 //
 // Rounding (DESIGN.md §2.6), the forward's discipline: rotated biased q and k, v * psi, dy, the
 // masked scores and their gradient (A o M, dA o M), and the states S_prev and dS_end as operands
@@ -70,66 +81,107 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
   };
   const bool grad = kind == kTcGrad, out = kind == kTcOut;
   l.q = take(grad || out, rows * l.qp * 2);
-  l.k = take(true, rows * l.qp * 2);
-  l.v = take(true, rows * l.vp * 2);
-  l.dy = take(grad || out, rows * l.vp * 2);
-  l.s = take(grad || out, P * l.qp * 2);
-  const int am = (grad ? 2 : 1) * rows * l.ap * 2, t = grad ? l.C * l.C * 4 : 0;
-  l.am = take(grad || out, am > t ? am : t);
-  const int ra = 2 * rows * l.fap * 4, st = rows * l.sp * 4;
-  l.ra = take(grad, ra > st ? ra : st);
-  l.y = take(out, rows * l.yp * 4);
-  l.go = take(out, rows * l.yp * 4);
-  l.z = take(out, rows * l.yp * 4);
+  if (out) {
+    // chunk_out: y lives throughout; k, the state operand, the scores and v are dead once y is
+    // complete, and the cotangent of out, z and e dy take their place (two CTAs per SM at
+    // N = 128, P = 64).
+    l.y = take(true, rows * l.yp * 4);
+    const int x0 = o;
+    l.k = take(true, rows * l.qp * 2);
+    l.s = take(true, P * l.qp * 2);
+    l.am = take(true, rows * l.ap * 2);
+    l.v = take(true, rows * l.vp * 2);
+    const int x1 = o;
+    o = x0;
+    l.go = take(true, rows * l.yp * 4);
+    l.z = take(true, rows * l.yp * 4);
+    l.dy = take(true, rows * l.vp * 2);
+    if (o < x1) o = x1;
+    l.ra = -1;
+  } else {
+    l.k = take(true, rows * l.qp * 2);
+    l.v = take(true, rows * l.vp * 2);
+    l.dy = take(grad, rows * l.vp * 2);
+    l.s = take(grad, P * l.qp * 2);
+    const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
+    l.am = take(grad, am > t ? am : t);
+    const int ra = 2 * rows * l.fap * 4, st = rows * l.sp * 4;
+    l.ra = take(grad, ra > st ? ra : st);
+    l.y = l.go = l.z = -1;
+  }
   l.th = take(true, l.C * (NA > 0 ? NA : 1) * 4);
   l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
   l.par = take(true, (3 * R * P + P) * 4);
-  l.red = take(true, kThreads * 4);
+  l.red = take(true, 2 * kThreads * 4);
   l.bias = take(true, 2 * R * N * 4);
   l.bytes = o;
   return l;
 }
 
-// C(i, j) = sum_k A(i, k) B(k, j) for i < M, j < Nc on the tensor cores, one 16 x 16 output tile
-// per warp at a time. A is row-major [i][k] (kATrans: stored [k][i]); B is stored [j][k]
-// (kBKn: [k][j]); both bf16 with 16-byte aligned rows, zero past their extents up to the next
-// multiple of 16. krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of
-// 16); kb >= ke skips the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner.
-template <bool kATrans, bool kBKn, typename FK, typename FE>
+// C(i, j) = sum_k A(i, k) B(k, j) for i < M, j < Nc on the tensor cores, one 16 x (16 kNT)
+// output tile per warp at a time (kNT = 2 halves the A fragment loads where Nc is a multiple of
+// 32). A is row-major [i][k] (kATrans: stored [k][i]); B is stored [j][k] (kBKn: [k][j]); both
+// bf16 with 16-byte aligned rows, zero past their extents up to the next multiple of 16.
+// krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of 16); kb >= ke skips
+// the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner, and its k tiles are
+// accumulated in a fixed order (deterministic).
+template <bool kATrans, bool kBKn, int kNT = 1, typename FK, typename FE>
 __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B,
                                         int bp, FK krange, FE epi, int warp, int lane) {
-  constexpr int kWarps = kThreads / 32;
-  const int tm = (M + 15) / 16, tn = (Nc + 15) / 16;
+  constexpr int kWarps = kThreads / 32, kTw = 16 * kNT;
+  const int tm = (M + 15) / 16, tn = (Nc + kTw - 1) / kTw;
   const int g = lane >> 2, tq = lane & 3;
   __syncwarp();
   for (int t = warp; t < tm * tn; t += kWarps) {
-    const int i0 = (t / tn) * 16, j0 = (t % tn) * 16;
+    const int i0 = (t / tn) * 16, j0 = (t % tn) * kTw;
     int kb = 0, ke = 0;
     krange(i0, j0, &kb, &ke);
     if (kb >= ke) continue;
-    float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float c[2 * kNT][4];
+#pragma unroll
+    for (int j = 0; j < 2 * kNT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
     for (int k0 = kb; k0 < ke; k0 += 16) {
-      uint32_t a[4], b[4];
+      uint32_t a[4];
       if constexpr (kATrans)
         load_a_trans(a, A, ap, i0, k0, lane);
       else
         load_a(a, A, ap, i0, k0, lane);
-      if constexpr (kBKn)
-        load_b_kn(b, B, bp, j0, k0, lane);
-      else
-        load_b_nk(b, B, bp, j0, k0, lane);
-      mma_bf16(c[0], a, b[0], b[1]);
-      mma_bf16(c[1], a, b[2], b[3]);
+#pragma unroll
+      for (int u = 0; u < kNT; ++u) {
+        uint32_t b[4];
+        if constexpr (kBKn)
+          load_b_kn(b, B, bp, j0 + 16 * u, k0, lane);
+        else
+          load_b_nk(b, B, bp, j0 + 16 * u, k0, lane);
+        mma_bf16(c[2 * u], a, b[0], b[1]);
+        mma_bf16(c[2 * u + 1], a, b[2], b[3]);
+      }
     }
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < 2 * kNT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = i0 + g + (e >> 1) * 8, col = j0 + j * 8 + 2 * tq + (e & 1);
         if (i < M && col < Nc) epi(i, col, c[j][e]);
       }
   }
+}
+
+// 8 bf16 (16 bytes, element 0 in the low half of x) to fp32 and back (round to nearest even).
+__device__ __forceinline__ void bf16x8_bits_to_float(const uint4& u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ uint4 float8_to_bf16x8_bits(const float (&f)[8]) {
+  uint4 u;
+  u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
+  u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
+  return u;
 }
 
 // A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp.
@@ -189,6 +241,45 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   }
 #pragma unroll 8
   for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
+  // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
+  // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
+  // Interleaved pairs lie inside one group of 8 columns; halved pairs join slot 2j (columns
+  // c*8..) and 2j + 1 (columns N/2 + c*8..).
+  constexpr int kSlots = 4;  // rows * N / 8 / kThreads <= 64 * 128 / 8 / 256
+  const bool inter = p.interleaved;
+  auto qk_slot = [&](int s, int* row, int* n0) {
+    const int j = inter ? s : s >> 1, c_per = inter ? N / 8 : N / 16;
+    const int i = tid + j * kThreads;
+    *row = i / c_per;
+    const int c = i % c_per;
+    *n0 = c * 8 + (!inter && (s & 1) ? half : 0);
+    return i < rows * c_per;
+  };
+  auto v_slot = [&](int s, int* row, int* x) {
+    const int i = tid + s * kThreads, p8 = P / 8;
+    *row = i / p8, *x = (i % p8) * 8;
+    return i < rows * p8;
+  };
+  uint4 kraw[kSlots], qraw[kSlots], vraw[kSlots];
+  const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int sl = 0; sl < kSlots; ++sl) {
+    int row, n0, x;
+    kraw[sl] = qraw[sl] = vraw[sl] = zero4;
+    if (qk_slot(sl, &row, &n0) && row < mr) {
+      const int t = row / R, r = row % R;
+      kraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.k.data) +
+                                                      qk_off(p.k, b, l0 + t, r, ck.g, n0)));
+      if (want_q)
+        qraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.q.data) +
+                                                        qk_off(p.q, b, l0 + t, r, ck.g, n0)));
+    }
+    if (v_mode != kVNone && v_slot(sl, &row, &x) && row < mr)
+      vraw[sl] = __ldg(reinterpret_cast<const uint4*>(
+          static_cast<const bf16*>(p.v.data) + b * p.v.stride[0] +
+          static_cast<int64_t>(l0 + row / R) * p.v.stride[1] + h * p.v.stride[2] + x));
+  }
   __syncthreads();
   if (tid == 0)
     for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
@@ -208,44 +299,94 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
   }
   __syncthreads();
-  // Every element of a row belongs to exactly one pair (ia, ib) of either pairing; pairs below
-  // NA rotate. Biased and rotated in fp32 from the raw bf16 inputs, then rounded once.
-  for (int i = tid; i < rows * half; i += kThreads) {
-    const int row = i / half, a = i % half, t = row / R, r = row % R;
-    int ia, ib;
-    pair_members(p.interleaved, N, a, &ia, &ib);
-    float sn = 0.f, cn = 1.f;
-    if (row < mr && a < NA) sincosf(th[t * NA + a], &sn, &cn);
-    auto put = [&](const DTensor& src, const float* bias, bf16* dst) {
-      float xa = 0.f, xb = 0.f;
-      if (row < mr) {
-        xa = dload_ro(src, qk_off(src, b, l0 + t, r, ck.g, ia)) + bias[r * N + ia];
-        xb = dload_ro(src, qk_off(src, b, l0 + t, r, ck.g, ib)) + bias[r * N + ib];
+  // q and k rows biased and rotated in fp32 from the raw bf16 inputs, rounded once (rows past
+  // the chunk zero); v * psi (* fw) likewise.
+  auto biased = [&](const uint4& u, int r, int n0, const float* bias, float (&f)[8]) {
+    bf16x8_bits_to_float(u, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] += bias[r * N + n0 + e];
+  };
+  auto st8 = [&](bf16* dst, int row, int n0, const float (&f)[8]) {
+    *reinterpret_cast<uint4*>(dst + row * lay.qp + n0) = float8_to_bf16x8_bits(f);
+  };
+  auto rot = [](float& xa, float& xb, float cn, float sn) {
+    const float a = xa, bb = xb;
+    xa = a * cn - bb * sn, xb = a * sn + bb * cn;
+  };
+  const float zero8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (inter) {
+#pragma unroll
+    for (int sl = 0; sl < kSlots; ++sl) {
+      int row, n0;
+      if (!qk_slot(sl, &row, &n0)) continue;
+      const int t = row / R, r = row % R;
+      if (row >= mr) {
+        st8(K, row, n0, zero8);
+        if (want_q) st8(Q, row, n0, zero8);
+        continue;
       }
-      dst[row * lay.qp + ia] = __float2bfloat16_rn(xa * cn - xb * sn);
-      dst[row * lay.qp + ib] = __float2bfloat16_rn(xa * sn + xb * cn);
-    };
-    put(p.k, kb, K);
-    if (want_q) put(p.q, qb, Q);
+      float kf[8], qf[8];
+      biased(kraw[sl], r, n0, kb, kf);
+      if (want_q) biased(qraw[sl], r, n0, qb, qf);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int a = n0 / 2 + e;
+        if (a < NA) {
+          float sn, cn;
+          __sincosf(th[t * NA + a], &sn, &cn);
+          rot(kf[2 * e], kf[2 * e + 1], cn, sn);
+          if (want_q) rot(qf[2 * e], qf[2 * e + 1], cn, sn);
+        }
+      }
+      st8(K, row, n0, kf);
+      if (want_q) st8(Q, row, n0, qf);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kSlots / 2; ++j) {
+      int row, n0;
+      if (!qk_slot(2 * j, &row, &n0)) continue;
+      const int t = row / R, r = row % R;
+      if (row >= mr) {
+        st8(K, row, n0, zero8), st8(K, row, half + n0, zero8);
+        if (want_q) st8(Q, row, n0, zero8), st8(Q, row, half + n0, zero8);
+        continue;
+      }
+      float k0[8], k1[8], q0[8], q1[8];
+      biased(kraw[2 * j], r, n0, kb, k0);
+      biased(kraw[2 * j + 1], r, half + n0, kb, k1);
+      if (want_q) biased(qraw[2 * j], r, n0, qb, q0), biased(qraw[2 * j + 1], r, half + n0, qb, q1);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int a = n0 + e;
+        if (a < NA) {
+          float sn, cn;
+          __sincosf(th[t * NA + a], &sn, &cn);
+          rot(k0[e], k1[e], cn, sn);
+          if (want_q) rot(q0[e], q1[e], cn, sn);
+        }
+      }
+      st8(K, row, n0, k0), st8(K, row, half + n0, k1);
+      if (want_q) st8(Q, row, n0, q0), st8(Q, row, half + n0, q1);
+    }
   }
   if (v_mode != kVNone) {
-    // v * psi (* fw), fp32 products rounded once, 8 columns per thread-iteration.
-    const int p8 = P / 8;
-    for (int i = tid; i < rows * p8; i += kThreads) {
-      const int row = i / p8, x = (i % p8) * 8, t = row / R, r = row % R;
-      float f[8];
-      const float scale = row < mr && v_mode == kVPsiFw ? fw[t] : 1.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
-        f[e] = row < mr ? dload_ro(p.v, b * p.v.stride[0] +
-                                            static_cast<int64_t>(l0 + t) * p.v.stride[1] +
-                                            h * p.v.stride[2] + (x + e) * p.v.stride[3]) *
-                              psi[r * P + x + e] * scale
-                        : 0.f;
-      uint4 u;
-      u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
-      u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
-      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = u;
+    for (int sl = 0; sl < kSlots; ++sl) {
+      int row, x;
+      if (!v_slot(sl, &row, &x)) continue;
+      float f[8];
+      if (row < mr) {
+        const int t = row / R, r = row % R;
+        bf16x8_bits_to_float(vraw[sl], f);
+        const float scale = v_mode == kVPsiFw ? fw[t] : 1.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] *= psi[r * P + x + e] * scale;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = 0.f;
+      }
+      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = float8_to_bf16x8_bits(f);
     }
   }
   __syncthreads();
@@ -258,7 +399,7 @@ __device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const 
   int ia, ib;
   pair_members(interleaved, N, i, &ia, &ib);
   float sn, cn;
-  sincosf(theta, &sn, &cn);
+  __sincosf(theta, &sn, &cn);
   float acc = 0.f;
   for (int r = 0; r < R; ++r) {
     const int row = t * R + r;
@@ -268,6 +409,42 @@ __device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const 
     D[row * dp + ib] = -da * sn + db * cn;
   }
   return acc;
+}
+
+// out(i, sum over tokens t < m of f(t, i)) for i < n, f returning two values (float2), using
+// every thread: when n divides kThreads (n a power of two), kThreads / n groups of threads take
+// tokens g, g + groups, ... and the group partials are added in group order through red (2 *
+// kThreads floats); otherwise one thread per i walks the tokens in order. Deterministic. Starts
+// and ends with a barrier (red is reused).
+template <typename F, typename FO>
+__device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* red, int tid) {
+  __syncthreads();
+  if (n <= kThreads && kThreads % n == 0) {
+    const int groups = kThreads / n, g = tid / n, i = tid % n;
+    float2 acc = make_float2(0.f, 0.f);
+#pragma unroll 4
+    for (int t = g; t < m; t += groups) {
+      const float2 v = f(t, i);
+      acc.x += v.x, acc.y += v.y;
+    }
+    red[tid] = acc.x, red[kThreads + tid] = acc.y;
+    __syncthreads();
+    if (tid < n) {
+      float2 sum = make_float2(0.f, 0.f);
+      for (int k = 0; k < groups; ++k) sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
+      out(tid, sum);
+    }
+  } else {
+    for (int i = tid; i < n; i += kThreads) {
+      float2 acc = make_float2(0.f, 0.f);
+      for (int t = 0; t < m; ++t) {
+        const float2 v = f(t, i);
+        acc.x += v.x, acc.y += v.y;
+      }
+      out(i, acc);
+    }
+  }
+  __syncthreads();
 }
 
 // grid (chunks, H): bwd_chunk_grad_kernel's gradients with its eight chunk products on the
@@ -300,6 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* dwt = sc + kDw * kMaxRows;
   float* dgam = sc + kDgam * kMaxRows;
   float* xr = sc + kXr * kMaxRows;
+  float* fwx = sc + kRstd * kMaxRows;  // fw_t x_t (the norm's slot is free here)
   const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
   const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
   const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
@@ -362,18 +540,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     T[i] = acc;
   }
   __syncthreads();
-  if (tid < m) {
-    const int t = tid;
+  {
+    // Four lanes per token (m <= 64), each every fourth term, added by a fixed shuffle tree.
+    const int t = tid >> 2, q = tid & 3;
     float dw_acc = 0.f, dc = 0.f;
-    for (int i = t + 1; i < m; ++i) {  // t as the key token j of later query tokens i
-      const float e = expf(cs[i] - cs[t]);
-      dw_acc += T[i * m + t] * e;
-      dc -= T[i * m + t] * e * w[t];
+    if (t < m) {
+      for (int i = t + 1 + q; i < m; i += 4) {  // t as the key token j of later query tokens i
+        const float e = expf(cs[i] - cs[t]);
+        dw_acc += T[i * m + t] * e;
+        dc -= T[i * m + t] * e * w[t];
+      }
+      for (int j = q; j < t; j += 4) dc += T[t * m + j] * expf(cs[t] - cs[j]) * w[j];
     }
-    for (int j = 0; j < t; ++j) dc += T[t * m + j] * expf(cs[t] - cs[j]) * w[j];
-    dgam[t] = T[t * m + t];
-    dwt[t] = dw_acc;
-    dcs[t] = dc;
+    dw_acc += __shfl_xor_sync(0xffffffffu, dw_acc, 1);
+    dw_acc += __shfl_xor_sync(0xffffffffu, dw_acc, 2);
+    dc += __shfl_xor_sync(0xffffffffu, dc, 1);
+    dc += __shfl_xor_sync(0xffffffffu, dc, 2);
+    if (t < m && q == 0) {
+      dgam[t] = T[t * m + t];
+      dwt[t] = dw_acc;
+      dcs[t] = dc;
+    }
   }
   __syncthreads();
   // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk).
@@ -395,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto full = [](int kext) {
     return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; };
   };
-  tc_gemm<false, false>(
+  tc_gemm<false, false, 2>(
       mr, P, K, qp, Sb, qp, full(N), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
@@ -406,25 +593,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) xr[row] = acc;
   }
   __syncthreads();
-  if (tid == 0) {
-    float last = 0.f;
-    for (int t = 0; t < m; ++t) {
-      float xt = 0.f;
-      for (int r = 0; r < R; ++r) xt += xr[t * R + r];
-      dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
-      dcs[t] -= fw[t] * xt;
-      last += fw[t] * xt;
-    }
-    dcs[m - 1] += last;
+  if (tid < m) {  // the decay term of each key token; its sum goes to d cs_last below
+    const int t = tid;
+    float xt = 0.f;
+    for (int r = 0; r < R; ++r) xt += xr[t * R + r];
+    dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
+    dcs[t] -= fw[t] * xt;
+    fwx[t] = fw[t] * xt;
   }
   // (A o M)^T dY: key rows k >= i only (time level), so k from the row tile on.
-  tc_gemm<true, true>(
+  tc_gemm<true, true, 2>(
       mr, P, AM, ap, DYb, vp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
       [&](int i, int j, float acc) {
         ST[i * sp + j] = acc + fw[i / R] * ST[i * sp + j] + dskip * dy_at(i, j);
       },
       warp, lane);
   __syncthreads();
+  if (tid == 0) {
+    float last = 0.f;
+    for (int t = 0; t < m; ++t) last += fwx[t];
+    dcs[m - 1] += last;
+  }
   {
     // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
     const DTensor& gv = bp.g_v;
@@ -439,33 +628,26 @@ __global__ void __launch_bounds__(kThreads, 1)
                        h * gv.stride[2] + x * gv.stride[3],
                acc);
       }
-    for (int i = tid; i < R * P; i += kThreads) {
-      const int r = i / P, x = i % P;
-      float acc = 0.f;
-      for (int tb = 0; tb < m; tb += 8) {  // raw v in batches of 8 loads in flight
-        float vv[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          vv[u] = tb + u < m ? dload_ro(p.v, ck.b * p.v.stride[0] +
-                                                 static_cast<int64_t>(ck.begin + ck.t0 + tb + u) * p.v.stride[1] +
-                                                 h * p.v.stride[2] + x * p.v.stride[3])
-                             : 0.f;
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (tb + u < m) acc += ST[((tb + u) * R + r) * sp + x] * vv[u];
-      }
-      par[bp.pf.psi + i] = acc;
-    }
+    token_sums2(
+        R * P, m,
+        [&](int t, int i) {
+          const int r = i / P, x = i % P;
+          const float v = dload_ro(p.v, ck.b * p.v.stride[0] +
+                                            static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
+                                            h * p.v.stride[2] + x * p.v.stride[3]);
+          return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
+        },
+        [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; }, reinterpret_cast<float*>(sm + lay.red),
+        tid);
   }
-  __syncthreads();
 
   // dK. First V dS (mr, N), then the intra-chunk part (key rows k >= i).
-  tc_gemm<false, true>(
+  tc_gemm<false, true, 2>(
       mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
   const bool dfk = ck.last && bp.df_k.defined();
-  tc_gemm<true, true>(
+  tc_gemm<true, true, 2>(
       mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
       [&](int i, int j, float acc) {
         float v = acc + fw[i / R] * ST[i * sp + j];
@@ -483,9 +665,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   // dQ. First T1 = dY S_prev (mr, N), d cs from e, then the intra part (key rows k <= i).
-  stage_state_bf16(sprev, Sb, P, N, qp, tid);
+  // S_prev as the operand; on the way the partial sums of dS o S_prev (fp32) for d cs_last.
+  float dsum = 0.f;
+  {
+    const int n4 = N / 4;
+#pragma unroll 4
+    for (int i = tid; i < P * n4; i += kThreads) {
+      const int x = i / n4, n = (i % n4) * 4;
+      const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
+      const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
+      dsum += d.x * v.x + d.y * v.y + d.z * v.z + d.w * v.w;
+      uint2 u;
+      u.x = pack_bf16(v.x, v.y);
+      u.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(Sb + x * qp + n) = u;
+    }
+  }
   __syncthreads();
-  tc_gemm<false, true>(
+  tc_gemm<false, true, 2>(
       mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; },
       warp, lane);
   __syncthreads();
@@ -501,7 +698,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = 0; r < R; ++r) acc += xr[tid * R + r];
     dcs[tid] += ex[tid] * acc;
   }
-  tc_gemm<false, true>(
+  tc_gemm<false, true, 2>(
       mr, N, DAM, ap, K, qp,
       [&](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
       [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i / R] * ST[i * sp + j]; }, warp,
@@ -515,11 +712,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_qk_grad(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
 
   // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev (fp32 states).
-  float acc = 0.f;
-#pragma unroll 8
-  for (int e = tid; e < P * N; e += kThreads) acc += dsend[e] * sprev[e];
-  acc = block_sum(acc, reinterpret_cast<float*>(sm + lay.red), tid);
-  if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
+  dsum = block_sum(dsum, reinterpret_cast<float*>(sm + lay.red), tid);
+  if (tid == 0) dcs[m - 1] += ex[m - 1] * dsum;
   __syncthreads();
   chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
 }
@@ -542,7 +736,7 @@ __global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams 
   const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + ck.h;
   float* out = bp.ws.s_prev + cell * P * N;
-  tc_gemm<true, true>(
+  tc_gemm<true, true, 2>(
       P, N, V, lay.vp, K, lay.qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
       [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
   if (tid == 0)
@@ -553,7 +747,7 @@ __global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams 
 //   A o M = (Q K^T) o M (bf16, causal tiles), Y = e (Q S_prev^T) + (A o M) V + D v psi (fp32)
 //   output stage adjoint from fp32 Y (as the SIMT kernel) -> dy, dz, partials
 //   dS increment = (e dY)^T Q (P, N) with e dY rounded to bf16.
-__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
+__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -607,11 +801,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_tc_kernel(BwdParams
         AM[i * ap + j] = __float2bfloat16_rn(a);
       },
       warp, lane);
-  tc_gemm<false, false>(
+  tc_gemm<false, false, 2>(
       mr, P, Q, qp, Sb, qp, [N](int, int, int* kb, int* ke) { *kb = 0, *ke = N; },
       [&](int i, int j, float acc) { Y[i * yp + j] = ex[i / R] * acc; }, warp, lane);
   __syncthreads();
-  tc_gemm<false, true>(
+  tc_gemm<false, true, 2>(
       mr, P, AM, ap, V, vp,
       [kr](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
       [&](int i, int j, float acc) { Y[i * yp + j] += acc + dskip * vpsi(i, j); }, warp, lane);
@@ -659,24 +853,22 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_tc_kernel(BwdParams
     __syncthreads();
   }
   float* par = bp.ws.par + cell * bp.pf.count;
-  for (int i = tid; i < R * P; i += kThreads) {  // d zeta, d phi: sums over the chunk's tokens
-    const int r = i / P, x = i % P;
-    float dz = 0.f, dph = 0.f;
-    for (int t = 0; t < m; ++t) {
-      const int row = t * R + r;
-      const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
-      dz += e.du * (has_z ? Z[t * yp + x] : 0.f);
-      dph += e.dphi;
-    }
-    par[bp.pf.zeta + i] = dz;
-    par[bp.pf.phi + i] = dph;
-  }
-  for (int x = tid; x < P; x += kThreads) {  // d norm_weight
-    float acc = 0.f;
-    if (norm)
-      for (int row = 0; row < mr; ++row) acc += adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row];
-    par[bp.pf.w + x] = acc;
-  }
+  float* red = reinterpret_cast<float*>(sm + lay.red);
+  token_sums2(  // d zeta, d phi: sums over the chunk's tokens
+      R * P, m,
+      [&](int t, int i) {
+        const int r = i / P, x = i % P, row = t * R + r;
+        const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
+        return make_float2(e.du * (has_z ? Z[t * yp + x] : 0.f), e.dphi);
+      },
+      [&](int i, float2 sum) { par[bp.pf.zeta + i] = sum.x, par[bp.pf.phi + i] = sum.y; }, red,
+      tid);
+  token_sums2(  // d norm_weight: sums over the chunk's rows
+      P, norm ? mr : 0,
+      [&](int row, int x) {
+        return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
+      },
+      [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
   if (bp.g_z.defined())
     for (int i = tid; i < m * P; i += kThreads) {
       const int t = i / P, x = i % P;
@@ -712,7 +904,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_tc_kernel(BwdParams
   dd = block_sum(dd, reinterpret_cast<float*>(sm + lay.red), tid);  // barriers: DYb complete
   if (tid == 0) par[bp.pf.d] = dd;
   float* dsi = bp.ws.ds_end + cell * P * N;
-  tc_gemm<true, true>(
+  tc_gemm<true, true, 2>(
       P, N, DYb, vp, Q, qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
       [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
 }
