@@ -35,7 +35,7 @@ namespace mamba3::cuda::bwd {
 #define M3B_DYNAMIC_SMEM_TC(name) \
   unsigned char* name = reinterpret_cast<unsigned char*>(::m3emu::dynamic_smem())
 #else
-#define M3B_DYNAMIC_SMEM_TC(name)                          \
+#define M3B_DYNAMIC_SMEM_TC(name)                              \
   extern __shared__ __align__(16) unsigned char bwd_tc_smem[]; \
   unsigned char* name = bwd_tc_smem
 #endif
@@ -50,7 +50,7 @@ __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 // by one word.
 struct TcSmem {
   int rows, C;
-  int qp, vp, ap;   // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
+  int qp, vp, ap;  // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
   int fap, sp, yp;  // fp32 pitches: raw scores (rows + 1), staging (max(N, P) + 1), y rows (P + 1)
   int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi (chunk_state: * fw); dy
   int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
@@ -127,8 +127,8 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
 // the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner, and its k tiles are
 // accumulated in a fixed order (deterministic).
 template <bool kATrans, bool kBKn, int kNT = 1, typename FK, typename FE>
-__device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B,
-                                        int bp, FK krange, FE epi, int warp, int lane) {
+__device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B, int bp,
+                                        FK krange, FE epi, int warp, int lane) {
   constexpr int kWarps = kThreads / 32, kTw = 16 * kNT;
   const int tm = (M + 15) / 16, tn = (Nc + kTw - 1) / kTw;
   const int g = lane >> 2, tq = lane & 3;
@@ -229,9 +229,9 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     const int l = l0 + tid;
     const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
     lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
-    const float sg = ck.t0 + tid + 1 < ck.n
-                         ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) * in_bhl(p.dt, b, h, l + 1)
-                         : 0.f;
+    const float sg = ck.t0 + tid + 1 < ck.n ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) *
+                                                  in_bhl(p.dt, b, h, l + 1)
+                                            : 0.f;
     w[tid] = la * dl + sg;
     cs[tid] = in_bhl(p.adt, b, h, l);
   }
@@ -301,12 +301,12 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   __syncthreads();
   // q and k rows biased and rotated in fp32 from the raw bf16 inputs, rounded once (rows past
   // the chunk zero); v * psi (* fw) likewise.
-  auto biased = [&](const uint4& u, int r, int n0, const float* bias, float (&f)[8]) {
+  auto biased = [&](const uint4& u, int r, int n0, const float* bias, float(&f)[8]) {
     bf16x8_bits_to_float(u, f);
 #pragma unroll
     for (int e = 0; e < 8; ++e) f[e] += bias[r * N + n0 + e];
   };
-  auto st8 = [&](bf16* dst, int row, int n0, const float (&f)[8]) {
+  auto st8 = [&](bf16* dst, int row, int n0, const float(&f)[8]) {
     *reinterpret_cast<uint4*>(dst + row * lay.qp + n0) = float8_to_bf16x8_bits(f);
   };
   auto rot = [](float& xa, float& xb, float cn, float sn) {
@@ -431,7 +431,8 @@ __device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* re
     __syncthreads();
     if (tid < n) {
       float2 sum = make_float2(0.f, 0.f);
-      for (int k = 0; k < groups; ++k) sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
+      for (int k = 0; k < groups; ++k)
+        sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
       out(tid, sum);
     }
   } else {
@@ -453,8 +454,7 @@ __device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* re
 //   K dS^T, dV = (A o M)^T dY + fw (K dS^T) + D dy             -> dv, d psi partial
 //   V dS, dK = (dA o M)^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk
 //   dY S_prev, dQ = (dA o M) K + e (dY S_prev)                 -> rope adjoint -> dq
-__global__ void __launch_bounds__(kThreads, 1)
-    bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
+__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -521,8 +521,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     return [kext](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? kext : 0; };
   };
   tc_gemm<false, false>(
-      mr, mr, Q, qp, K, qp, lower(N), [&](int i, int j, float acc) { RA[i * fap + j] = acc; },
-      warp, lane);
+      mr, mr, Q, qp, K, qp, lower(N), [&](int i, int j, float acc) { RA[i * fap + j] = acc; }, warp,
+      lane);
   tc_gemm<false, false>(
       mr, mr, DYb, vp, V, vp, lower(P), [&](int i, int j, float acc) { DA[i * fap + j] = acc; },
       warp, lane);
@@ -579,9 +579,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   // dV. First K dS^T (mr, P) into ST, then x_t = sum v o (K dS^T).
-  auto full = [](int kext) {
-    return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; };
-  };
+  auto full = [](int kext) { return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; }; };
   tc_gemm<false, false, 2>(
       mr, P, K, qp, Sb, qp, full(N), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
@@ -623,22 +621,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         float acc = 0.f;
         for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
         if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v, ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
-        dstore(gv, ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
-                       h * gv.stride[2] + x * gv.stride[3],
+          acc += dload(bp.df_v,
+                       ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+        dstore(gv,
+               ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
+                   h * gv.stride[2] + x * gv.stride[3],
                acc);
       }
     token_sums2(
         R * P, m,
         [&](int t, int i) {
           const int r = i / P, x = i % P;
-          const float v = dload_ro(p.v, ck.b * p.v.stride[0] +
-                                            static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
-                                            h * p.v.stride[2] + x * p.v.stride[3]);
+          const float v =
+              dload_ro(p.v, ck.b * p.v.stride[0] +
+                                static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
+                                h * p.v.stride[2] + x * p.v.stride[3]);
           return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
         },
-        [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; }, reinterpret_cast<float*>(sm + lay.red),
-        tid);
+        [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
+        reinterpret_cast<float*>(sm + lay.red), tid);
   }
 
   // dK. First V dS (mr, N), then the intra-chunk part (key rows k >= i).
@@ -683,8 +684,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   tc_gemm<false, true, 2>(
-      mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; },
-      warp, lane);
+      mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+      lane);
   __syncthreads();
   for (int row = warp; row < mr; row += kWarps) {
     float acc = 0.f;
@@ -822,7 +823,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
     const int row = i / P, x = i % P;
     const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
     GO[row * yp + x] =
-        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] + x * go.stride[3])
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
+                                  x * go.stride[3])
                : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
                                   h * go.stride[3] + x * go.stride[4]);
   }
@@ -830,7 +832,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
 #pragma unroll 8
     for (int i = tid; i < m * P; i += kThreads) {
       const int t = i / P, x = i % P;
-      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
+                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
                                         h * p.z.stride[2] + x * p.z.stride[3]);
     }
   }
@@ -846,7 +849,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
     __syncthreads();
     for (int row = warp; row < mr; row += kWarps) {
       float dot = 0.f;
-      for (int x = lane; x < P; x += 32) dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
+      for (int x = lane; x < P; x += 32)
+        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
       dot = warp_sum(dot);
       if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
     }
@@ -878,8 +882,9 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
         acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
       }
       const DTensor& gz = bp.g_z;
-      dstore(gz, ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
-                     h * gz.stride[2] + x * gz.stride[3],
+      dstore(gz,
+             ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
+                 h * gz.stride[2] + x * gz.stride[3],
              acc);
     }
   __syncthreads();
@@ -895,7 +900,9 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
       const float dyn = adjoint(row, x, rs).dyn;
       const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
       Y[row * yp + x] = dy;
-      bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] = dy;
+      bp.ws
+          .dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
+          dy;
       dd += dy * vpsi(row, x);
       edy = ex[row / R] * dy;
     }
