@@ -171,11 +171,14 @@ TEST(CudaBackward, EmptySavedBufferChangesNothing) {
 
 // The backward allocates its workspace stream-ordered and never synchronizes, so it can be
 // captured in a CUDA graph; a replay gives the same bits as a direct call.
-TEST(CudaBackward, CapturableInGraph) {
+// Both kernel families: fp32 (SIMT) and bf16 at N = P = 64 (tensor cores).
+class CudaBackwardGraph : public testing::TestWithParam<Case> {};
+
+TEST_P(CudaBackwardGraph, CapturableInGraph) {
   REQUIRE_GPU();
-  Case c{"graph", 2, 100, 4, 2, 64, 32, 2, 16, true, true, true, {}, kH, kF};
+  const Case& c = GetParam();
   check::Problem p = make(c, 5);
-  check::HostTensor dout = p.random_d_out(DType::kF32, 7);
+  check::HostTensor dout = p.random_d_out(c.dtype, 7);
   check::StateBuffers ds = p.random_d_states(7);
   check::GradBuffers g1 = p.make_grads(false), g2 = p.make_grads(false);
   cudaStream_t stream;
@@ -220,6 +223,12 @@ TEST(CudaBackward, CapturableInGraph) {
   cudaStreamDestroy(stream);
   expect_bitwise_equal(collect(g2), collect(g1), "graph replay vs direct backward");
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Kernels, CudaBackwardGraph,
+    testing::Values(Case{"graph_simt", 2, 100, 4, 2, 64, 32, 2, 16, true, true, true, {}, kH, kF},
+                    Case{"graph_tc", 2, 100, 4, 2, 64, 64, 2, 16, true, true, true, {}, kH, kB}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 TEST(CudaBackward, UnsupportedConfigurationSaysSo) {
   REQUIRE_GPU();
