@@ -389,13 +389,14 @@ __device__ __forceinline__ float rope_adjoint_rows(float* D, int dp, const float
 
 // Writes the unrotated q or k gradient rows (ST, pitch sp) of a chunk: straight to the grad when
 // the head is alone in its group, else to the per-head workspace; and the bias partial.
+template <int kT = kThreads>
 __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& ck, int sp,
                                               const float* ST, const DTensor& grad, float* ws,
                                               float* par_bias, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, R = p.R;
   if (grad.defined())
-    for (int i = tid; i < ck.mr * N; i += kThreads) {
+    for (int i = tid; i < ck.mr * N; i += kT) {
       const int row = i / N, n = i % N, t = row / R, r = row % R;
       const float val = ST[row * sp + n];
       if (ws)
@@ -403,7 +404,7 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
       else
         dstore(grad, qk_off(grad, ck.b, ck.begin + ck.t0 + t, r, ck.g, n), val);
     }
-  for (int i = tid; i < R * N; i += kThreads) {
+  for (int i = tid; i < R * N; i += kT) {
     const int r = i / N, n = i % N;
     float acc = 0.f;
     for (int t = 0; t < ck.m; ++t) acc += ST[(t * R + r) * sp + n];
@@ -413,6 +414,7 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
 
 // Per-token results of a chunk (chunk_grad kernels, after a barrier): d adt (reverse cumulative
 // sum of d cs inside the chunk), d gamma, d w, d theta per token and the chunk's d theta sum.
+template <int kT = kThreads>
 __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const Chunk& ck,
                                                     const float* dcs, const float* dgam,
                                                     const float* dwt, const float* DTH, int tid) {
@@ -433,11 +435,11 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
     bp.ws.tok[slot] = dgam[tid];
     bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
   }
-  for (int i = tid; i < m * NA; i += kThreads) {
+  for (int i = tid; i < m * NA; i += kT) {
     const int t = i / NA, a = i % NA;
     bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[i];
   }
-  for (int a = tid; a < NA; a += kThreads) {
+  for (int a = tid; a < NA; a += kT) {
     float sum = 0.f;
     for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
     bp.ws.dthc[cell * NA + a] = sum;

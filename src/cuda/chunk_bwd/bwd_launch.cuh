@@ -320,8 +320,8 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");
   if (ncu > 0) {
     if (tc) {
-      M3B_LAUNCH(bwd_chunk_grad_tc_kernel, (grid_ch, H), (kThreads), static_cast<size_t>(lt.bytes),
-                 stream, bp, lt);
+      M3B_LAUNCH(bwd_chunk_grad_tc_kernel, (grid_ch, H), (kGradThreads),
+                 static_cast<size_t>(lt.bytes), stream, bp, lt);
       M3B_CHECK_LAUNCH("bwd_chunk_grad_tc_kernel");
     } else {
       M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);

@@ -8,8 +8,10 @@
 //
 // Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 41 KB, chunk_out
 // 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share one region),
-// chunk_grad 143 KB (one CTA per SM; two would need its output products held in registers
-// instead of the fp32 staging tile, and the unmasked scores too).
+// chunk_grad 145 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide latency instead.
+// Two CTAs would need about 32 KB less: the fp32 scores and staging tile (33 KB) held in
+// registers instead, which the bf16 operand tiles alone (q, k, v, dy, the state, the masked
+// scores: 105 KB with the angle buffers) leave no room for.
 //
 // Angles: the wrapped angles lie in [0, 2 pi), where __sincosf is accurate to ~1e-6 (the forward
 // uses it too), far below the bf16 rounding of the tiles; it keeps the slow-path stack frame and
@@ -41,6 +43,10 @@ namespace mamba3::cuda::bwd {
 #endif
 
 using bf16 = __nv_bfloat16;
+
+// Threads of the tensor-core chunk_grad kernel: one CTA per SM fits its shared memory, so it
+// runs 16 warps (chunk_out and chunk_state: kThreads, two or more CTAs per SM).
+inline constexpr int kGradThreads = 512;
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
@@ -113,7 +119,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
   l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
   l.par = take(true, (3 * R * P + P) * 4);
-  l.red = take(true, 2 * kThreads * 4);
+  l.red = take(true, 2 * (grad ? kGradThreads : kThreads) * 4);
   l.bias = take(true, 2 * R * N * 4);
   l.bytes = o;
   return l;
@@ -126,10 +132,10 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
 // krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of 16); kb >= ke skips
 // the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner, and its k tiles are
 // accumulated in a fixed order (deterministic).
-template <bool kATrans, bool kBKn, int kNT = 1, typename FK, typename FE>
+template <bool kATrans, bool kBKn, int kNT = 1, int kT = kThreads, typename FK, typename FE>
 __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B, int bp,
                                         FK krange, FE epi, int warp, int lane) {
-  constexpr int kWarps = kThreads / 32, kTw = 16 * kNT;
+  constexpr int kWarps = kT / 32, kTw = 16 * kNT;
   const int tm = (M + 15) / 16, tn = (Nc + kTw - 1) / kTw;
   const int g = lane >> 2, tq = lane & 3;
   __syncwarp();
@@ -185,11 +191,12 @@ __device__ __forceinline__ uint4 float8_to_bf16x8_bits(const float (&f)[8]) {
 }
 
 // A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp.
+template <int kT = kThreads>
 __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
                                                  int qp, int tid) {
   const int n4 = N / 4;
 #pragma unroll 4
-  for (int i = tid; i < P * n4; i += kThreads) {
+  for (int i = tid; i < P * n4; i += kT) {
     const int x = i / n4, n = (i % n4) * 4;
     const float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
     uint2 u;
@@ -205,6 +212,7 @@ __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, 
 // zero). psi must already be in shared memory (par). Ends with a barrier.
 enum TcVMode { kVNone, kVPsi, kVPsiFw };
 
+template <int kT = kThreads>
 __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem& lay,
                               unsigned char* sm, bool want_q, TcVMode v_mode, int tid) {
   const CoreParams& p = bp.p;
@@ -235,29 +243,29 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     w[tid] = la * dl + sg;
     cs[tid] = in_bhl(p.adt, b, h, l);
   }
-  for (int i = tid; i < R * N; i += kThreads) {
+  for (int i = tid; i < R * N; i += kT) {
     qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
     kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
   }
 #pragma unroll 8
-  for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  for (int i = tid; i < m * NA; i += kT) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
   // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
   // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
   // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
   // Interleaved pairs lie inside one group of 8 columns; halved pairs join slot 2j (columns
   // c*8..) and 2j + 1 (columns N/2 + c*8..).
-  constexpr int kSlots = 4;  // rows * N / 8 / kThreads <= 64 * 128 / 8 / 256
+  constexpr int kSlots = kMaxRows * 128 / 8 / kT;  // >= rows * N / 8 / kT
   const bool inter = p.interleaved;
   auto qk_slot = [&](int s, int* row, int* n0) {
     const int j = inter ? s : s >> 1, c_per = inter ? N / 8 : N / 16;
-    const int i = tid + j * kThreads;
+    const int i = tid + j * kT;
     *row = i / c_per;
     const int c = i % c_per;
     *n0 = c * 8 + (!inter && (s & 1) ? half : 0);
     return i < rows * c_per;
   };
   auto v_slot = [&](int s, int* row, int* x) {
-    const int i = tid + s * kThreads, p8 = P / 8;
+    const int i = tid + s * kT, p8 = P / 8;
     *row = i / p8, *x = (i % p8) * 8;
     return i < rows * p8;
   };
@@ -283,7 +291,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   __syncthreads();
   if (tid == 0)
     for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  for (int i = tid; i < m * NA; i += kThreads)
+  for (int i = tid; i < m * NA; i += kT)
     th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
   __syncthreads();
   if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
@@ -412,31 +420,31 @@ __device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const 
 }
 
 // out(i, sum over tokens t < m of f(t, i)) for i < n, f returning two values (float2), using
-// every thread: when n divides kThreads (n a power of two), kThreads / n groups of threads take
-// tokens g, g + groups, ... and the group partials are added in group order through red (2 *
-// kThreads floats); otherwise one thread per i walks the tokens in order. Deterministic. Starts
-// and ends with a barrier (red is reused).
-template <typename F, typename FO>
+// every thread of a kT-thread block: when n divides kT (n a power of two), kT / n groups of
+// threads take tokens g, g + groups, ... and the group partials are added in group order through
+// red (2 * kT floats); otherwise one thread per i walks the tokens in order. Deterministic.
+// Starts and ends with a barrier (red is reused).
+template <int kT = kThreads, typename F, typename FO>
 __device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* red, int tid) {
   __syncthreads();
-  if (n <= kThreads && kThreads % n == 0) {
-    const int groups = kThreads / n, g = tid / n, i = tid % n;
+  if (n <= kT && kT % n == 0) {
+    const int groups = kT / n, g = tid / n, i = tid % n;
     float2 acc = make_float2(0.f, 0.f);
 #pragma unroll 4
     for (int t = g; t < m; t += groups) {
       const float2 v = f(t, i);
       acc.x += v.x, acc.y += v.y;
     }
-    red[tid] = acc.x, red[kThreads + tid] = acc.y;
+    red[tid] = acc.x, red[kT + tid] = acc.y;
     __syncthreads();
     if (tid < n) {
       float2 sum = make_float2(0.f, 0.f);
       for (int k = 0; k < groups; ++k)
-        sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
+        sum.x += red[k * n + tid], sum.y += red[kT + k * n + tid];
       out(tid, sum);
     }
   } else {
-    for (int i = tid; i < n; i += kThreads) {
+    for (int i = tid; i < n; i += kT) {
       float2 acc = make_float2(0.f, 0.f);
       for (int t = 0; t < m; ++t) {
         const float2 v = f(t, i);
@@ -454,19 +462,19 @@ __device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* re
 //   K dS^T, dV = (A o M)^T dY + fw (K dS^T) + D dy             -> dv, d psi partial
 //   V dS, dK = (dA o M)^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk
 //   dY S_prev, dQ = (dA o M) K + e (dY S_prev)                 -> rope adjoint -> dq
-__global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
+__global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int kWarps = kThreads / 32;
+  constexpr int kT = kGradThreads, kWarps = kT / 32;
   const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h;
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
   float* psi = reinterpret_cast<float*>(sm + lay.par);
-  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kThreads);
+  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
   __syncthreads();
-  tc_load_chunk(bp, ck, lay, sm, true, kVPsi, tid);
+  tc_load_chunk<kT>(bp, ck, lay, sm, true, kVPsi, tid);
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;
@@ -503,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
 
   {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
     const int p4 = P / 4;
-    for (int i = tid; i < lay.rows * p4; i += kThreads) {
+    for (int i = tid; i < lay.rows * p4; i += kT) {
       const int row = i / p4, x = (i % p4) * 4;
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (row < mr)
@@ -520,15 +528,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
   auto lower = [&](int kext) {
     return [kext](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? kext : 0; };
   };
-  tc_gemm<false, false>(
+  tc_gemm<false, false, 1, kT>(
       mr, mr, Q, qp, K, qp, lower(N), [&](int i, int j, float acc) { RA[i * fap + j] = acc; }, warp,
       lane);
-  tc_gemm<false, false>(
+  tc_gemm<false, false, 1, kT>(
       mr, mr, DYb, vp, V, vp, lower(P), [&](int i, int j, float acc) { DA[i * fap + j] = acc; },
       warp, lane);
   __syncthreads();
   // Time-level T[ti][tj] = sum over the ranks of dA o raw (tj <= ti).
-  for (int i = tid; i < m * m; i += kThreads) {
+  for (int i = tid; i < m * m; i += kT) {
     const int ti = i / m, tj = i % m;
     float acc = 0.f;
     if (tj <= ti)
@@ -564,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
   }
   __syncthreads();
   // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk).
-  for (int i = tid; i < lay.rows * lay.rows; i += kThreads) {
+  for (int i = tid; i < lay.rows * lay.rows; i += kT) {
     const int row = i / lay.rows, col = i % lay.rows;
     float a = 0.f, da = 0.f;
     if (row < mr && col < mr && col / R <= row / R) {
@@ -575,12 +583,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
     AM[row * ap + col] = __float2bfloat16_rn(a);
     DAM[row * ap + col] = __float2bfloat16_rn(da);
   }
-  stage_state_bf16(dsend, Sb, P, N, qp, tid);
+  stage_state_bf16<kT>(dsend, Sb, P, N, qp, tid);
   __syncthreads();
 
   // dV. First K dS^T (mr, P) into ST, then x_t = sum v o (K dS^T).
   auto full = [](int kext) { return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; }; };
-  tc_gemm<false, false, 2>(
+  tc_gemm<false, false, 2, kT>(
       mr, P, K, qp, Sb, qp, full(N), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
@@ -600,7 +608,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
     fwx[t] = fw[t] * xt;
   }
   // (A o M)^T dY: key rows k >= i only (time level), so k from the row tile on.
-  tc_gemm<true, true, 2>(
+  tc_gemm<true, true, 2, kT>(
       mr, P, AM, ap, DYb, vp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
       [&](int i, int j, float acc) {
         ST[i * sp + j] = acc + fw[i / R] * ST[i * sp + j] + dskip * dy_at(i, j);
@@ -616,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
     // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
     const DTensor& gv = bp.g_v;
     if (gv.defined())
-      for (int i = tid; i < m * P; i += kThreads) {
+      for (int i = tid; i < m * P; i += kT) {
         const int t = i / P, x = i % P;
         float acc = 0.f;
         for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
@@ -628,7 +636,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
                    h * gv.stride[2] + x * gv.stride[3],
                acc);
       }
-    token_sums2(
+    token_sums2<kT>(
         R * P, m,
         [&](int t, int i) {
           const int r = i / P, x = i % P;
@@ -643,12 +651,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
   }
 
   // dK. First V dS (mr, N), then the intra-chunk part (key rows k >= i).
-  tc_gemm<false, true, 2>(
+  tc_gemm<false, true, 2, kT>(
       mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
   const bool dfk = ck.last && bp.df_k.defined();
-  tc_gemm<true, true, 2>(
+  tc_gemm<true, true, 2, kT>(
       mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
       [&](int i, int j, float acc) {
         float v = acc + fw[i / R] * ST[i * sp + j];
@@ -657,12 +665,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
       },
       warp, lane);
   __syncthreads();
-  for (int i = tid; i < m * NA; i += kThreads) {
+  for (int i = tid; i < m * NA; i += kT) {
     const int t = i / NA, a = i % NA;
     DTH[i] = rope_adjoint_rows_bf16(ST, sp, K, qp, t, a, R, N, p.interleaved, TH[i]);
   }
   __syncthreads();
-  store_qk_grad(bp, ck, sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
+  store_qk_grad<kT>(bp, ck, sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
   __syncthreads();
 
   // dQ. First T1 = dY S_prev (mr, N), d cs from e, then the intra part (key rows k <= i).
@@ -671,7 +679,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
   {
     const int n4 = N / 4;
 #pragma unroll 4
-    for (int i = tid; i < P * n4; i += kThreads) {
+    for (int i = tid; i < P * n4; i += kT) {
       const int x = i / n4, n = (i % n4) * 4;
       const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
       const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
@@ -683,7 +691,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
     }
   }
   __syncthreads();
-  tc_gemm<false, true, 2>(
+  tc_gemm<false, true, 2, kT>(
       mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
@@ -699,24 +707,24 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_tc_kernel(BwdParam
     for (int r = 0; r < R; ++r) acc += xr[tid * R + r];
     dcs[tid] += ex[tid] * acc;
   }
-  tc_gemm<false, true, 2>(
+  tc_gemm<false, true, 2, kT>(
       mr, N, DAM, ap, K, qp,
       [&](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
       [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i / R] * ST[i * sp + j]; }, warp,
       lane);
   __syncthreads();
-  for (int i = tid; i < m * NA; i += kThreads) {
+  for (int i = tid; i < m * NA; i += kT) {
     const int t = i / NA, a = i % NA;
     DTH[i] += rope_adjoint_rows_bf16(ST, sp, Q, qp, t, a, R, N, p.interleaved, TH[i]);
   }
   __syncthreads();
-  store_qk_grad(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
+  store_qk_grad<kT>(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
 
   // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev (fp32 states).
-  dsum = block_sum(dsum, reinterpret_cast<float*>(sm + lay.red), tid);
+  dsum = block_sum<kT>(dsum, reinterpret_cast<float*>(sm + lay.red), tid);
   if (tid == 0) dcs[m - 1] += ex[m - 1] * dsum;
   __syncthreads();
-  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
+  chunk_token_outputs<kT>(bp, ck, dcs, dgam, dwt, DTH, tid);
 }
 
 // grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
