@@ -47,6 +47,20 @@ TEST(CudaBackwardGolden, GradientsWithinRecipe) {
   }
 }
 
+// The tensor-core backward (bf16 q, k, v at N, P in {64, 128}; src/cuda/chunk_bwd/bwd_tc.cuh)
+// rounds its chunk operands to bf16 (DESIGN §2.6) where a token-by-token naive float32
+// evaluation cannot mirror it, so the recipe does not apply there. Issue 5's bar for the bf16
+// tensor-core backward: relative L2 error <= 1e-2 against float64 for every gradient, angle
+// gradients included (the forward's equivalent is 5e-3 on out and the ssm state,
+// test_cuda_lane.cpp). The CPU emulation of these kernels measures at most ~5e-3 (tests/emu).
+// A gradient so ill-conditioned that naive float32 itself misses the bar (grad.d under the
+// output norm) is held to the recipe instead (expect_within_bar_or_recipe).
+constexpr double kTcGradTol = 1e-2;
+
+bool tensor_core_case(const Case& c) {
+  return c.dtype == DType::kBF16 && (c.N == 64 || c.N == 128) && (c.P == 64 || c.P == 128);
+}
+
 class CudaBackwardVsReference : public testing::TestWithParam<Case> {};
 
 TEST_P(CudaBackwardVsReference, GradientsWithinRecipe) {
@@ -58,7 +72,11 @@ TEST_P(CudaBackwardVsReference, GradientsWithinRecipe) {
   const Result ref = grads_only(run(p, Eval::kReference, o));
   const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
   const Result got = grads_only(run(p, Eval::kCuda, o));
-  expect_within_recipe(got, ref, naive, p.config().describe());
+  if (tensor_core_case(c))
+    expect_within_bar_or_recipe(got, ref, naive, kTcGradTol,
+                                p.config().describe() + " (tensor cores)");
+  else
+    expect_within_recipe(got, ref, naive, p.config().describe());
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -81,15 +99,25 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"varlen_mimo", 1, 200, 4, 2, 64, 64, 2, 16, true, true, true, {80, 0, 63, 57}, kI, kF},
         Case{"bf16_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
         Case{"bf16_mimo", 1, 200, 4, 1, 128, 64, 4, 32, true, true, true, {}, kH, kB},
-        Case{"fp16_siso", 1, 150, 2, 1, 64, 64, 1, 16, true, true, false, {}, kI, kF16}),
+        Case{"fp16_siso", 1, 150, 2, 1, 64, 64, 1, 16, true, true, false, {}, kI, kF16},
+        // Tensor-core backward (bf16, N and P in {64, 128}); N = P = 128 runs 32-row chunks.
+        Case{"tc_siso_n64_halved", 1, 200, 2, 1, 64, 64, 1, 16, true, false, false, {}, kH, kB},
+        Case{"tc_n128_p128_norm", 1, 150, 2, 1, 128, 128, 1, 64, true, true, false, {}, kI, kB},
+        Case{"tc_mimo_r2_n64_p128", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
+        Case{"tc_mimo_r8", 1, 40, 2, 1, 64, 64, 8, 32, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_r4_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
+        Case{"tc_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false, {80, 0, 63, 57}, kI, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 TEST(CudaBackward, BitwiseDeterministic) {
   REQUIRE_GPU();
-  // GQA (shared q/k over 4 heads), parameters over 2 sequences and many chunks.
+  // GQA (shared q/k over 4 heads), parameters over 2 sequences and many chunks; the bf16 cases
+  // run the tensor-core kernels.
   for (const Case& c : {Case{"det_mimo", 2, 300, 8, 2, 128, 64, 4, 32, true, true, true, {}, kH, kF},
                         Case{"det_siso", 1, 700, 8, 1, 128, 64, 1, 32, true, true, false,
-                             {100, 0, 333, 267}, kI, kB}}) {
+                             {100, 0, 333, 267}, kI, kB},
+                        Case{"det_tc_mimo", 2, 300, 8, 2, 128, 64, 4, 32, true, true, true, {}, kH,
+                             kB}}) {
     check::Problem p = make(c, 8);
     RunOptions o;
     o.out_dtype = c.dtype;
@@ -143,11 +171,14 @@ TEST(CudaBackward, EmptySavedBufferChangesNothing) {
 
 // The backward allocates its workspace stream-ordered and never synchronizes, so it can be
 // captured in a CUDA graph; a replay gives the same bits as a direct call.
-TEST(CudaBackward, CapturableInGraph) {
+// Both kernel families: fp32 (SIMT) and bf16 at N = P = 64 (tensor cores).
+class CudaBackwardGraph : public testing::TestWithParam<Case> {};
+
+TEST_P(CudaBackwardGraph, CapturableInGraph) {
   REQUIRE_GPU();
-  Case c{"graph", 2, 100, 4, 2, 64, 32, 2, 16, true, true, true, {}, kH, kF};
+  const Case& c = GetParam();
   check::Problem p = make(c, 5);
-  check::HostTensor dout = p.random_d_out(DType::kF32, 7);
+  check::HostTensor dout = p.random_d_out(c.dtype, 7);
   check::StateBuffers ds = p.random_d_states(7);
   check::GradBuffers g1 = p.make_grads(false), g2 = p.make_grads(false);
   cudaStream_t stream;
@@ -192,6 +223,12 @@ TEST(CudaBackward, CapturableInGraph) {
   cudaStreamDestroy(stream);
   expect_bitwise_equal(collect(g2), collect(g1), "graph replay vs direct backward");
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Kernels, CudaBackwardGraph,
+    testing::Values(Case{"graph_simt", 2, 100, 4, 2, 64, 32, 2, 16, true, true, true, {}, kH, kF},
+                    Case{"graph_tc", 2, 100, 4, 2, 64, 64, 2, 16, true, true, true, {}, kH, kB}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 TEST(CudaBackward, UnsupportedConfigurationSaysSo) {
   REQUIRE_GPU();

@@ -1,7 +1,10 @@
 // A CPU emulation of the small part of CUDA the backward kernels use, so the kernels in
 // src/cuda/chunk_bwd run (slowly) on a machine without a GPU: each CUDA thread of a block is a
 // std::thread, __syncthreads is a std::barrier over the block, warp shuffles exchange through a
-// per-warp buffer and barrier. Blocks run one after another; dynamic shared memory is a fresh
+// per-warp buffer and barrier, and so do the tensor-core instructions of the bf16 kernels
+// (ldmatrix x4 / x4.trans and mma.sync m16n8k16 bf16 -> fp32, with the fragment layouts of
+// src/cuda/common/mma.cuh; ldmatrix checks that its row addresses are 16-byte aligned and inside
+// dynamic shared memory). Blocks run one after another; dynamic shared memory is a fresh
 // heap buffer per block filled with NaN bytes (so a read of an unwritten word shows up), which
 // lets AddressSanitizer see out-of-bounds shared and global accesses. Include before any kernel
 // header, with MAMBA3_CUDA_EMU defined.
@@ -22,6 +25,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -34,10 +38,13 @@ inline thread_local dim3 t_thread, t_block;
 inline dim3 g_block_dim, g_grid_dim;
 inline std::barrier<>* g_barrier = nullptr;
 inline unsigned char* g_dynamic = nullptr;
+inline size_t g_dynamic_bytes = 0;
 
 struct Warp {
   std::barrier<> bar{32};
   uint64_t slot[32] = {};
+  const void* addr[32] = {};      // ldmatrix row addresses
+  uint32_t frag[32][6] = {};      // mma.sync operands: a0..a3, b0, b1
 };
 inline Warp* g_warps = nullptr;
 
@@ -63,6 +70,76 @@ T shfl_xor(T v, int mask) {
   return out;
 }
 
+inline void syncwarp() { g_warps[linear_tid() / 32].bar.arrive_and_wait(); }
+
+inline void fail(const char* what) {
+  std::fprintf(stderr, "m3emu: %s\n", what);
+  std::abort();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses
+// (16-byte aligned, in dynamic shared memory) of 8x8 matrix i; r[i] of lane l holds, of matrix
+// i, row l/4, columns 2(l%4), 2(l%4)+1 (low half first), or with .trans column l/4, rows
+// 2(l%4), 2(l%4)+1.
+inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
+  const int lane = linear_tid() % 32;
+  Warp& w = g_warps[linear_tid() / 32];
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+  if (g_dynamic == nullptr || c < g_dynamic || c + 16 > g_dynamic + g_dynamic_bytes)
+    fail("ldmatrix row address outside dynamic shared memory");
+  w.addr[lane] = p;
+  w.bar.arrive_and_wait();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t h[2];
+    for (int e = 0; e < 2; ++e) {
+      const int k = 2 * (lane % 4) + e;
+      const auto* row = static_cast<const uint16_t*>(w.addr[8 * i + (trans ? k : lane / 4)]);
+      h[e] = row[trans ? lane / 4 : k];
+    }
+    r[i] = static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+  }
+  w.bar.arrive_and_wait();
+}
+
+inline float bf16_bits(uint32_t u) {
+  const uint32_t f = (u & 0xffffu) << 16;
+  float x;
+  std::memcpy(&x, &f, sizeof x);
+  return x;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the fragment layouts of
+// src/cuda/common/mma.cuh (g = lane / 4, t = lane % 4): A a0 (g, 2t..2t+1), a1 (g+8, 2t..),
+// a2 (g, 2t+8..), a3 (g+8, 2t+8..); B b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g); C c0,
+// c1 (g, 2t, 2t+1), c2, c3 (g+8, ..). The bf16 products are exact in fp32; they are added to the
+// accumulator one k at a time in fp32.
+inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int lane = linear_tid() % 32, g = lane / 4, t = lane % 4;
+  Warp& w = g_warps[linear_tid() / 32];
+  for (int i = 0; i < 4; ++i) w.frag[lane][i] = a[i];
+  w.frag[lane][4] = b0, w.frag[lane][5] = b1;
+  w.bar.arrive_and_wait();
+  auto A = [&](int row, int k) {
+    const int reg = (row >= 8) + 2 * (k >= 8);
+    const uint32_t u = w.frag[(row % 8) * 4 + (k % 8) / 2][reg];
+    return bf16_bits(k % 2 ? u >> 16 : u);
+  };
+  auto B = [&](int k, int n) {
+    const uint32_t u = w.frag[n * 4 + (k % 8) / 2][4 + (k >= 8)];
+    return bf16_bits(k % 2 ? u >> 16 : u);
+  };
+  float d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[e] = acc;
+  }
+  w.bar.arrive_and_wait();
+  for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+
 // kernel<<<grid, block, smem>>>(args...), synchronously.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
@@ -80,6 +157,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
         g_barrier = &bar;
         g_warps = warps.data();
         g_dynamic = smem > 0 ? dyn : nullptr;
+        g_dynamic_bytes = smem;
         std::vector<std::thread> threads;
         threads.reserve(nt);
         for (unsigned t = 0; t < nt; ++t)
@@ -104,6 +182,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
 #define gridDim (::m3emu::g_grid_dim)
 #define __syncthreads() ::m3emu::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) ::m3emu::shfl_xor((v), (lane_mask))
+#define __syncwarp(...) ::m3emu::syncwarp()
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 
@@ -119,3 +198,13 @@ inline float __uint_as_float(unsigned int u) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+
+// The tensor-core primitives of src/cuda/common/mma.cuh (which compiles its PTX versions only
+// without MAMBA3_CUDA_EMU).
+namespace mamba3::cuda {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ::m3emu::ldmatrix(r, p, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ::m3emu::ldmatrix(r, p, true); }
+inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ::m3emu::mma_bf16(c, a, b0, b1);
+}
+}  // namespace mamba3::cuda

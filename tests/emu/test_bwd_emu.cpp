@@ -15,8 +15,59 @@
 namespace mamba3::test {
 namespace {
 
-// Gradients of the emulated cuda backward, named as run() names them.
-Result run_emu(const check::Problem& p, const RunOptions& o) {
+// The emulated ldmatrix / mma.sync against the operand helpers of mma.cuh: a 16x16 by 16x16
+// product of small integers (exact in bf16 and fp32) through load_a + load_b_nk and through
+// load_a_trans + load_b_kn, one warp, must equal the plain product.
+constexpr int kProbePitch = 24;  // bf16 elements: 48-byte rows, 16-byte aligned
+__global__ void mma_probe_kernel(const float* a, const float* b, float* out) {
+  using mamba3::cuda::load_a;
+  using mamba3::cuda::load_a_trans;
+  using mamba3::cuda::load_b_kn;
+  using mamba3::cuda::load_b_nk;
+  __nv_bfloat16* sm = reinterpret_cast<__nv_bfloat16*>(m3emu::dynamic_smem());
+  __nv_bfloat16 *A = sm, *At = sm + 16 * kProbePitch, *Bnk = sm + 32 * kProbePitch,
+                *Bkn = sm + 48 * kProbePitch;
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  if (lane == 0)
+    for (int i = 0; i < 16; ++i)
+      for (int k = 0; k < 16; ++k) {
+        A[i * kProbePitch + k] = At[k * kProbePitch + i] = __float2bfloat16_rn(a[i * 16 + k]);
+        Bkn[i * kProbePitch + k] = Bnk[k * kProbePitch + i] = __float2bfloat16_rn(b[i * 16 + k]);
+      }
+  __syncthreads();
+  uint32_t fa[4], fat[4], fb1[4], fb2[4];
+  load_a(fa, A, kProbePitch, 0, 0, lane);
+  load_a_trans(fat, At, kProbePitch, 0, 0, lane);
+  load_b_nk(fb1, Bnk, kProbePitch, 0, 0, lane);
+  load_b_kn(fb2, Bkn, kProbePitch, 0, 0, lane);
+  float c[4][4] = {};
+  mamba3::cuda::mma_bf16(c[0], fa, fb1[0], fb1[1]);
+  mamba3::cuda::mma_bf16(c[1], fa, fb1[2], fb1[3]);
+  mamba3::cuda::mma_bf16(c[2], fat, fb2[0], fb2[1]);
+  mamba3::cuda::mma_bf16(c[3], fat, fb2[2], fb2[3]);
+  for (int v = 0; v < 2; ++v)
+    for (int j = 0; j < 2; ++j)
+      for (int e = 0; e < 4; ++e)
+        out[v * 256 + (g + (e >> 1) * 8) * 16 + j * 8 + 2 * t + (e & 1)] = c[2 * v + j][e];
+}
+
+TEST(EmuTensorCore, LdmatrixAndMmaMatchPlainProduct) {
+  std::vector<float> a(256), b(256), out(512, -1.f);
+  for (int i = 0; i < 256; ++i) a[i] = static_cast<float>((i * 7) % 9 - 4), b[i] = static_cast<float>((i * 5) % 7 - 3);
+  m3emu::launch(mma_probe_kernel, dim3(1), dim3(32), 64 * kProbePitch * 2, a.data(), b.data(),
+                out.data());
+  for (int v = 0; v < 2; ++v)
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        float want = 0.f;
+        for (int k = 0; k < 16; ++k) want += a[i * 16 + k] * b[k * 16 + j];
+        ASSERT_EQ(out[v * 256 + i * 16 + j], want) << "variant " << v << " at (" << i << ", " << j << ")";
+      }
+}
+
+// Gradients of the emulated cuda backward, named as run() names them; *tc (if given) says
+// whether the tensor-core chunk kernels ran.
+Result run_emu(const check::Problem& p, const RunOptions& o, bool* tc = nullptr) {
   Result r;
   const DType odt = o.out_dtype;
   check::HostTensor dout = p.random_d_out(odt, o.cot_seed);
@@ -31,6 +82,7 @@ Result run_emu(const check::Problem& p, const RunOptions& o) {
   Dims d;
   Status st = validate_backward(b, &d);
   EXPECT_TRUE(st.ok()) << st.ToString();
+  if (tc) *tc = cuda::bwd::backward_uses_tensor_cores(b, d);
   st = cuda::bwd::backward_chunked(b, d);
   EXPECT_TRUE(st.ok()) << st.ToString();
   put_grads(&r, g);
@@ -74,6 +126,50 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"bf16_mimo", 1, 40, 2, 1, 16, 8, 2, 4, true, true, true, {}, kH, kB},
         Case{"p48_tiles", 1, 130, 2, 1, 32, 48, 1, 8, true, true, false, {}, kI, kF},
         Case{"n128_p128_r2", 1, 40, 2, 1, 128, 128, 2, 64, true, false, true, {}, kH, kF}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+// The tensor-core chunk kernels (bf16 q, k, v at N, P in {64, 128}): bf16 operands inside the
+// chunk (DESIGN §2.6) that a token-by-token naive evaluation cannot mirror, so the recipe does
+// not apply; issue 5's bar for the bf16 tensor-core backward is a relative L2 error <= 1e-2
+// against float64 for every gradient (the GPU tests use the same bound, kTcGradTol there), or
+// the recipe where a gradient is so ill-conditioned that naive float32 misses the bar itself
+// (expect_within_bar_or_recipe).
+constexpr double kTcGradTol = 1e-2;
+
+class EmuBackwardTc : public testing::TestWithParam<Case> {};
+
+TEST_P(EmuBackwardTc, WithinBf16Bar) {
+  const Case& c = GetParam();
+  check::Problem p = make(c, 900 + c.L);
+  RunOptions o;
+  o.out_dtype = c.dtype;
+  const Result ref = grads_only(run(p, Eval::kReference, o));
+  const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
+  bool tc = false;
+  const Result got = run_emu(p, o, &tc);
+  ASSERT_TRUE(tc) << "the tensor-core kernels did not run";
+  for (const auto& [name, v] : ref) {
+    const double e = check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2;
+    const double en = check::compare(name, naive.at(name), v, 0, false).rel_l2;
+    std::printf("  %-22s rel_l2 %.3e  (naive f32 %.3e)\n", name.c_str(), e, en);
+  }
+  expect_within_bar_or_recipe(got, ref, naive, kTcGradTol,
+                              p.config().describe() + " (tensor cores)");
+  if (std::getenv("MAMBA3_EMU_DETERMINISM"))
+    expect_bitwise_equal(got, run_emu(p, o), "two emulated tensor-core runs");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Bf16, EmuBackwardTc,
+    testing::Values(
+        Case{"tc_siso", 1, 100, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB},
+        Case{"tc_siso_halved_n128_norm", 1, 70, 2, 1, 128, 64, 1, 32, true, true, false, {}, kH, kB},
+        Case{"tc_mimo_r2_gqa", 1, 50, 4, 2, 64, 64, 2, 16, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_r4_p128", 1, 40, 2, 1, 64, 128, 4, 32, true, false, true, {}, kI, kB},
+        Case{"tc_varlen", 1, 110, 2, 1, 64, 64, 1, 16, true, false, false, {30, 0, 1, 64, 15}, kI, kB},
+        // N = P = 128: 64-row chunks on the tensor cores (the SIMT layouts need 32 rows).
+        Case{"tc_n128_p128", 1, 70, 1, 1, 128, 128, 1, 64, true, true, false, {}, kI, kB},
+        Case{"tc_mimo_r8_per_rank", 1, 20, 2, 1, 64, 64, 8, 16, false, false, false, {}, kH, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 }  // namespace

@@ -15,12 +15,14 @@
 //   reduce_qk    q, k gradients summed over the heads of a group (fixed order)
 //   reduce_par   parameter gradients summed over chunks and sequences (fixed order)
 // Chunk kernels run on a (chunk upper bound, H) grid; (sequence, head) kernels on S * H blocks.
+// chunk_state, chunk_out and chunk_grad have tensor-core versions in bwd_tc.cuh (bf16 q, k, v
+// at N, P in {64, 128}); the SIMT versions here serve everything else.
 //
 // Measured (H200, 2026-11-29, `mamba3 bench --lane cuda --shape train --dtype bf16 --what bwd`,
 // per-kernel times from ncu gpu__time_duration): 56.9 ms per backward, of which chunk_grad
 // 29.0 ms, chunk_out 18.2 ms, chunk_state 4.0 ms, the two state scans 1.5 ms, the rest < 1 ms.
 // The chunk kernels hold ~200 KB of shared memory (one CTA, 8 warps per SM) and their fp32 SIMT
-// products reach ~10 % of the FMA peak: the next step is tensor cores and two CTAs per SM.
+// products reach ~10 % of the FMA peak (this measurement predates bwd_tc.cuh).
 #pragma once
 
 #include "cuda/chunk_bwd/bwd_params.cuh"
@@ -387,26 +389,60 @@ __device__ __forceinline__ float rope_adjoint_rows(float* D, int dp, const float
 
 // Writes the unrotated q or k gradient rows (ST, pitch sp) of a chunk: straight to the grad when
 // the head is alone in its group, else to the per-head workspace; and the bias partial.
-__device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& ck,
-                                              const BwdSmem& lay, const float* ST,
-                                              const DTensor& grad, float* ws, float* par_bias,
-                                              int tid) {
+template <int kT = kThreads>
+__device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& ck, int sp,
+                                              const float* ST, const DTensor& grad, float* ws,
+                                              float* par_bias, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, R = p.R;
   if (grad.defined())
-    for (int i = tid; i < ck.mr * N; i += kThreads) {
+    for (int i = tid; i < ck.mr * N; i += kT) {
       const int row = i / N, n = i % N, t = row / R, r = row % R;
-      const float val = ST[row * lay.sp + n];
+      const float val = ST[row * sp + n];
       if (ws)
         ws[((ck.l_abs0 + t) * p.H + ck.h) * static_cast<int64_t>(R * N) + r * N + n] = val;
       else
         dstore(grad, qk_off(grad, ck.b, ck.begin + ck.t0 + t, r, ck.g, n), val);
     }
-  for (int i = tid; i < R * N; i += kThreads) {
+  for (int i = tid; i < R * N; i += kT) {
     const int r = i / N, n = i % N;
     float acc = 0.f;
-    for (int t = 0; t < ck.m; ++t) acc += ST[(t * R + r) * lay.sp + n];
+    for (int t = 0; t < ck.m; ++t) acc += ST[(t * R + r) * sp + n];
     par_bias[i] = acc;
+  }
+}
+
+// Per-token results of a chunk (chunk_grad kernels, after a barrier): d adt (reverse cumulative
+// sum of d cs inside the chunk), d gamma, d w, d theta per token and the chunk's d theta sum.
+template <int kT = kThreads>
+__device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const Chunk& ck,
+                                                    const float* dcs, const float* dgam,
+                                                    const float* dwt, const float* DTH, int tid) {
+  const CoreParams& p = bp.p;
+  const int m = ck.m, h = ck.h, NA = p.NA;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  if (tid == 0 && bp.g_adt.defined()) {
+    float run = 0.f;
+    for (int t = m - 1; t >= 0; --t) {
+      run += dcs[t];
+      const DTensor& g = bp.g_adt;
+      dstore(g, ck.b * g.stride[0] + h * g.stride[1] + static_cast<int64_t>(ck.begin + ck.t0 + t) * g.stride[2],
+             run);
+    }
+  }
+  if (tid < m) {
+    const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + tid;
+    bp.ws.tok[slot] = dgam[tid];
+    bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
+  }
+  for (int i = tid; i < m * NA; i += kT) {
+    const int t = i / NA, a = i % NA;
+    bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[i];
+  }
+  for (int a = tid; a < NA; a += kT) {
+    float sum = 0.f;
+    for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
+    bp.ws.dthc[cell * NA + a] = sum;
   }
 }
 
@@ -617,7 +653,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
     DTH[i] = rope_adjoint_rows(ST, lay.sp, K, lay.qn, t, a, R, N, p.interleaved, TH[i]);
   }
   __syncthreads();
-  store_qk_grad(bp, ck, lay, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
+  store_qk_grad(bp, ck, lay.sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
   __syncthreads();
 
   // dQ. First T1 = dY S_prev (mr, N) accumulated over tiles, d cs from e, then the intra part.
@@ -646,7 +682,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
     DTH[i] += rope_adjoint_rows(ST, lay.sp, Q, lay.qn, t, a, R, N, p.interleaved, TH[i]);
   }
   __syncthreads();
-  store_qk_grad(bp, ck, lay, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
+  store_qk_grad(bp, ck, lay.sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
 
   // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev.
   float acc = 0.f;
@@ -655,32 +691,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   acc = block_sum(acc, sm + lay.red, tid);
   if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
   __syncthreads();
-
-  // Per-token results: d adt (reverse cumulative sum of d cs inside the chunk), d gamma, d w,
-  // d theta per token and the chunk's d theta sum.
-  if (tid == 0 && bp.g_adt.defined()) {
-    float run = 0.f;
-    for (int t = m - 1; t >= 0; --t) {
-      run += dcs[t];
-      const DTensor& g = bp.g_adt;
-      dstore(g, ck.b * g.stride[0] + h * g.stride[1] + static_cast<int64_t>(ck.begin + ck.t0 + t) * g.stride[2],
-             run);
-    }
-  }
-  if (tid < m) {
-    const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + tid;
-    bp.ws.tok[slot] = dgam[tid];
-    bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
-  }
-  for (int i = tid; i < m * NA; i += kThreads) {
-    const int t = i / NA, a = i % NA;
-    bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[i];
-  }
-  for (int a = tid; a < NA; a += kThreads) {
-    float sum = 0.f;
-    for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
-    bp.ws.dthc[cell * NA + a] = sum;
-  }
+  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
 }
 
 // grid S * H, 64 threads: the angle cotangent carried into each chunk's end (in place over the

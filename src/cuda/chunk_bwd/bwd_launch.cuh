@@ -16,7 +16,7 @@
 
 #include "core/return_if_error.h"
 #include "core/validate.h"
-#include "cuda/chunk_bwd/bwd_kernels.cuh"
+#include "cuda/chunk_bwd/bwd_tc.cuh"
 
 #ifndef MAMBA3_CUDA_EMU
 #include "cuda/common/check.cuh"
@@ -56,6 +56,18 @@ inline Status allow_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
     M3B_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(bytes)));
+#endif
+  return Status::Ok();
+}
+
+// As allow_smem, and the largest shared-memory carveout, so that the tensor-core chunk kernels
+// sized for two CTAs per SM get them.
+template <typename Kernel>
+inline Status allow_smem_max_carveout(Kernel kernel, size_t bytes) {
+  M3_RETURN_IF_ERROR(allow_smem(kernel, bytes));
+#ifndef MAMBA3_CUDA_EMU
+  M3B_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared));
 #endif
   return Status::Ok();
 }
@@ -135,6 +147,30 @@ inline Status check_backward_supported(const Dims& d) {
   return Status::Ok();
 }
 
+// The tensor-core chunk kernels (bwd_tc.cuh) serve bf16 q, k, v with 16-byte aligned contiguous
+// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}; everything else takes the
+// fp32 SIMT kernels.
+inline bool tensor_core_inputs(const BackwardArgs& a, const Dims& d, const CoreParams& p) {
+  const Inputs& in = a.in;
+  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
+         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128);
+}
+
+// Chunk rows of the tensor-core kernels: the largest whole number of 16-row tiles (64, 32, 16)
+// whose three layouts fit `smem_limit` (0: none fits). Their layouts are smaller than the SIMT
+// ones, so N = P = 128 keeps 64-row chunks here (half the chunk states of 32-row chunks).
+inline int pick_rows_tc(const Dims& d, int smem_limit) {
+  const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
+  const int NA = static_cast<int>(d.NA);
+  for (int rows = kMaxRows; rows >= 16 && rows >= R; rows /= 2) {
+    const int need = std::max({tc_layout(kTcGrad, N, P, R, NA, rows).bytes,
+                               tc_layout(kTcOut, N, P, R, NA, rows).bytes,
+                               tc_layout(kTcState, N, P, R, NA, rows).bytes});
+    if (need <= smem_limit) return rows;
+  }
+  return 0;
+}
+
 inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
   BwdParams bp;
   ForwardArgs f;
@@ -158,27 +194,59 @@ inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
   return bp;
 }
 
+// Chunk rows and kernel family of a call: the tensor-core kernels where tensor_core_inputs and
+// pick_rows_tc allow, else the SIMT kernels at pick_rows (0 rows: nothing fits).
+inline int pick_backward_rows(const BackwardArgs& a, const Dims& d, const CoreParams& p,
+                              int smem_limit, bool* tc) {
+  *tc = false;
+  if (tensor_core_inputs(a, d, p)) {
+    const int rows = pick_rows_tc(d, smem_limit);
+    if (rows > 0) {
+      *tc = true;
+      return rows;
+    }
+  }
+  BwdSmem l3, l5, l7;
+  return pick_rows(d, smem_limit, &l3, &l5, &l7);
+}
+
+// Whether backward_chunked runs the tensor-core chunk kernels for these arguments (tests).
+inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
+  if (!check_backward_supported(d).ok()) return false;
+  int smem_limit = 0;
+  if (!max_dynamic_smem(&smem_limit).ok()) return false;
+  ForwardArgs f;
+  f.in = a.in;
+  bool tc = false;
+  return pick_backward_rows(a, d, make_params(f, d), smem_limit, &tc) > 0 && tc;
+}
+
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
 inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3_RETURN_IF_ERROR(check_backward_supported(d));
   if (d.S * d.H == 0) return Status::Ok();
   int smem_limit = 0;
   M3_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
-  BwdSmem l3, l5, l7;
-  const int rows = pick_rows(d, smem_limit, &l3, &l5, &l7);
+  BwdParams bp = make_bwd_params(a, d);
+  bool tc = false;
+  const int rows = pick_backward_rows(a, d, bp.p, smem_limit, &tc);
   if (rows == 0)
     return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) + ", P = " +
                                 std::to_string(d.P) + " does not fit the device's shared memory");
-  BwdParams bp = make_bwd_params(a, d);
   bp.rows = rows, bp.C = rows / static_cast<int>(d.R);
   const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
   const int H = static_cast<int>(d.H), NA = static_cast<int>(d.NA), S = static_cast<int>(d.S);
+  BwdSmem l3{}, l5{}, l7{};  // the SIMT kernels' layouts at `rows` (unused with tc)
+  if (!tc) pick_rows(d, smem_limit, &l3, &l5, &l7);
   const BwdSmem l9 = bwd_smem_layout(N, P, R, NA, rows, kPartTH | kPartDTH);
   const int64_t C = bp.C, L = d.L;
   const int64_t ncu = d.varlen ? (L + C - 1) / C + S : S * ((L + C - 1) / C);
   const int64_t cells = ncu * H, PN = static_cast<int64_t>(P) * N;
   const bool has_init = a.in.initial.all();
   const bool shared_qk = d.heads_per_group() > 1;
+  const TcSmem lt = tc_layout(kTcGrad, N, P, R, NA, rows);
+  const TcSmem lo = tc_layout(kTcOut, N, P, R, NA, rows);
+  const TcSmem ls = tc_layout(kTcState, N, P, R, NA, rows);
 
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   WorkspaceBuffer buf(stream);
@@ -206,9 +274,18 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
-  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
-  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
-  M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
+  if (tc) {
+    M3_RETURN_IF_ERROR(
+        allow_smem_max_carveout(bwd_chunk_state_tc_kernel, static_cast<size_t>(ls.bytes)));
+    M3_RETURN_IF_ERROR(
+        allow_smem_max_carveout(bwd_chunk_out_tc_kernel, static_cast<size_t>(lo.bytes)));
+    M3_RETURN_IF_ERROR(
+        allow_smem_max_carveout(bwd_chunk_grad_tc_kernel, static_cast<size_t>(lt.bytes)));
+  } else {
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
+    M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_grad_kernel, smem_bytes(l7)));
+  }
   M3_RETURN_IF_ERROR(allow_smem(bwd_token_grads_kernel, smem_bytes(l9)));
 
   M3B_LAUNCH(bwd_plan_kernel, (1), (32), 0, stream, bp);
@@ -220,18 +297,36 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
       M3B_LAUNCH(bwd_angle_scan_kernel, (seq_heads), (64), 0, stream, bp);
       M3B_CHECK_LAUNCH("bwd_angle_scan_kernel");
     }
-    M3B_LAUNCH(bwd_chunk_state_kernel, (grid_ch, H), (kThreads), smem_bytes(l3), stream, bp, l3);
-    M3B_CHECK_LAUNCH("bwd_chunk_state_kernel");
+    if (tc) {
+      M3B_LAUNCH(bwd_chunk_state_tc_kernel, (grid_ch, H), (kThreads),
+                 static_cast<size_t>(ls.bytes), stream, bp, ls);
+      M3B_CHECK_LAUNCH("bwd_chunk_state_tc_kernel");
+    } else {
+      M3B_LAUNCH(bwd_chunk_state_kernel, (grid_ch, H), (kThreads), smem_bytes(l3), stream, bp, l3);
+      M3B_CHECK_LAUNCH("bwd_chunk_state_kernel");
+    }
     M3B_LAUNCH(bwd_state_scan_kernel, (seq_heads, pn_blocks), (kThreads), par_bytes, stream, bp);
     M3B_CHECK_LAUNCH("bwd_state_scan_kernel");
-    M3B_LAUNCH(bwd_chunk_out_kernel, (grid_ch, H), (kThreads), smem_bytes(l5), stream, bp, l5);
-    M3B_CHECK_LAUNCH("bwd_chunk_out_kernel");
+    if (tc) {
+      M3B_LAUNCH(bwd_chunk_out_tc_kernel, (grid_ch, H), (kThreads), static_cast<size_t>(lo.bytes),
+                 stream, bp, lo);
+      M3B_CHECK_LAUNCH("bwd_chunk_out_tc_kernel");
+    } else {
+      M3B_LAUNCH(bwd_chunk_out_kernel, (grid_ch, H), (kThreads), smem_bytes(l5), stream, bp, l5);
+      M3B_CHECK_LAUNCH("bwd_chunk_out_kernel");
+    }
   }
   M3B_LAUNCH(bwd_dstate_scan_kernel, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");
   if (ncu > 0) {
-    M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);
-    M3B_CHECK_LAUNCH("bwd_chunk_grad_kernel");
+    if (tc) {
+      M3B_LAUNCH(bwd_chunk_grad_tc_kernel, (grid_ch, H), (kGradThreads),
+                 static_cast<size_t>(lt.bytes), stream, bp, lt);
+      M3B_CHECK_LAUNCH("bwd_chunk_grad_tc_kernel");
+    } else {
+      M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);
+      M3B_CHECK_LAUNCH("bwd_chunk_grad_kernel");
+    }
   }
   if (NA > 0) {
     M3B_LAUNCH(bwd_dtheta_scan_kernel, (seq_heads), (64), 0, stream, bp);

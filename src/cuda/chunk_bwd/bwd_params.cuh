@@ -242,11 +242,13 @@ __device__ __forceinline__ void block_gemm(int M, int Nc, int K, FA a, FB b, FE 
   }
 }
 
-// Deterministic block sum of one value per thread (fixed tree); every thread gets the result.
+// Deterministic block sum of one value per thread (fixed tree) over a block of kT threads (a
+// power of two); every thread gets the result.
+template <int kT = kThreads>
 __device__ __forceinline__ float block_sum(float v, float* red, int tid) {
   red[tid] = v;
   __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
+  for (int s = kT / 2; s > 0; s >>= 1) {
     if (tid < s) red[tid] += red[tid + s];
     __syncthreads();
   }

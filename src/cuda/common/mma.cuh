@@ -11,6 +11,9 @@
 
 namespace mamba3::cuda {
 
+// The four PTX primitives below have CPU emulations in tests/emu/emu.h (the emulated backward
+// tests compile these headers as plain C++); the helpers after them are shared.
+#ifndef MAMBA3_CUDA_EMU
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -35,6 +38,7 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // MAMBA3_CUDA_EMU
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

@@ -1,0 +1,927 @@
+// Tensor-core pieces of the chunked backward (mma.sync m16n8k16, bf16 operands, fp32
+// accumulation; src/cuda/common/mma.cuh): the chunk loader into bf16 tiles, a warp-tiled GEMM on
+// bf16 shared-memory operands, and the tensor-core chunk_state, chunk_out and chunk_grad
+// kernels (same math, grids and workspace as their SIMT versions in bwd_kernels.cuh). Taken for
+// bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128} (tensor_core_inputs and
+// pick_rows_tc in bwd_launch.cuh; always 64-row chunks on the H200); everything else runs the
+// fp32 SIMT kernels.
+//
+// Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 41 KB, chunk_out
+// 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share one region),
+// chunk_grad 145 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide latency instead.
+// Two CTAs would need about 32 KB less: the fp32 scores and staging tile (33 KB) held in
+// registers instead, which the bf16 operand tiles alone (q, k, v, dy, the state, the masked
+// scores: 105 KB with the angle buffers) leave no room for.
+//
+// Angles: the wrapped angles lie in [0, 2 pi), where __sincosf is accurate to ~1e-6 (the forward
+// uses it too), far below the bf16 rounding of the tiles; it keeps the slow-path stack frame and
+// the long polynomial of sincosf out of the loader and the rope adjoints.
+//
+// Rounding (DESIGN.md §2.6), the forward's discipline: rotated biased q and k, v * psi, dy, the
+// masked scores and their gradient (A o M, dA o M), and the states S_prev and dS_end as operands
+// are bf16; every product accumulates in fp32, and everything carried across chunks (states,
+// state cotangents, angle carries, partial sums) stays fp32. The unmasked scores Q K^T and
+// dY V^T that give the mask gradients are fp32 accumulators, never rounded.
+//
+// Determinism: each output element of a product is owned by one warp, which accumulates its k
+// tiles in a fixed order; no atomics.
+#pragma once
+
+#include "cuda/chunk_bwd/bwd_kernels.cuh"
+#include "cuda/common/mma.cuh"
+
+namespace mamba3::cuda::bwd {
+
+// Dynamic shared memory of the tensor-core kernels (16-byte aligned: ldmatrix rows, uint4 tiles).
+#ifdef MAMBA3_CUDA_EMU
+#define M3B_DYNAMIC_SMEM_TC(name) \
+  unsigned char* name = reinterpret_cast<unsigned char*>(::m3emu::dynamic_smem())
+#else
+#define M3B_DYNAMIC_SMEM_TC(name)                              \
+  extern __shared__ __align__(16) unsigned char bwd_tc_smem[]; \
+  unsigned char* name = bwd_tc_smem
+#endif
+
+using bf16 = __nv_bfloat16;
+
+// Threads of the tensor-core chunk_grad kernel: one CTA per SM fits its shared memory, so it
+// runs 16 warps (chunk_out and chunk_state: kThreads, two or more CTAs per SM).
+inline constexpr int kGradThreads = 512;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+
+// Shared-memory layout of the tensor-core chunk kernels; byte offsets, each 16-byte aligned
+// (-1: not allocated). bf16 pitches pad rows by 16 bytes (conflict-free ldmatrix); fp32 pitches
+// by one word.
+struct TcSmem {
+  int rows, C;
+  int qp, vp, ap;  // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
+  int fap, sp, yp;  // fp32 pitches: raw scores (rows + 1), staging (max(N, P) + 1), y rows (P + 1)
+  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi (chunk_state: * fw); dy
+  int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
+  int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M; first the
+                    // fp32 (C, C) T)
+  int ra;           // chunk_grad: (rows, fap) fp32 Q K^T and dY V^T; later the (rows, sp) staging
+  int y, go, z;     // chunk_out: (rows, yp) fp32 y then dy; cotangent of out; z
+  int th, dth;      // (C, NA) fp32 wrapped angles, d theta
+  int scal, par, red, bias;
+  int bytes;
+};
+
+inline int tc_up16(int x) { return (x + 15) & ~15; }
+
+enum TcKernel { kTcState, kTcOut, kTcGrad };
+
+inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
+  TcSmem l{};
+  l.rows = rows, l.C = rows / R;
+  l.qp = N + 8, l.vp = P + 8, l.ap = rows + 8, l.fap = rows + 1, l.sp = (N > P ? N : P) + 1;
+  l.yp = P + 1;
+  int o = 0;
+  auto take = [&](bool want, int bytes) {
+    if (!want) return -1;
+    const int at = o;
+    o += tc_up16(bytes);
+    return at;
+  };
+  const bool grad = kind == kTcGrad, out = kind == kTcOut;
+  l.q = take(grad || out, rows * l.qp * 2);
+  if (out) {
+    // chunk_out: y lives throughout; k, the state operand, the scores and v are dead once y is
+    // complete, and the cotangent of out, z and e dy take their place (two CTAs per SM at
+    // N = 128, P = 64).
+    l.y = take(true, rows * l.yp * 4);
+    const int x0 = o;
+    l.k = take(true, rows * l.qp * 2);
+    l.s = take(true, P * l.qp * 2);
+    l.am = take(true, rows * l.ap * 2);
+    l.v = take(true, rows * l.vp * 2);
+    const int x1 = o;
+    o = x0;
+    l.go = take(true, rows * l.yp * 4);
+    l.z = take(true, rows * l.yp * 4);
+    l.dy = take(true, rows * l.vp * 2);
+    if (o < x1) o = x1;
+    l.ra = -1;
+  } else {
+    l.k = take(true, rows * l.qp * 2);
+    l.v = take(true, rows * l.vp * 2);
+    l.dy = take(grad, rows * l.vp * 2);
+    l.s = take(grad, P * l.qp * 2);
+    const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
+    l.am = take(grad, am > t ? am : t);
+    const int ra = 2 * rows * l.fap * 4, st = rows * l.sp * 4;
+    l.ra = take(grad, ra > st ? ra : st);
+    l.y = l.go = l.z = -1;
+  }
+  l.th = take(true, l.C * (NA > 0 ? NA : 1) * 4);
+  l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
+  l.scal = take(true, kScalarArrays * kMaxRows * 4);
+  l.par = take(true, (3 * R * P + P) * 4);
+  l.red = take(true, 2 * (grad ? kGradThreads : kThreads) * 4);
+  l.bias = take(true, 2 * R * N * 4);
+  l.bytes = o;
+  return l;
+}
+
+// C(i, j) = sum_k A(i, k) B(k, j) for i < M, j < Nc on the tensor cores, one 16 x (16 kNT)
+// output tile per warp at a time (kNT = 2 halves the A fragment loads where Nc is a multiple of
+// 32). A is row-major [i][k] (kATrans: stored [k][i]); B is stored [j][k] (kBKn: [k][j]); both
+// bf16 with 16-byte aligned rows, zero past their extents up to the next multiple of 16.
+// krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of 16); kb >= ke skips
+// the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner, and its k tiles are
+// accumulated in a fixed order (deterministic).
+template <bool kATrans, bool kBKn, int kNT = 1, int kT = kThreads, typename FK, typename FE>
+__device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B, int bp,
+                                        FK krange, FE epi, int warp, int lane) {
+  constexpr int kWarps = kT / 32, kTw = 16 * kNT;
+  const int tm = (M + 15) / 16, tn = (Nc + kTw - 1) / kTw;
+  const int g = lane >> 2, tq = lane & 3;
+  __syncwarp();
+  for (int t = warp; t < tm * tn; t += kWarps) {
+    const int i0 = (t / tn) * 16, j0 = (t % tn) * kTw;
+    int kb = 0, ke = 0;
+    krange(i0, j0, &kb, &ke);
+    if (kb >= ke) continue;
+    float c[2 * kNT][4];
+#pragma unroll
+    for (int j = 0; j < 2 * kNT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    for (int k0 = kb; k0 < ke; k0 += 16) {
+      uint32_t a[4];
+      if constexpr (kATrans)
+        load_a_trans(a, A, ap, i0, k0, lane);
+      else
+        load_a(a, A, ap, i0, k0, lane);
+#pragma unroll
+      for (int u = 0; u < kNT; ++u) {
+        uint32_t b[4];
+        if constexpr (kBKn)
+          load_b_kn(b, B, bp, j0 + 16 * u, k0, lane);
+        else
+          load_b_nk(b, B, bp, j0 + 16 * u, k0, lane);
+        mma_bf16(c[2 * u], a, b[0], b[1]);
+        mma_bf16(c[2 * u + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2 * kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + (e >> 1) * 8, col = j0 + j * 8 + 2 * tq + (e & 1);
+        if (i < M && col < Nc) epi(i, col, c[j][e]);
+      }
+  }
+}
+
+// 8 bf16 (16 bytes, element 0 in the low half of x) to fp32 and back (round to nearest even).
+__device__ __forceinline__ void bf16x8_bits_to_float(const uint4& u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ uint4 float8_to_bf16x8_bits(const float (&f)[8]) {
+  uint4 u;
+  u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
+  u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
+  return u;
+}
+
+// A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp.
+template <int kT = kThreads>
+__device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
+                                                 int qp, int tid) {
+  const int n4 = N / 4;
+#pragma unroll 4
+  for (int i = tid; i < P * n4; i += kT) {
+    const int x = i / n4, n = (i % n4) * 4;
+    const float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
+    uint2 u;
+    u.x = pack_bf16(v.x, v.y);
+    u.y = pack_bf16(v.z, v.w);
+    *reinterpret_cast<uint2*>(dst + x * qp + n) = u;
+  }
+}
+
+// Chunk loader of the tensor-core kernels: the scalars of load_chunk (cs, e, w, fw, gamma,
+// lambda, dt), the wrapped angle of every (token, rope pair) in th, then rotated biased q and k
+// rows and v * psi rows (v_mode kVPsiFw: v * psi * fw) rounded to bf16 (rows past the chunk
+// zero). psi must already be in shared memory (par). Ends with a barrier.
+enum TcVMode { kVNone, kVPsi, kVPsiFw };
+
+template <int kT = kThreads>
+__device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem& lay,
+                              unsigned char* sm, bool want_q, TcVMode v_mode, int tid) {
+  const CoreParams& p = bp.p;
+  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h, b = ck.b;
+  const int l0 = ck.begin + ck.t0, rows = lay.rows, half = N / 2;
+  float* sc = reinterpret_cast<float*>(sm + lay.scal);
+  float* cs = sc + kCs * kMaxRows;
+  float* ex = sc + kE * kMaxRows;
+  float* w = sc + kW * kMaxRows;
+  float* fw = sc + kFw * kMaxRows;
+  float* gam = sc + kGam * kMaxRows;
+  float* lam = sc + kLam * kMaxRows;
+  float* dtv = sc + kDt * kMaxRows;
+  const float* psi = reinterpret_cast<const float*>(sm + lay.par);
+  float* th = reinterpret_cast<float*>(sm + lay.th);
+  float* qb = reinterpret_cast<float*>(sm + lay.bias);
+  float* kb = qb + R * N;
+  bf16* Q = reinterpret_cast<bf16*>(sm + lay.q);
+  bf16* K = reinterpret_cast<bf16*>(sm + lay.k);
+  bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
+  if (tid < m) {
+    const int l = l0 + tid;
+    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
+    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
+    const float sg = ck.t0 + tid + 1 < ck.n ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) *
+                                                  in_bhl(p.dt, b, h, l + 1)
+                                            : 0.f;
+    w[tid] = la * dl + sg;
+    cs[tid] = in_bhl(p.adt, b, h, l);
+  }
+  for (int i = tid; i < R * N; i += kT) {
+    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
+    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
+  }
+#pragma unroll 8
+  for (int i = tid; i < m * NA; i += kT) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
+  // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
+  // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
+  // Interleaved pairs lie inside one group of 8 columns; halved pairs join slot 2j (columns
+  // c*8..) and 2j + 1 (columns N/2 + c*8..).
+  constexpr int kSlots = kMaxRows * 128 / 8 / kT;  // >= rows * N / 8 / kT
+  const bool inter = p.interleaved;
+  auto qk_slot = [&](int s, int* row, int* n0) {
+    const int j = inter ? s : s >> 1, c_per = inter ? N / 8 : N / 16;
+    const int i = tid + j * kT;
+    *row = i / c_per;
+    const int c = i % c_per;
+    *n0 = c * 8 + (!inter && (s & 1) ? half : 0);
+    return i < rows * c_per;
+  };
+  auto v_slot = [&](int s, int* row, int* x) {
+    const int i = tid + s * kT, p8 = P / 8;
+    *row = i / p8, *x = (i % p8) * 8;
+    return i < rows * p8;
+  };
+  uint4 kraw[kSlots], qraw[kSlots], vraw[kSlots];
+  const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int sl = 0; sl < kSlots; ++sl) {
+    int row, n0, x;
+    kraw[sl] = qraw[sl] = vraw[sl] = zero4;
+    if (qk_slot(sl, &row, &n0) && row < mr) {
+      const int t = row / R, r = row % R;
+      kraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.k.data) +
+                                                      qk_off(p.k, b, l0 + t, r, ck.g, n0)));
+      if (want_q)
+        qraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.q.data) +
+                                                        qk_off(p.q, b, l0 + t, r, ck.g, n0)));
+    }
+    if (v_mode != kVNone && v_slot(sl, &row, &x) && row < mr)
+      vraw[sl] = __ldg(reinterpret_cast<const uint4*>(
+          static_cast<const bf16*>(p.v.data) + b * p.v.stride[0] +
+          static_cast<int64_t>(l0 + row / R) * p.v.stride[1] + h * p.v.stride[2] + x));
+  }
+  __syncthreads();
+  if (tid == 0)
+    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
+  for (int i = tid; i < m * NA; i += kT)
+    th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  __syncthreads();
+  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
+    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
+    for (int t = 0; t < m; ++t) {
+      a += static_cast<double>(th[t * NA + tid]);
+      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
+    }
+  }
+  if (tid >= 32 && tid - 32 < m) {
+    const int t = tid - 32;
+    ex[t] = expf(cs[t]);
+    fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
+  }
+  __syncthreads();
+  // q and k rows biased and rotated in fp32 from the raw bf16 inputs, rounded once (rows past
+  // the chunk zero); v * psi (* fw) likewise.
+  auto biased = [&](const uint4& u, int r, int n0, const float* bias, float(&f)[8]) {
+    bf16x8_bits_to_float(u, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] += bias[r * N + n0 + e];
+  };
+  auto st8 = [&](bf16* dst, int row, int n0, const float(&f)[8]) {
+    *reinterpret_cast<uint4*>(dst + row * lay.qp + n0) = float8_to_bf16x8_bits(f);
+  };
+  auto rot = [](float& xa, float& xb, float cn, float sn) {
+    const float a = xa, bb = xb;
+    xa = a * cn - bb * sn, xb = a * sn + bb * cn;
+  };
+  const float zero8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (inter) {
+#pragma unroll
+    for (int sl = 0; sl < kSlots; ++sl) {
+      int row, n0;
+      if (!qk_slot(sl, &row, &n0)) continue;
+      const int t = row / R, r = row % R;
+      if (row >= mr) {
+        st8(K, row, n0, zero8);
+        if (want_q) st8(Q, row, n0, zero8);
+        continue;
+      }
+      float kf[8], qf[8];
+      biased(kraw[sl], r, n0, kb, kf);
+      if (want_q) biased(qraw[sl], r, n0, qb, qf);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int a = n0 / 2 + e;
+        if (a < NA) {
+          float sn, cn;
+          __sincosf(th[t * NA + a], &sn, &cn);
+          rot(kf[2 * e], kf[2 * e + 1], cn, sn);
+          if (want_q) rot(qf[2 * e], qf[2 * e + 1], cn, sn);
+        }
+      }
+      st8(K, row, n0, kf);
+      if (want_q) st8(Q, row, n0, qf);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kSlots / 2; ++j) {
+      int row, n0;
+      if (!qk_slot(2 * j, &row, &n0)) continue;
+      const int t = row / R, r = row % R;
+      if (row >= mr) {
+        st8(K, row, n0, zero8), st8(K, row, half + n0, zero8);
+        if (want_q) st8(Q, row, n0, zero8), st8(Q, row, half + n0, zero8);
+        continue;
+      }
+      float k0[8], k1[8], q0[8], q1[8];
+      biased(kraw[2 * j], r, n0, kb, k0);
+      biased(kraw[2 * j + 1], r, half + n0, kb, k1);
+      if (want_q) biased(qraw[2 * j], r, n0, qb, q0), biased(qraw[2 * j + 1], r, half + n0, qb, q1);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int a = n0 + e;
+        if (a < NA) {
+          float sn, cn;
+          __sincosf(th[t * NA + a], &sn, &cn);
+          rot(k0[e], k1[e], cn, sn);
+          if (want_q) rot(q0[e], q1[e], cn, sn);
+        }
+      }
+      st8(K, row, n0, k0), st8(K, row, half + n0, k1);
+      if (want_q) st8(Q, row, n0, q0), st8(Q, row, half + n0, q1);
+    }
+  }
+  if (v_mode != kVNone) {
+#pragma unroll
+    for (int sl = 0; sl < kSlots; ++sl) {
+      int row, x;
+      if (!v_slot(sl, &row, &x)) continue;
+      float f[8];
+      if (row < mr) {
+        const int t = row / R, r = row % R;
+        bf16x8_bits_to_float(vraw[sl], f);
+        const float scale = v_mode == kVPsiFw ? fw[t] : 1.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] *= psi[r * P + x + e] * scale;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = 0.f;
+      }
+      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = float8_to_bf16x8_bits(f);
+    }
+  }
+  __syncthreads();
+}
+
+// Rotation adjoint of the rows of token t, pair i, as rope_adjoint_rows with bf16 rotated rows X.
+__device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const bf16* X, int xp,
+                                                        int t, int i, int R, int N,
+                                                        bool interleaved, float theta) {
+  int ia, ib;
+  pair_members(interleaved, N, i, &ia, &ib);
+  float sn, cn;
+  __sincosf(theta, &sn, &cn);
+  float acc = 0.f;
+  for (int r = 0; r < R; ++r) {
+    const int row = t * R + r;
+    const float da = D[row * dp + ia], db = D[row * dp + ib];
+    acc += -da * to_f(X[row * xp + ib]) + db * to_f(X[row * xp + ia]);
+    D[row * dp + ia] = da * cn + db * sn;
+    D[row * dp + ib] = -da * sn + db * cn;
+  }
+  return acc;
+}
+
+// out(i, sum over tokens t < m of f(t, i)) for i < n, f returning two values (float2), using
+// every thread of a kT-thread block: when n divides kT (n a power of two), kT / n groups of
+// threads take tokens g, g + groups, ... and the group partials are added in group order through
+// red (2 * kT floats); otherwise one thread per i walks the tokens in order. Deterministic.
+// Starts and ends with a barrier (red is reused).
+template <int kT = kThreads, typename F, typename FO>
+__device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* red, int tid) {
+  __syncthreads();
+  if (n <= kT && kT % n == 0) {
+    const int groups = kT / n, g = tid / n, i = tid % n;
+    float2 acc = make_float2(0.f, 0.f);
+#pragma unroll 4
+    for (int t = g; t < m; t += groups) {
+      const float2 v = f(t, i);
+      acc.x += v.x, acc.y += v.y;
+    }
+    red[tid] = acc.x, red[kT + tid] = acc.y;
+    __syncthreads();
+    if (tid < n) {
+      float2 sum = make_float2(0.f, 0.f);
+      for (int k = 0; k < groups; ++k)
+        sum.x += red[k * n + tid], sum.y += red[kT + k * n + tid];
+      out(tid, sum);
+    }
+  } else {
+    for (int i = tid; i < n; i += kT) {
+      float2 acc = make_float2(0.f, 0.f);
+      for (int t = 0; t < m; ++t) {
+        const float2 v = f(t, i);
+        acc.x += v.x, acc.y += v.y;
+      }
+      out(i, acc);
+    }
+  }
+  __syncthreads();
+}
+
+// grid (chunks, H): bwd_chunk_grad_kernel's gradients with its eight chunk products on the
+// tensor cores (see there for the math):
+//   raw = Q K^T, dA = dY V^T (fp32, lower-triangular tiles)   -> d gamma, d w, d cs; A o M, dA o M
+//   K dS^T, dV = (A o M)^T dY + fw (K dS^T) + D dy             -> dv, d psi partial
+//   V dS, dK = (dA o M)^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk
+//   dY S_prev, dQ = (dA o M) K + e (dY S_prev)                 -> rope adjoint -> dq
+__global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kT = kGradThreads, kWarps = kT / 32;
+  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h;
+  const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
+  float* psi = reinterpret_cast<float*>(sm + lay.par);
+  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
+  __syncthreads();
+  tc_load_chunk<kT>(bp, ck, lay, sm, true, kVPsi, tid);
+  float* sc = reinterpret_cast<float*>(sm + lay.scal);
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* fw = sc + kFw * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* dcs = sc + kDcs * kMaxRows;
+  float* dwt = sc + kDw * kMaxRows;
+  float* dgam = sc + kDgam * kMaxRows;
+  float* xr = sc + kXr * kMaxRows;
+  float* fwx = sc + kRstd * kMaxRows;  // fw_t x_t (the norm's slot is free here)
+  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
+  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
+  bf16* DAM = AM + lay.rows * lay.ap;
+  float* T = reinterpret_cast<float*>(sm + lay.am);  // (m, m) before the masked scores
+  float* RA = reinterpret_cast<float*>(sm + lay.ra);
+  float* DA = RA + lay.rows * lay.fap;
+  float* ST = reinterpret_cast<float*>(sm + lay.ra);  // after the masked scores
+  const float* TH = reinterpret_cast<const float*>(sm + lay.th);
+  float* DTH = reinterpret_cast<float*>(sm + lay.dth);
+  const int qp = lay.qp, vp = lay.vp, ap = lay.ap, fap = lay.fap, sp = lay.sp;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  const float* dsend = bp.ws.ds_end + cell * P * N;
+  float* par = bp.ws.par + cell * bp.pf.count;
+  const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
+  const float* dyg = bp.ws.dy + (ck.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
+  auto dy_at = [&](int row, int x) { return dyg[(row / R) * dy_row + (row % R) * P + x]; };
+
+  {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
+    const int p4 = P / 4;
+    for (int i = tid; i < lay.rows * p4; i += kT) {
+      const int row = i / p4, x = (i % p4) * 4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < mr)
+        v = *reinterpret_cast<const float4*>(dyg + (row / R) * dy_row + (row % R) * P + x);
+      uint2 u;
+      u.x = pack_bf16(v.x, v.y);
+      u.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
+    }
+  }
+  __syncthreads();
+
+  // raw = Q K^T and dA = dY V^T (unmasked, fp32) on the tiles that hold causal entries.
+  auto lower = [&](int kext) {
+    return [kext](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? kext : 0; };
+  };
+  tc_gemm<false, false, 1, kT>(
+      mr, mr, Q, qp, K, qp, lower(N), [&](int i, int j, float acc) { RA[i * fap + j] = acc; }, warp,
+      lane);
+  tc_gemm<false, false, 1, kT>(
+      mr, mr, DYb, vp, V, vp, lower(P), [&](int i, int j, float acc) { DA[i * fap + j] = acc; },
+      warp, lane);
+  __syncthreads();
+  // Time-level T[ti][tj] = sum over the ranks of dA o raw (tj <= ti).
+  for (int i = tid; i < m * m; i += kT) {
+    const int ti = i / m, tj = i % m;
+    float acc = 0.f;
+    if (tj <= ti)
+      for (int r = 0; r < R; ++r)
+        for (int r2 = 0; r2 < R; ++r2) {
+          const int a = (ti * R + r) * fap + tj * R + r2;
+          acc += DA[a] * RA[a];
+        }
+    T[i] = acc;
+  }
+  __syncthreads();
+  {
+    // Four lanes per token (m <= 64), each every fourth term, added by a fixed shuffle tree.
+    const int t = tid >> 2, q = tid & 3;
+    float dw_acc = 0.f, dc = 0.f;
+    if (t < m) {
+      for (int i = t + 1 + q; i < m; i += 4) {  // t as the key token j of later query tokens i
+        const float e = expf(cs[i] - cs[t]);
+        dw_acc += T[i * m + t] * e;
+        dc -= T[i * m + t] * e * w[t];
+      }
+      for (int j = q; j < t; j += 4) dc += T[t * m + j] * expf(cs[t] - cs[j]) * w[j];
+    }
+    dw_acc += __shfl_xor_sync(0xffffffffu, dw_acc, 1);
+    dw_acc += __shfl_xor_sync(0xffffffffu, dw_acc, 2);
+    dc += __shfl_xor_sync(0xffffffffu, dc, 1);
+    dc += __shfl_xor_sync(0xffffffffu, dc, 2);
+    if (t < m && q == 0) {
+      dgam[t] = T[t * m + t];
+      dwt[t] = dw_acc;
+      dcs[t] = dc;
+    }
+  }
+  __syncthreads();
+  // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk).
+  for (int i = tid; i < lay.rows * lay.rows; i += kT) {
+    const int row = i / lay.rows, col = i % lay.rows;
+    float a = 0.f, da = 0.f;
+    if (row < mr && col < mr && col / R <= row / R) {
+      const float coef = mask_coef(cs, w, gam, row / R, col / R);
+      a = RA[row * fap + col] * coef;
+      da = DA[row * fap + col] * coef;
+    }
+    AM[row * ap + col] = __float2bfloat16_rn(a);
+    DAM[row * ap + col] = __float2bfloat16_rn(da);
+  }
+  stage_state_bf16<kT>(dsend, Sb, P, N, qp, tid);
+  __syncthreads();
+
+  // dV. First K dS^T (mr, P) into ST, then x_t = sum v o (K dS^T).
+  auto full = [](int kext) { return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; }; };
+  tc_gemm<false, false, 2, kT>(
+      mr, P, K, qp, Sb, qp, full(N), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+      lane);
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float acc = 0.f;
+    for (int x = lane; x < P; x += 32) acc += to_f(V[row * vp + x]) * ST[row * sp + x];
+    acc = warp_sum(acc);
+    if (lane == 0) xr[row] = acc;
+  }
+  __syncthreads();
+  if (tid < m) {  // the decay term of each key token; its sum goes to d cs_last below
+    const int t = tid;
+    float xt = 0.f;
+    for (int r = 0; r < R; ++r) xt += xr[t * R + r];
+    dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
+    dcs[t] -= fw[t] * xt;
+    fwx[t] = fw[t] * xt;
+  }
+  // (A o M)^T dY: key rows k >= i only (time level), so k from the row tile on.
+  tc_gemm<true, true, 2, kT>(
+      mr, P, AM, ap, DYb, vp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
+      [&](int i, int j, float acc) {
+        ST[i * sp + j] = acc + fw[i / R] * ST[i * sp + j] + dskip * dy_at(i, j);
+      },
+      warp, lane);
+  __syncthreads();
+  if (tid == 0) {
+    float last = 0.f;
+    for (int t = 0; t < m; ++t) last += fwx[t];
+    dcs[m - 1] += last;
+  }
+  {
+    // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
+    const DTensor& gv = bp.g_v;
+    if (gv.defined())
+      for (int i = tid; i < m * P; i += kT) {
+        const int t = i / P, x = i % P;
+        float acc = 0.f;
+        for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
+        if (ck.last && t == m - 1 && bp.df_v.defined())
+          acc += dload(bp.df_v,
+                       ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+        dstore(gv,
+               ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
+                   h * gv.stride[2] + x * gv.stride[3],
+               acc);
+      }
+    token_sums2<kT>(
+        R * P, m,
+        [&](int t, int i) {
+          const int r = i / P, x = i % P;
+          const float v =
+              dload_ro(p.v, ck.b * p.v.stride[0] +
+                                static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
+                                h * p.v.stride[2] + x * p.v.stride[3]);
+          return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
+        },
+        [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
+        reinterpret_cast<float*>(sm + lay.red), tid);
+  }
+
+  // dK. First V dS (mr, N), then the intra-chunk part (key rows k >= i).
+  tc_gemm<false, true, 2, kT>(
+      mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+      lane);
+  __syncthreads();
+  const bool dfk = ck.last && bp.df_k.defined();
+  tc_gemm<true, true, 2, kT>(
+      mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
+      [&](int i, int j, float acc) {
+        float v = acc + fw[i / R] * ST[i * sp + j];
+        if (dfk && i / R == m - 1) v += dload(bp.df_k, sk_off(bp.df_k, ck.s, i % R, h, j));
+        ST[i * sp + j] = v;
+      },
+      warp, lane);
+  __syncthreads();
+  for (int i = tid; i < m * NA; i += kT) {
+    const int t = i / NA, a = i % NA;
+    DTH[i] = rope_adjoint_rows_bf16(ST, sp, K, qp, t, a, R, N, p.interleaved, TH[i]);
+  }
+  __syncthreads();
+  store_qk_grad<kT>(bp, ck, sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
+  __syncthreads();
+
+  // dQ. First T1 = dY S_prev (mr, N), d cs from e, then the intra part (key rows k <= i).
+  // S_prev as the operand; on the way the partial sums of dS o S_prev (fp32) for d cs_last.
+  float dsum = 0.f;
+  {
+    const int n4 = N / 4;
+#pragma unroll 4
+    for (int i = tid; i < P * n4; i += kT) {
+      const int x = i / n4, n = (i % n4) * 4;
+      const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
+      const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
+      dsum += d.x * v.x + d.y * v.y + d.z * v.z + d.w * v.w;
+      uint2 u;
+      u.x = pack_bf16(v.x, v.y);
+      u.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(Sb + x * qp + n) = u;
+    }
+  }
+  __syncthreads();
+  tc_gemm<false, true, 2, kT>(
+      mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+      lane);
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float acc = 0.f;
+    for (int n = lane; n < N; n += 32) acc += ST[row * sp + n] * to_f(Q[row * qp + n]);
+    acc = warp_sum(acc);
+    if (lane == 0) xr[row] = acc;
+  }
+  __syncthreads();
+  if (tid < m) {
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) acc += xr[tid * R + r];
+    dcs[tid] += ex[tid] * acc;
+  }
+  tc_gemm<false, true, 2, kT>(
+      mr, N, DAM, ap, K, qp,
+      [&](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
+      [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i / R] * ST[i * sp + j]; }, warp,
+      lane);
+  __syncthreads();
+  for (int i = tid; i < m * NA; i += kT) {
+    const int t = i / NA, a = i % NA;
+    DTH[i] += rope_adjoint_rows_bf16(ST, sp, Q, qp, t, a, R, N, p.interleaved, TH[i]);
+  }
+  __syncthreads();
+  store_qk_grad<kT>(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
+
+  // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev (fp32 states).
+  dsum = block_sum<kT>(dsum, reinterpret_cast<float*>(sm + lay.red), tid);
+  if (tid == 0) dcs[m - 1] += ex[m - 1] * dsum;
+  __syncthreads();
+  chunk_token_outputs<kT>(bp, ck, dcs, dgam, dwt, DTH, tid);
+}
+
+// grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
+// sum_j (fw_j v_j psi)^T k_j (P, N, fp32 accumulation of bf16 operands) and its decay.
+__global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int N = p.N, P = p.P, R = p.R;
+  const int kr = (ck.mr + 15) & ~15;
+  float* par = reinterpret_cast<float*>(sm + lay.par);
+  load_head_params(p, ck.h, par, par + R * P, par + 2 * R * P, par + 3 * R * P, tid, kThreads);
+  __syncthreads();
+  tc_load_chunk(bp, ck, lay, sm, false, kVPsiFw, tid);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + ck.h;
+  float* out = bp.ws.s_prev + cell * P * N;
+  tc_gemm<true, true, 2>(
+      P, N, V, lay.vp, K, lay.qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
+      [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
+  if (tid == 0)
+    bp.ws.decay[cell] = reinterpret_cast<const float*>(sm + lay.scal)[kE * kMaxRows + ck.m - 1];
+}
+
+// grid (chunks, H): bwd_chunk_out_kernel with its products on the tensor cores:
+//   A o M = (Q K^T) o M (bf16, causal tiles), Y = e (Q S_prev^T) + (A o M) V + D v psi (fp32)
+//   output stage adjoint from fp32 Y (as the SIMT kernel) -> dy, dz, partials
+//   dS increment = (e dY)^T Q (P, N) with e dY rounded to bf16.
+__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kThreads / 32;
+  const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
+  const int kr = (mr + 15) & ~15;
+  float* psi = reinterpret_cast<float*>(sm + lay.par);
+  float* zeta = psi + R * P;
+  float* phi = zeta + R * P;
+  float* wn = phi + R * P;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
+  stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
+  __syncthreads();
+  tc_load_chunk(bp, ck, lay, sm, true, kVPsi, tid);
+  const float* sc = reinterpret_cast<const float*>(sm + lay.scal);
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* xr = reinterpret_cast<float*>(sm + lay.scal) + kXr * kMaxRows;
+  float* rstd = reinterpret_cast<float*>(sm + lay.scal) + kRstd * kMaxRows;
+  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
+  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
+  float* Y = reinterpret_cast<float*>(sm + lay.y);
+  const int qp = lay.qp, vp = lay.vp, ap = lay.ap, yp = lay.yp;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int l0 = ck.begin + ck.t0;
+  // v psi in fp32 from the raw input (the D skip and its gradient stay exact).
+  auto vpsi = [&](int row, int x) {
+    return dload_ro(p.v, ck.b * p.v.stride[0] + static_cast<int64_t>(l0 + row / R) * p.v.stride[1] +
+                             h * p.v.stride[2] + x * p.v.stride[3]) *
+           psi[(row % R) * P + x];
+  };
+
+  // A o M on the causal tiles, every entry of those tiles written (zero above the diagonal and
+  // past the chunk); Y = e (Q S_prev^T).
+  tc_gemm<false, false>(
+      kr, kr, Q, qp, K, qp,
+      [N](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? N : 0; },
+      [&](int i, int j, float acc) {
+        float a = 0.f;
+        if (i < mr && j < mr && j / R <= i / R) a = acc * mask_coef(cs, w, gam, i / R, j / R);
+        AM[i * ap + j] = __float2bfloat16_rn(a);
+      },
+      warp, lane);
+  tc_gemm<false, false, 2>(
+      mr, P, Q, qp, Sb, qp, [N](int, int, int* kb, int* ke) { *kb = 0, *ke = N; },
+      [&](int i, int j, float acc) { Y[i * yp + j] = ex[i / R] * acc; }, warp, lane);
+  __syncthreads();
+  tc_gemm<false, true, 2>(
+      mr, P, AM, ap, V, vp,
+      [kr](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
+      [&](int i, int j, float acc) { Y[i * yp + j] += acc + dskip * vpsi(i, j); }, warp, lane);
+  __syncthreads();
+
+  // Output stage adjoint (as bwd_chunk_out_kernel).
+  float* GO = reinterpret_cast<float*>(sm + lay.go);
+  float* Z = reinterpret_cast<float*>(sm + lay.z);
+  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
+  const DTensor& go = bp.d_out;
+  const int go_rows = reduce ? m : mr;
+#pragma unroll 8
+  for (int i = tid; i < go_rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    GO[row * yp + x] =
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
+                                  x * go.stride[3])
+               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
+                                  h * go.stride[3] + x * go.stride[4]);
+  }
+  if (has_z) {
+#pragma unroll 8
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
+                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+                                        h * p.z.stride[2] + x * p.z.stride[3]);
+    }
+  }
+  __syncthreads();
+  auto adjoint = [&](int row, int x, float rs) {
+    const int t = row / R, r = row % R;
+    return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
+                            Y[row * yp + x], rs, zeta, phi, wn);
+  };
+  const bool norm = p.norm_weight.defined();
+  if (norm) {
+    rows_rstd(Y, yp, mr, P, p.eps, rstd, warp, lane, kWarps);
+    __syncthreads();
+    for (int row = warp; row < mr; row += kWarps) {
+      float dot = 0.f;
+      for (int x = lane; x < P; x += 32)
+        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
+      dot = warp_sum(dot);
+      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
+    }
+    __syncthreads();
+  }
+  float* par = bp.ws.par + cell * bp.pf.count;
+  float* red = reinterpret_cast<float*>(sm + lay.red);
+  token_sums2(  // d zeta, d phi: sums over the chunk's tokens
+      R * P, m,
+      [&](int t, int i) {
+        const int r = i / P, x = i % P, row = t * R + r;
+        const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
+        return make_float2(e.du * (has_z ? Z[t * yp + x] : 0.f), e.dphi);
+      },
+      [&](int i, float2 sum) { par[bp.pf.zeta + i] = sum.x, par[bp.pf.phi + i] = sum.y; }, red,
+      tid);
+  token_sums2(  // d norm_weight: sums over the chunk's rows
+      P, norm ? mr : 0,
+      [&](int row, int x) {
+        return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
+      },
+      [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
+  if (bp.g_z.defined())
+    for (int i = tid; i < m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      float acc = 0.f;
+      for (int r = 0; r < R; ++r) {
+        const int row = t * R + r;
+        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
+      }
+      const DTensor& gz = bp.g_z;
+      dstore(gz,
+             ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
+                 h * gz.stride[2] + x * gz.stride[3],
+             acc);
+    }
+  __syncthreads();
+  // dy in place of y (each element read and written by its own thread), to the workspace; the
+  // bf16 operand e dy (zero past the chunk) for the state cotangent increment.
+  float dd = 0.f;
+  for (int i = tid; i < lay.rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    float edy = 0.f;
+    if (row < mr) {
+      const float y = Y[row * yp + x];
+      const float rs = norm ? rstd[row] : 1.f;
+      const float dyn = adjoint(row, x, rs).dyn;
+      const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
+      Y[row * yp + x] = dy;
+      bp.ws
+          .dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
+          dy;
+      dd += dy * vpsi(row, x);
+      edy = ex[row / R] * dy;
+    }
+    DYb[row * vp + x] = __float2bfloat16_rn(edy);
+  }
+  dd = block_sum(dd, reinterpret_cast<float*>(sm + lay.red), tid);  // barriers: DYb complete
+  if (tid == 0) par[bp.pf.d] = dd;
+  float* dsi = bp.ws.ds_end + cell * P * N;
+  tc_gemm<true, true, 2>(
+      P, N, DYb, vp, Q, qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
+      [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
+}
+
+}  // namespace mamba3::cuda::bwd
