@@ -100,7 +100,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"bf16_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
         Case{"bf16_mimo", 1, 200, 4, 1, 128, 64, 4, 32, true, true, true, {}, kH, kB},
         Case{"fp16_siso", 1, 150, 2, 1, 64, 64, 1, 16, true, true, false, {}, kI, kF16},
-        // Tensor-core backward (bf16, N and P in {64, 128}); N = P = 128 runs 32-row chunks.
+        // Tensor-core backward (bf16, N and P in {64, 128}).
         Case{"tc_siso_n64_halved", 1, 200, 2, 1, 64, 64, 1, 16, true, false, false, {}, kH, kB},
         Case{"tc_n128_p128_norm", 1, 150, 2, 1, 128, 128, 1, 64, true, true, false, {}, kI, kB},
         Case{"tc_mimo_r2_n64_p128", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
