@@ -57,12 +57,19 @@ if [[ $mode == all || $mode == bench ]]; then
     grep -hE "floor|of copy" "$f" >>"$summary"
   done
 fi
+# Optional: per-kernel times of the backward at `train` (NCU_BWD=1), no clock control.
+if [[ ${NCU_BWD:-0} == 1 ]]; then
+  step ncu_bwd_train 120 ncu --clock-control none -k regex:bwd_ --section SpeedOfLight \
+    "$bin/mamba3" bench --lane cuda --shape train --dtype bf16 --what bwd --warmup 0 --iters 1
+  grep -E "bwd_.*kernel|Duration" "$OUT/ncu_bwd_train.log" | sed 's/(BwdParams.*//' | paste - - |
+    awk '{print $1, $(NF-1), $NF}' | sort | uniq -c | head -40 >>"$summary"
+fi
 # Sanitizers last (the slowest part; SAN_TIMEOUT bounds each), on small shapes.
 if [[ $mode == all || $mode == tests ]]; then
   step memcheck "${SAN_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*siso_L65*:*CudaVsReference*mimo_r4_gqa*:*CudaVsReference*varlen*:*CudaVsReference*tc_*:*CudaSegmented*mimo*:CudaStep.*:*CudaBackwardVsReference*siso_L63*:*CudaBackwardVsReference*mimo_r2*:*CudaBackwardVsReference*varlen*:*CudaBackwardVsReference*mimo_r4_per_rank*'
   step racecheck "${SAN_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill:*CudaBackwardVsReference*siso_L1:*CudaBackwardVsReference*mimo_r4_per_rank*'
+    "$bin/mamba3_gpu_tests" --gtest_filter='*CudaVsReference*mimo_r2*:*CudaVsReference*siso_L63*:*CudaVsReference*tc_*:*CudaSegmented*siso_states*:CudaStep.StepsEqualPrefill:*CudaBackwardVsReference*siso_L1:*CudaBackwardVsReference*mimo_r4_per_rank*:*CudaBackwardVsReference*tc_siso_n64_halved:*CudaBackwardVsReference*tc_n128_p128_norm'
   grep -E "PASSED|FAILED|ERROR SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log | tail -8 | tee -a "$summary"
 fi
 # Optional: Nsight Compute of the forward kernels at `train` (NCU=1), no clock control.
