@@ -243,30 +243,49 @@ Status backward(const BackwardArgs& a) {
 
 namespace {
 
-template <int R, int N>
-Status launch_step_fast_rn(const CoreParams& p, const Dims& d, cudaStream_t stream) {
+template <int R, int N, int T>
+Status launch_step_fast_rnt(const CoreParams& p, const Dims& d, cudaStream_t stream) {
   const size_t bytes = step_fast_smem_bytes(N, p.P, R, p.NA);
   if (bytes > 48 * 1024)
-    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(step_fast_kernel<R, N>,
+    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(step_fast_kernel<R, N, T>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  step_fast_kernel<R, N><<<static_cast<unsigned>(d.B * d.H), kStepThreads, bytes, stream>>>(p);
+  step_fast_kernel<R, N, T><<<static_cast<unsigned>(d.B * d.H), T, bytes, stream>>>(p);
   MAMBA3_CHECK_LAUNCH("step_fast_kernel");
   return Status::Ok();
 }
 
 template <int R>
-Status launch_step_fast_r(const CoreParams& p, const Dims& d, cudaStream_t stream) {
-  return p.N == 64 ? launch_step_fast_rn<R, 64>(p, d, stream)
-                   : launch_step_fast_rn<R, 128>(p, d, stream);
+Status launch_step_fast_r(const CoreParams& p, const Dims& d, int threads, cudaStream_t stream) {
+  if (threads == 128)
+    return p.N == 64 ? launch_step_fast_rnt<R, 64, 128>(p, d, stream)
+                     : launch_step_fast_rnt<R, 128, 128>(p, d, stream);
+  return p.N == 64 ? launch_step_fast_rnt<R, 64, 256>(p, d, stream)
+                   : launch_step_fast_rnt<R, 128, 256>(p, d, stream);
 }
 
-// The common case (step_fast_ok): one instantiation per (R, N).
+// MAMBA3_CUDA_STEP_THREADS: threads per CTA of the fast decode kernel, 128 or 256 (default), to
+// test or tune it. Anything else is an error, not "unset".
+Status step_threads(int* threads) {
+  *threads = kFastThreadsDefault;
+  const char* env = std::getenv("MAMBA3_CUDA_STEP_THREADS");
+  if (env == nullptr || *env == '\0') return Status::Ok();
+  if (std::string(env) == "128" || std::string(env) == "256") {
+    *threads = std::atoi(env);
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(std::string("MAMBA3_CUDA_STEP_THREADS: expected 128 or 256, got '") +
+                                 env + "'");
+}
+
+// The common case (step_fast_ok): one instantiation per (R, N, threads).
 Status launch_step_fast(const CoreParams& p, const Dims& d, cudaStream_t stream) {
+  int threads = 0;
+  M3_RETURN_IF_ERROR(step_threads(&threads));
   switch (p.R) {
-    case 1: return launch_step_fast_r<1>(p, d, stream);
-    case 2: return launch_step_fast_r<2>(p, d, stream);
-    case 4: return launch_step_fast_r<4>(p, d, stream);
-    default: return launch_step_fast_r<8>(p, d, stream);
+    case 1: return launch_step_fast_r<1>(p, d, threads, stream);
+    case 2: return launch_step_fast_r<2>(p, d, threads, stream);
+    case 4: return launch_step_fast_r<4>(p, d, threads, stream);
+    default: return launch_step_fast_r<8>(p, d, threads, stream);
   }
 }
 

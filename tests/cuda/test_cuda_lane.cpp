@@ -237,6 +237,38 @@ TEST(CudaStep, StepsEqualPrefill) {
   }
 }
 
+// The fast step kernel's two CTA sizes (MAMBA3_CUDA_STEP_THREADS = 128 or 256) give the same
+// bits (same per-element arithmetic and lane reductions); any other value is an error naming
+// the variable.
+TEST(CudaStep, ThreadCountsAgreeBitwise) {
+  REQUIRE_GPU();
+  check::ProblemConfig cfg = check::default_config(3, 6, 4, 2, 128, 64, 4, 77);
+  cfg.NA = 32;
+  cfg.has_states = true;
+  cfg.has_norm = true;
+  check::Problem p(cfg);
+  auto steps = [&](const char* threads, Status* last) {
+    setenv("MAMBA3_CUDA_STEP_THREADS", threads, 1);
+    check::StateBuffers st = p.initial;
+    check::HostTensor out = p.make_out(DType::kF32);
+    *last = Status::Ok();
+    for (int64_t t = 0; t < cfg.L && last->ok(); ++t)
+      *last = cuda::step_staged(step_view(p, t, st.view(), out, Lane::kCuda));
+    unsetenv("MAMBA3_CUDA_STEP_THREADS");
+    return Result{{"out", out.to_double()}, {"final.angle", st.angle.to_double()},
+                  {"final.ssm", st.ssm.to_double()}, {"final.k", st.k.to_double()},
+                  {"final.v", st.v.to_double()}};
+  };
+  Status s128, s256, bad;
+  const Result a = steps("128", &s128), b = steps("256", &s256);
+  ASSERT_TRUE(s128.ok()) << s128.ToString();
+  ASSERT_TRUE(s256.ok()) << s256.ToString();
+  expect_bitwise_equal(a, b, "step kernel, 128 vs 256 threads");
+  steps("96", &bad);
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument) << bad.ToString();
+  EXPECT_NE(bad.message().find("MAMBA3_CUDA_STEP_THREADS"), std::string::npos) << bad.message();
+}
+
 // A step captured in a CUDA graph and replayed equals the same steps launched directly.
 TEST(CudaStep, CapturableInGraph) {
   REQUIRE_GPU();

@@ -57,13 +57,12 @@ __device__ __forceinline__ float initial_state_elem(const CoreParams& p, int s, 
 // Output (token l of batch row b, column x) from the token's R values y[r * y_stride] (y already
 // includes D v): optional RMSNorm (rstd[r * rstd_stride]), gate silu(z zeta_r), then either
 // the phi-weighted rank sum or one output per rank. `l_out` is the token's index in `out`.
-__device__ __forceinline__ void store_output(const CoreParams& p, int b, int l, int h, int x,
-                                             const float* y, int y_stride, const float* rstd,
-                                             int rstd_stride, const float* zeta, const float* phi,
-                                             const float* wn) {
-  const float z = p.z.defined() ? dload_ro(p.z, b * p.z.stride[0] + l * p.z.stride[1] +
-                                                    h * p.z.stride[2] + x * p.z.stride[3])
-                                : 0.f;
+// As store_output, with the gate input z of (token, column) already loaded (ignored without z).
+__device__ __forceinline__ void store_output_z(const CoreParams& p, int b, int l, int h, int x,
+                                               float z, const float* y, int y_stride,
+                                               const float* rstd, int rstd_stride,
+                                               const float* zeta, const float* phi,
+                                               const float* wn) {
   float acc = 0.f;
   for (int r = 0; r < p.R; ++r) {
     float yn = y[r * y_stride];
@@ -84,6 +83,16 @@ __device__ __forceinline__ void store_output(const CoreParams& p, int b, int l, 
     dstore(p.out, b * p.out.stride[0] + l * p.out.stride[1] + h * p.out.stride[2] +
                       x * p.out.stride[3],
            acc);
+}
+
+__device__ __forceinline__ void store_output(const CoreParams& p, int b, int l, int h, int x,
+                                             const float* y, int y_stride, const float* rstd,
+                                             int rstd_stride, const float* zeta, const float* phi,
+                                             const float* wn) {
+  const float z = p.z.defined() ? dload_ro(p.z, b * p.z.stride[0] + l * p.z.stride[1] +
+                                                    h * p.z.stride[2] + x * p.z.stride[3])
+                                : 0.f;
+  store_output_z(p, b, l, h, x, z, y, y_stride, rstd, rstd_stride, zeta, phi, wn);
 }
 
 // Final states of sequence s, head h, tokens [end - n_tok, end) of batch row b: the ssm state

@@ -1,5 +1,5 @@
 // Decode step for the common case (DESIGN.md §2.4): fp32 state with float4 rows (state_vec4),
-// N in {64, 128}, P a multiple of 16 up to 128, R in {1, 2, 4, 8}; one CTA of kStepThreads per
+// N in {64, 128}, P a multiple of 16 up to 128, R in {1, 2, 4, 8}; one CTA of kFastThreads per
 // (batch, head). Bandwidth-bound by design, and built to stay so:
 //   - the state is copied into shared memory with cp.async at entry, so its bytes are in flight
 //     while the prologue (angles, rope, coefficients) runs; then every thread owns one float4
@@ -19,11 +19,14 @@
 
 namespace mamba3::cuda {
 
+// Threads per CTA: 256 (default) or 128 (MAMBA3_CUDA_STEP_THREADS); 64 registers either way.
+inline constexpr int kFastThreadsDefault = 256;
+
 // Shared memory (floats): the state (P*N), q_hat, k_hat, k_prev, raw q, raw k (R*N each; the
 // first three 16-byte aligned for float4 access); per (rank, row): cb, cg, dv, psi, zeta, phi, y (R*P each); v, v_prev, norm weight (P);
 // cos, sin (NA); rstd (R).
 inline size_t step_fast_smem_bytes(int N, int P, int R, int NA) {
-  return sizeof(float) * (P * N + 5 * R * N + 7 * R * P + 3 * P + 2 * NA + R);
+  return sizeof(float) * (P * N + 5 * R * N + 7 * R * P + 4 * P + 2 * NA + R);
 }
 
 // Whether step_fast_kernel takes this call (else step_kernel).
@@ -33,10 +36,10 @@ inline bool step_fast_ok(const CoreParams& p) {
          (p.R == 1 || p.R == 2 || p.R == 4 || p.R == 8);
 }
 
-template <int R, int N>
-__global__ void __launch_bounds__(kStepThreads, 4) step_fast_kernel(CoreParams p) {
+template <int R, int N, int kFastThreads>
+__global__ void __launch_bounds__(kFastThreads, 2048 / kFastThreads / 2) step_fast_kernel(CoreParams p) {
   constexpr int kCpr = N / 4;                           // float4 chunks per state row
-  constexpr int kRowsPerPass = kStepThreads / kCpr;     // 8 (N = 128) or 16 (N = 64)
+  constexpr int kRowsPerPass = kFastThreads / kCpr;     // rows per pass of the CTA
   constexpr bool kRegK = R <= 2, kRegQ = R <= 4;        // see the register copies below
   extern __shared__ float4 sm4[];
   float* sm = reinterpret_cast<float*>(sm4);
@@ -57,14 +60,15 @@ __global__ void __launch_bounds__(kStepThreads, 4) step_fast_kernel(CoreParams p
   float* v = y + R * P;
   float* vp = v + P;
   float* wn = vp + P;
-  float* cosv = wn + P;
+  float* zs = wn + P;
+  float* cosv = zs + P;
   float* sinv = cosv + NA;
   float* rstd = sinv + NA;
 
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / p.hpg, s = b;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int c = tid % kCpr, x0 = tid / kCpr;
-  const int JP = P / kRowsPerPass;  // rows per thread: 4, 8 or 16
+  const int JP = P / kRowsPerPass;  // rows per thread
 
   // The state of this (batch, head) is copied into shared memory with cp.async at entry, so its
   // bytes are in flight while the prologue runs, without holding registers (which bound the
@@ -73,7 +77,7 @@ __global__ void __launch_bounds__(kStepThreads, 4) step_fast_kernel(CoreParams p
     const float* src0 = static_cast<const float*>(p.init_ssm.data) + s * p.init_ssm.stride[0] +
                         h * p.init_ssm.stride[1];
     const int64_t rs = p.init_ssm.stride[2];
-    for (int i = tid; i < P * kCpr; i += kStepThreads)
+    for (int i = tid; i < P * kCpr; i += kFastThreads)
       cp_async16(sst + i * 4, src0 + (i / kCpr) * rs + (i % kCpr) * 4);
   }
   float* dst = static_cast<float*>(p.fin_ssm.data) + s * p.fin_ssm.stride[0] +
@@ -98,26 +102,29 @@ __global__ void __launch_bounds__(kStepThreads, 4) step_fast_kernel(CoreParams p
     // theta is in [0, 2 pi): the SFU sincos is accurate to ~4e-7 there and has no slow path.
     __sincosf(static_cast<float>(theta_new), &sinv[tid], &cosv[tid]);
   }
-  for (int i = tid; i < P; i += kStepThreads) {
+  for (int i = tid; i < P; i += kFastThreads) {
     v[i] = dload(p.v, b * p.v.stride[0] + h * p.v.stride[2] + i * p.v.stride[3]);
     vp[i] = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + i * p.init_v.stride[2]);
+    // The gate input too: the output stage then needs no global load of its own.
+    zs[i] = p.z.defined() ? dload_ro(p.z, b * p.z.stride[0] + h * p.z.stride[2] + i * p.z.stride[3])
+                          : 0.f;
   }
-  load_head_params(p, h, psi, zeta, phi, wn, tid, kStepThreads);
+  load_head_params(p, h, psi, zeta, phi, wn, tid, kFastThreads);
   // Raw q + bias and k + bias are loaded in the same round of loads as everything above (the
   // rope needs the angles, so it runs after the barrier, from shared memory).
-  for (int i = tid; i < R * N; i += kStepThreads) {
+  for (int i = tid; i < R * N; i += kFastThreads) {
     const int r = i / N, n = i % N;
     kp[i] = dload(p.init_k, sk_off(p.init_k, s, r, h, n));
     qraw[i] = dload(p.q, qk_off(p.q, b, 0, r, g, n)) + dload(p.q_bias, bias_off(p.q_bias, h, r, n));
     kraw[i] = dload(p.k, qk_off(p.k, b, 0, r, g, n)) + dload(p.k_bias, bias_off(p.k_bias, h, r, n));
   }
   __syncthreads();
-  for (int i = tid; i < R * N; i += kStepThreads) {
+  for (int i = tid; i < R * N; i += kFastThreads) {
     const int r = i / N, n = i % N;
     qh[i] = rope_element(p.interleaved, N, NA, n, cosv, sinv, [&](int m) { return qraw[r * N + m]; });
     kh[i] = rope_element(p.interleaved, N, NA, n, cosv, sinv, [&](int m) { return kraw[r * N + m]; });
   }
-  for (int i = tid; i < R * P; i += kStepThreads) {
+  for (int i = tid; i < R * P; i += kFastThreads) {
     const int x = i % P;
     cb[i] = beta * vp[x] * psi[i];
     cg[i] = gam * v[x] * psi[i];
@@ -169,10 +176,10 @@ __global__ void __launch_bounds__(kStepThreads, 4) step_fast_kernel(CoreParams p
 
   // New k, v and angle states (after every read of the old ones).
   if (p.fin_k.defined())
-    for (int i = tid; i < R * N; i += kStepThreads)
+    for (int i = tid; i < R * N; i += kFastThreads)
       dstore(p.fin_k, sk_off(p.fin_k, s, i / N, h, i % N), kh[i]);
   if (p.fin_v.defined())
-    for (int i = tid; i < P; i += kStepThreads)
+    for (int i = tid; i < P; i += kFastThreads)
       dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + i * p.fin_v.stride[2], v[i]);
   if (p.fin_angle.defined() && tid < NA)
     dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
@@ -181,11 +188,11 @@ __global__ void __launch_bounds__(kStepThreads, 4) step_fast_kernel(CoreParams p
 
   // Output stage: optional RMSNorm per rank, gate, rank reduction.
   if (p.norm_weight.defined()) {
-    rows_rstd(y, P, R, P, p.eps, rstd, warp, lane, kStepThreads / 32);
+    rows_rstd(y, P, R, P, p.eps, rstd, warp, lane, kFastThreads / 32);
     __syncthreads();
   }
-  for (int x = tid; x < P; x += kStepThreads)
-    store_output(p, b, 0, h, x, &y[x], P, rstd, 1, zeta, phi, wn);
+  for (int x = tid; x < P; x += kFastThreads)
+    store_output_z(p, b, 0, h, x, zs[x], &y[x], P, rstd, 1, zeta, phi, wn);
 }
 
 }  // namespace mamba3::cuda
