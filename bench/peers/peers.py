@@ -1189,7 +1189,8 @@ def write_report(run: Run) -> Dict[str, str]:
     L.append(f"Command: `{m['command']}`  ")
     L.append(f"Device: {m['device']}; torch {m['torch']}, triton {m.get('triton')}, tilelang "
              f"{m.get('tilelang')}, mamba3 {m.get('mamba3')} (commit {m.get('commit')}); "
-             f"{m['elapsed_s']} s wall.")
+             f"{m['elapsed_s']} s wall." + (" Environment: " + ", ".join(
+                 f"`{k}={v}`" for k, v in m["env"].items()) + "." if m.get("env") else ""))
     L.append("")
     provenance = "numbers from this one run" + (
         "; the official autotuners' choices " + ("were made in this run" if m.get(
@@ -1553,6 +1554,8 @@ def collect_meta(run: Run, argv: Sequence[str]) -> None:
     m["notes"] = []
     if run.gpu:
         m["autotune_cache"] = os.environ.get("PEERS_AUTOTUNE_FROM") or "tuned in this run"
+    # Our tuning variables change what runs: a report names every one that was set.
+    m["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MAMBA3_")}
 
 
 def _git_commit() -> str:

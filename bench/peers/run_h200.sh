@@ -32,7 +32,7 @@ export PYTHONPATH="$site:$PWD/.devpy${PYTHONPATH:+:$PYTHONPATH}"
 export TILELANG_CACHE_DIR=/tmp/peers-tlcache TILELANG_TARGET="cuda -arch=sm_90a"
 export TRITON_CACHE_DIR=/tmp/peers-triton TRITON_CACHE_AUTOTUNING=1
 if [[ -f /tmp/peers-triton/ORIGIN.txt ]]; then
-  export PEERS_AUTOTUNE_FROM="carried from an earlier run ($(cat /tmp/peers-triton/ORIGIN.txt))"
+  export PEERS_AUTOTUNE_FROM="carried from an earlier run ($(cat /tmp/peers-triton/ORIGIN.txt)) where it had them, tuned in this run otherwise"
 fi
 export PYTHONUNBUFFERED=1
 export PEERS_COMMIT=${PEERS_COMMIT:-$(cat .devpy/COMMIT 2>/dev/null || echo unknown)}

@@ -19,8 +19,8 @@
 
 namespace mamba3::cuda {
 
-// Threads per CTA: 256 (default) or 128 (MAMBA3_CUDA_STEP_THREADS); 64 registers either way.
-inline constexpr int kFastThreadsDefault = 256;
+// Threads per CTA: 128 or 256, chosen per call (dispatch.cu: step_threads); 64 registers either
+// way.
 
 // Shared memory (floats): the state (P*N), q_hat, k_hat, k_prev, raw q, raw k (R*N each; the
 // first three 16-byte aligned for float4 access); per (rank, row): cb, cg, dv, psi, zeta, phi, y (R*P each); v, v_prev, norm weight (P);
