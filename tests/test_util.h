@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -144,6 +145,26 @@ inline void expect_close(const Result& got, const Result& ref, double tol, const
     EXPECT_TRUE(m.pass) << ctx << "\n" << check::format_metric(m);
   }
 }
+
+// Sets (value non-null) or clears an environment variable for a scope, restoring it after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) had_ = true, old_ = old;
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_.c_str(), old_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
 
 // Every entry within `bar` (relative L2) of `ref`, or within the recipe (2x naive float32 error +
 // floor) where that is wider: a fast path that rounds its tiles to bf16 is held to a fixed bar,

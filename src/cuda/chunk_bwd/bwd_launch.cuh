@@ -147,13 +147,32 @@ inline Status check_backward_supported(const Dims& d) {
   return Status::Ok();
 }
 
+// MAMBA3_CUDA_BWD_MIMO_TC=1 opts MIMO (R > 1) into the tensor-core backward. Off by default:
+// on the H200 (2026-11-29, peers parity case B=2 L=512 H=8 N=128 P=64 R=4, bf16) its angle
+// gradient is 1.7e-2 from float64 (the official MIMO backward: 3.5e-2; the fp32 SIMT kernels:
+// 2e-6), over issue 5's 1e-2 bar, while every SISO gradient is within 4.2e-3. Unset, empty or
+// 0: off; 1: on; anything else is an error naming the variable.
+inline Status mimo_tensor_core_opt_in(bool* on) {
+  *on = false;
+  const char* env = std::getenv("MAMBA3_CUDA_BWD_MIMO_TC");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return Status::Ok();
+  if (std::strcmp(env, "1") == 0) {
+    *on = true;
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(std::string("MAMBA3_CUDA_BWD_MIMO_TC: expected 0 or 1, got '") +
+                                 env + "'");
+}
+
 // The tensor-core chunk kernels (bwd_tc.cuh) serve bf16 q, k, v with 16-byte aligned contiguous
-// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}; everything else takes the
-// fp32 SIMT kernels.
-inline bool tensor_core_inputs(const BackwardArgs& a, const Dims& d, const CoreParams& p) {
+// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}, SISO (MIMO when opted in,
+// see above); everything else takes the fp32 SIMT kernels.
+inline bool tensor_core_inputs(const BackwardArgs& a, const Dims& d, const CoreParams& p,
+                               bool mimo_tc) {
   const Inputs& in = a.in;
   return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
-         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128);
+         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) &&
+         (d.R == 1 || mimo_tc);
 }
 
 // Chunk rows of the tensor-core kernels: the largest whole number of 16-row tiles (64, 32, 16)
@@ -197,9 +216,9 @@ inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
 // Chunk rows and kernel family of a call: the tensor-core kernels where tensor_core_inputs and
 // pick_rows_tc allow, else the SIMT kernels at pick_rows (0 rows: nothing fits).
 inline int pick_backward_rows(const BackwardArgs& a, const Dims& d, const CoreParams& p,
-                              int smem_limit, bool* tc) {
+                              int smem_limit, bool mimo_tc, bool* tc) {
   *tc = false;
-  if (tensor_core_inputs(a, d, p)) {
+  if (tensor_core_inputs(a, d, p, mimo_tc)) {
     const int rows = pick_rows_tc(d, smem_limit);
     if (rows > 0) {
       *tc = true;
@@ -215,21 +234,25 @@ inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
   if (!check_backward_supported(d).ok()) return false;
   int smem_limit = 0;
   if (!max_dynamic_smem(&smem_limit).ok()) return false;
+  bool mimo_tc = false;
+  if (!mimo_tensor_core_opt_in(&mimo_tc).ok()) return false;
   ForwardArgs f;
   f.in = a.in;
   bool tc = false;
-  return pick_backward_rows(a, d, make_params(f, d), smem_limit, &tc) > 0 && tc;
+  return pick_backward_rows(a, d, make_params(f, d), smem_limit, mimo_tc, &tc) > 0 && tc;
 }
 
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
 inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3_RETURN_IF_ERROR(check_backward_supported(d));
+  bool mimo_tc = false;
+  M3_RETURN_IF_ERROR(mimo_tensor_core_opt_in(&mimo_tc));
   if (d.S * d.H == 0) return Status::Ok();
   int smem_limit = 0;
   M3_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
   BwdParams bp = make_bwd_params(a, d);
   bool tc = false;
-  const int rows = pick_backward_rows(a, d, bp.p, smem_limit, &tc);
+  const int rows = pick_backward_rows(a, d, bp.p, smem_limit, mimo_tc, &tc);
   if (rows == 0)
     return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) + ", P = " +
                                 std::to_string(d.P) + " does not fit the device's shared memory");
