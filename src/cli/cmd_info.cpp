@@ -29,7 +29,7 @@ int run_info() {
   fmt::print(
       "\ngates (unset = default path; set where not implemented = error naming the gate):\n");
   for (const GateInfo& gate : gates()) {
-    fmt::print("  {:<20} {}\n", gate.env_var, gate.set ? "set" : "unset");
+    fmt::print("  {:<24} {}\n", gate.env_var, gate.set ? "set" : "unset");
     fmt::print("      {}\n      implemented: {}\n", gate.description, gate.implemented);
   }
   return 0;

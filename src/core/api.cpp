@@ -163,10 +163,24 @@ std::vector<LaneInfo> lanes() {
 std::vector<GateInfo> gates() {
   bool on = false;
   Status st = read_gate(kPsivGate, &on);
-  return {{kPsivGate,
-           "MIMO: materialize PsiV = V * psi in the forward and read it in the backward" +
-               std::string(st.ok() ? "" : " (current value invalid: " + st.message() + ")"),
-           on, "none (setting it makes every forward/backward call fail with an error naming it)"}};
+  std::vector<GateInfo> out = {
+      {kPsivGate,
+       "MIMO: materialize PsiV = V * psi in the forward and read it in the backward" +
+           std::string(st.ok() ? "" : " (current value invalid: " + st.message() + ")"),
+       on, "none (setting it makes every forward/backward call fail with an error naming it)"}};
+  // Parsed by the cuda lane (src/cuda/chunk_bwd/bwd_launch.cuh), which rejects other values.
+  const char* mimo_tc = std::getenv("MAMBA3_CUDA_BWD_MIMO_TC");
+  const std::string v = mimo_tc ? mimo_tc : "";
+  const bool valid = v.empty() || v == "0" || v == "1";
+  out.push_back({"MAMBA3_CUDA_BWD_MIMO_TC",
+                 "bf16 MIMO backward on the tensor-core kernels instead of fp32 SIMT (angle "
+                 "gradient 1.7e-2 from float64 on the H200, over the 1e-2 bar)" +
+                     std::string(valid ? "" : " (current value invalid: '" + v +
+                                                  "', expected 0 or 1)"),
+                 v == "1",
+                 cuda::compiled() ? "cuda lane (bf16 q, k, v at N, P in {64, 128})"
+                                  : "not in this build (no cuda lane)"});
+  return out;
 }
 
 std::string build_options() {

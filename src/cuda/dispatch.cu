@@ -219,7 +219,8 @@ std::string supported_configurations() {
   return "forward: tensor cores (bf16 mma.sync, cp.async pipeline, sequence split when the grid "
          "is small) for bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128}, "
          "fp32 SIMT otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 "
-         "SIMT; " +
+         "state streamed once (float4 rows at N in {64, 128}, P % 16 == 0; a general kernel "
+         "otherwise); " +
          backward_configurations();
 }
 
