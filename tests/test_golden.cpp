@@ -11,6 +11,7 @@
 
 #include "check/golden.h"
 #include "check/safetensors.h"
+#include "test_util.h"
 
 namespace mamba3::check {
 namespace {
@@ -18,9 +19,7 @@ namespace {
 constexpr const char* kGoldenFiles[] = {"golden_public_siso.safetensors",
                                         "golden_public_mimo.safetensors"};
 
-std::string golden_path(const std::string& file) {
-  return golden_dir(std::string(MAMBA3_SOURCE_DIR) + "/tests/data/golden") + "/" + file;
-}
+using test::golden_path;
 
 struct GoldenParam {
   std::string file;

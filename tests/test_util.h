@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "check/compare.h"
+#include "check/golden.h"
 #include "check/problem.h"
 #include "mamba3/mamba3.h"
 #include "cuda/cuda_lane.h"
@@ -56,6 +57,45 @@ inline void put(Result* r, const std::string& name, const check::HostTensor& t) 
   if (t.defined()) (*r)[name] = t.to_double();
 }
 
+// The four final states under the names run() uses ("final.angle", ..., "final.v").
+inline void put_states(Result* r, const check::StateBuffers& s) {
+  put(r, "final.angle", s.angle), put(r, "final.ssm", s.ssm);
+  put(r, "final.k", s.k), put(r, "final.v", s.v);
+}
+
+// Backward arguments over host buffers: inputs `in`, cotangents `dout` (of out) and `ds` (of
+// the final states), gradients into `g`.
+inline BackwardArgs backward_args(const Inputs& in, const check::HostTensor& dout,
+                                  const check::StateBuffers& ds, const check::GradBuffers& g,
+                                  Lane lane) {
+  BackwardArgs b;
+  b.in = in;
+  b.d_out = dout.view();
+  b.d_final = ds.view();
+  b.grads = g.view();
+  b.lane = lane;
+  return b;
+}
+
+// The gradients of a Result alone (drops out and the final states).
+inline Result grads_only(const Result& r) {
+  Result o;
+  for (const auto& [name, v] : r)
+    if (name.rfind("grad.", 0) == 0) o[name] = v;
+  return o;
+}
+
+#ifdef MAMBA3_SOURCE_DIR
+// A bundled golden file: $MAMBA3_GOLDEN_DIR when set, else tests/data/golden.
+inline std::string golden_path(const std::string& file) {
+  return check::golden_dir(std::string(MAMBA3_SOURCE_DIR) + "/tests/data/golden") + "/" + file;
+}
+#endif
+
+// GPU tests: skip cleanly (saying why) without a CUDA device.
+#define REQUIRE_GPU()                                                                  \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_summary()
+
 // Every gradient of g under the names run() uses ("grad.q", ..., "grad.initial.v").
 inline void put_grads(Result* r, const check::GradBuffers& g) {
   put(r, "grad.q", g.q), put(r, "grad.k", g.k), put(r, "grad.v", g.v);
@@ -94,25 +134,12 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   Status st = run_eval(ev, f);
   EXPECT_TRUE(st.ok()) << st.ToString();
   put(&r, "out", out);
-  if (o.final_states) {
-    put(&r, "final.angle", fs.angle);
-    put(&r, "final.ssm", fs.ssm);
-    put(&r, "final.k", fs.k);
-    put(&r, "final.v", fs.v);
-  }
+  if (o.final_states) put_states(&r, fs);
   if (!o.backward) return r;
   check::HostTensor dout = p.random_d_out(odt, o.cot_seed);
   check::StateBuffers ds = p.random_d_states(o.cot_seed);
   check::GradBuffers g = p.make_grads(f64);
-  if (!f64 && o.out_dtype != DType::kF32) {
-    // Gradients of the activations take their input's dtype (make_grads); nothing to do.
-  }
-  BackwardArgs b;
-  b.in = f.in;
-  b.d_out = dout.view();
-  b.d_final = ds.view();
-  b.grads = g.view();
-  b.lane = Lane::kCpu;
+  BackwardArgs b = backward_args(f.in, dout, ds, g, Lane::kCpu);
   b.num_threads = o.threads;
   b.saved = f.saved;
   st = run_eval(ev, b);

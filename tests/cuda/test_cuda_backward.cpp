@@ -12,22 +12,6 @@
 namespace mamba3::test {
 namespace {
 
-#define REQUIRE_GPU()                                                                  \
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_summary()
-
-std::string golden_path(const char* file) {
-  const char* env = std::getenv("MAMBA3_GOLDEN_DIR");
-  const std::string dir = env && *env ? env : std::string(MAMBA3_SOURCE_DIR) + "/tests/data/golden";
-  return dir + "/" + file;
-}
-
-Result grads_only(const Result& r) {
-  Result o;
-  for (const auto& [name, v] : r)
-    if (name.rfind("grad.", 0) == 0) o[name] = v;
-  return o;
-}
-
 TEST(CudaBackwardGolden, GradientsWithinRecipe) {
   REQUIRE_GPU();
   for (const char* f : {"golden_public_siso.safetensors", "golden_public_mimo.safetensors"}) {
@@ -136,18 +120,6 @@ TEST(CudaBackward, BitwiseDeterministic) {
   }
 }
 
-// Backward arguments of `p` on host buffers (cotangents from seed 7), gradients into `g`.
-BackwardArgs host_backward(const check::Problem& p, const check::HostTensor& dout,
-                           const check::StateBuffers& ds, const check::GradBuffers& g) {
-  BackwardArgs b;
-  b.in = p.inputs();
-  b.d_out = dout.view();
-  b.d_final = ds.view();
-  b.grads = g.view();
-  b.lane = Lane::kCuda;
-  return b;
-}
-
 Result collect(const check::GradBuffers& g) {
   Result r;
   put_grads(&r, g);
@@ -163,16 +135,16 @@ TEST(CudaBackward, EmptySavedBufferChangesNothing) {
   check::HostTensor dout = p.random_d_out(DType::kF32, 7);
   check::StateBuffers ds = p.random_d_states(7);
   check::GradBuffers g1 = p.make_grads(false), g2 = p.make_grads(false), g3 = p.make_grads(false);
-  BackwardArgs b1 = host_backward(p, dout, ds, g1);
+  BackwardArgs b1 = backward_args(p.inputs(), dout, ds, g1, Lane::kCuda);
   Status st = cuda::backward_staged(b1);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  BackwardArgs b2 = host_backward(p, dout, ds, g2);
+  BackwardArgs b2 = backward_args(p.inputs(), dout, ds, g2, Lane::kCuda);
   b2.saved = make_tensor(nullptr, DType::kF32, {0});
   st = cuda::backward_staged(b2);
   ASSERT_TRUE(st.ok()) << st.ToString();
   expect_bitwise_equal(collect(g1), collect(g2), "empty saved buffer vs none");
   std::vector<float> junk(16, 1.f);
-  BackwardArgs b3 = host_backward(p, dout, ds, g3);
+  BackwardArgs b3 = backward_args(p.inputs(), dout, ds, g3, Lane::kCuda);
   b3.saved = make_tensor(junk.data(), DType::kF32, {16});
   st = cuda::backward_staged(b3);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
@@ -197,7 +169,7 @@ TEST_P(CudaBackwardGraph, CapturableInGraph) {
   {
     cuda::Staging st;
     BackwardArgs d;
-    ASSERT_TRUE(st.stage_backward(host_backward(p, dout, ds, g1), &d).ok());
+    ASSERT_TRUE(st.stage_backward(backward_args(p.inputs(), dout, ds, g1, Lane::kCuda), &d).ok());
     d.stream = stream;
     ASSERT_TRUE(backward(d).ok());
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
@@ -211,7 +183,7 @@ TEST_P(CudaBackwardGraph, CapturableInGraph) {
   {
     cuda::Staging st;
     BackwardArgs d;
-    ASSERT_TRUE(st.stage_backward(host_backward(p, dout, ds, g2), &d).ok());
+    ASSERT_TRUE(st.stage_backward(backward_args(p.inputs(), dout, ds, g2, Lane::kCuda), &d).ok());
     d.stream = stream;
     cudaGraph_t graph;
     cudaGraphExec_t exec;
@@ -248,7 +220,7 @@ TEST(CudaBackward, UnsupportedConfigurationSaysSo) {
   check::HostTensor dout = p.random_d_out(DType::kF32, 7);
   check::StateBuffers ds = p.random_d_states(7);
   check::GradBuffers g = p.make_grads(false);
-  Status st = cuda::backward_staged(host_backward(p, dout, ds, g));
+  Status st = cuda::backward_staged(backward_args(p.inputs(), dout, ds, g, Lane::kCuda));
   EXPECT_EQ(st.code(), StatusCode::kNotSupported) << st.ToString();
   EXPECT_NE(st.message().find("N = 256"), std::string::npos) << st.message();
 }

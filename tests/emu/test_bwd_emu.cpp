@@ -73,12 +73,8 @@ Result run_emu(const check::Problem& p, const RunOptions& o, bool* tc = nullptr)
   check::HostTensor dout = p.random_d_out(odt, o.cot_seed);
   check::StateBuffers ds = p.random_d_states(o.cot_seed);
   check::GradBuffers g = p.make_grads(false);
-  BackwardArgs b;
-  b.in = p.inputs();
-  b.d_out = dout.view();
-  b.d_final = ds.view();
-  b.grads = g.view();
-  b.lane = Lane::kCpu;  // validation of host tensors; the kernels run emulated
+  // Lane::kCpu: validation of host tensors; the kernels run emulated.
+  const BackwardArgs b = backward_args(p.inputs(), dout, ds, g, Lane::kCpu);
   Dims d;
   Status st = validate_backward(b, &d);
   EXPECT_TRUE(st.ok()) << st.ToString();
@@ -87,13 +83,6 @@ Result run_emu(const check::Problem& p, const RunOptions& o, bool* tc = nullptr)
   EXPECT_TRUE(st.ok()) << st.ToString();
   put_grads(&r, g);
   return r;
-}
-
-Result grads_only(const Result& r) {
-  Result o;
-  for (const auto& [name, v] : r)
-    if (name.rfind("grad.", 0) == 0) o[name] = v;
-  return o;
 }
 
 class EmuBackward : public testing::TestWithParam<Case> {};
@@ -180,20 +169,23 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(EmuBackwardRouting, MimoTensorCoresOnlyWhenOptedIn) {
   const Case mimo{"route_mimo", 1, 20, 2, 1, 64, 64, 2, 16, true, false, true, {}, kH, kB};
   const Case siso{"route_siso", 1, 20, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB};
-  auto uses_tc = [](const Case& c) {
-    check::Problem p = make(c, 31);
-    check::HostTensor dout = p.random_d_out(c.dtype, 1);
-    check::StateBuffers ds = p.random_d_states(1);
-    check::GradBuffers g = p.make_grads(false);
+  // Host buffers and validated arguments of a small backward of `c` (the kernels run emulated).
+  struct Call {
+    check::Problem p;
+    check::HostTensor dout;
+    check::StateBuffers ds;
+    check::GradBuffers g;
     BackwardArgs b;
-    b.in = p.inputs();
-    b.d_out = dout.view();
-    b.d_final = ds.view();
-    b.grads = g.view();
-    b.lane = Lane::kCpu;
     Dims d;
-    EXPECT_TRUE(validate_backward(b, &d).ok());
-    return cuda::bwd::backward_uses_tensor_cores(b, d);
+    explicit Call(const Case& c)
+        : p(make(c, 31)), dout(p.random_d_out(c.dtype, 1)), ds(p.random_d_states(1)),
+          g(p.make_grads(false)), b(backward_args(p.inputs(), dout, ds, g, Lane::kCpu)) {
+      EXPECT_TRUE(validate_backward(b, &d).ok());
+    }
+  };
+  auto uses_tc = [](const Case& c) {
+    const Call call(c);
+    return cuda::bwd::backward_uses_tensor_cores(call.b, call.d);
   };
   {
     ScopedEnv unset("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
@@ -211,19 +203,8 @@ TEST(EmuBackwardRouting, MimoTensorCoresOnlyWhenOptedIn) {
   }
   {
     ScopedEnv bad("MAMBA3_CUDA_BWD_MIMO_TC", "yes");
-    check::Problem p = make(mimo, 31);
-    check::HostTensor dout = p.random_d_out(mimo.dtype, 1);
-    check::StateBuffers ds = p.random_d_states(1);
-    check::GradBuffers g = p.make_grads(false);
-    BackwardArgs b;
-    b.in = p.inputs();
-    b.d_out = dout.view();
-    b.d_final = ds.view();
-    b.grads = g.view();
-    b.lane = Lane::kCpu;
-    Dims d;
-    ASSERT_TRUE(validate_backward(b, &d).ok());
-    const Status st = cuda::bwd::backward_chunked(b, d);
+    const Call call(mimo);
+    const Status st = cuda::bwd::backward_chunked(call.b, call.d);
     EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
     EXPECT_NE(st.message().find("MAMBA3_CUDA_BWD_MIMO_TC"), std::string::npos) << st.message();
   }
