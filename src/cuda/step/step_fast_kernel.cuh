@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kFastThreads, 2048 / kFastThreads / 2) step_fa
   float* rstd = sinv + NA;
 
   const int b = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / p.hpg, s = b;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int c = tid % kCpr, x0 = tid / kCpr;
   const int JP = P / kRowsPerPass;  // rows per thread
 
@@ -174,23 +174,8 @@ __global__ void __launch_bounds__(kFastThreads, 2048 / kFastThreads / 2) step_fa
   }
   __syncthreads();
 
-  // New k, v and angle states (after every read of the old ones).
-  if (p.fin_k.defined())
-    for (int i = tid; i < R * N; i += kFastThreads)
-      dstore(p.fin_k, sk_off(p.fin_k, s, i / N, h, i % N), kh[i]);
-  if (p.fin_v.defined())
-    for (int i = tid; i < P; i += kFastThreads)
-      dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + i * p.fin_v.stride[2], v[i]);
-  if (p.fin_angle.defined() && tid < NA)
-    dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
-                                tid * p.fin_angle.stride[2],
-               theta_new);
-
-  // Output stage: optional RMSNorm per rank, gate, rank reduction.
-  if (p.norm_weight.defined()) {
-    rows_rstd(y, P, R, P, p.eps, rstd, warp, lane, kFastThreads / 32);
-    __syncthreads();
-  }
+  step_store_states_and_rstd(p, s, h, R, N, P, kh, v, theta_new, y, rstd, tid, kFastThreads);
+  // Output stage: gate, rank reduction (the RMSNorm factors are in rstd).
   for (int x = tid; x < P; x += kFastThreads)
     store_output_z(p, b, 0, h, x, zs[x], &y[x], P, rstd, 1, zeta, phi, wn);
 }

@@ -48,6 +48,30 @@ __device__ __forceinline__ float4 step_row4(float4 s, int x, int n, int N, int P
   return o;
 }
 
+// The end of a decode step of (sequence s, head h), shared by both step kernels, called after
+// the barrier that follows every read of the old states: the new k, v and angle states, then
+// the RMSNorm factors of the R rows of y (ready after the barrier inside).
+__device__ __forceinline__ void step_store_states_and_rstd(const CoreParams& p, int s, int h, int R,
+                                                           int N, int P, const float* kh,
+                                                           const float* v, double theta_new,
+                                                           const float* y, float* rstd, int tid,
+                                                           int nthreads) {
+  if (p.fin_k.defined())
+    for (int i = tid; i < R * N; i += nthreads)
+      dstore(p.fin_k, sk_off(p.fin_k, s, i / N, h, i % N), kh[i]);
+  if (p.fin_v.defined())
+    for (int i = tid; i < P; i += nthreads)
+      dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + i * p.fin_v.stride[2], v[i]);
+  if (p.fin_angle.defined() && tid < p.NA)
+    dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
+                                tid * p.fin_angle.stride[2],
+               theta_new);
+  if (p.norm_weight.defined()) {
+    rows_rstd(y, P, R, P, p.eps, rstd, tid >> 5, tid & 31, nthreads / 32);
+    __syncthreads();
+  }
+}
+
 __global__ void __launch_bounds__(kStepThreads, 2) step_kernel(CoreParams p) {
   extern __shared__ float sm[];
   const int N = p.N, P = p.P, R = p.R, NA = p.NA;
@@ -195,23 +219,8 @@ __global__ void __launch_bounds__(kStepThreads, 2) step_kernel(CoreParams p) {
   }
   __syncthreads();
 
-  // New k, v and angle states (after every read of the old ones).
-  if (p.fin_k.defined())
-    for (int i = tid; i < R * N; i += kStepThreads)
-      dstore(p.fin_k, sk_off(p.fin_k, s, i / N, h, i % N), kh[i]);
-  if (p.fin_v.defined())
-    for (int i = tid; i < P; i += kStepThreads)
-      dstore(p.fin_v, s * p.fin_v.stride[0] + h * p.fin_v.stride[1] + i * p.fin_v.stride[2], v[i]);
-  if (p.fin_angle.defined() && tid < NA)
-    dstore_f64(p.fin_angle, s * p.fin_angle.stride[0] + h * p.fin_angle.stride[1] +
-                                tid * p.fin_angle.stride[2],
-               theta_new);
-
-  // Output stage: optional RMSNorm per rank, gate, rank reduction.
-  if (p.norm_weight.defined()) {
-    rows_rstd(y, P, R, P, p.eps, rstd, warp, lane, kWarps);
-    __syncthreads();
-  }
+  step_store_states_and_rstd(p, s, h, R, N, P, kh, v, theta_new, y, rstd, tid, kStepThreads);
+  // Output stage: gate, rank reduction (the RMSNorm factors are in rstd).
   for (int x = tid; x < P; x += kStepThreads)
     store_output(p, b, 0, h, x, &y[x], P, rstd, 1, zeta, phi, wn);
 }
