@@ -282,6 +282,28 @@ __device__ __forceinline__ double wrap_2pi_mul(double x) {
 // Global loads are issued by all threads first (independent, so many are in flight) and the
 // sequential parts read shared memory: with one CTA per SM nothing else hides their latency.
 // Ends with a barrier.
+// Per chunk, shared by the SIMT and tensor-core chunk kernels (threads tid of the block): the
+// angle increments th (m x NA) walked in float64 from the chunk's start angle into wrapped
+// angles in place (threads < NA), and the decay factors ex = exp(cs), fw = exp(cs_last - cs) w
+// of the m tokens (threads 32..32+m). The caller synchronizes before reading them.
+__device__ __forceinline__ void chunk_angles_and_decays(const BwdParams& bp, const Chunk& ck,
+                                                        int h, int NA, int m, float* th,
+                                                        const float* cs, const float* w,
+                                                        float* ex, float* fw, int tid) {
+  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
+    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * bp.p.H + h) * NA + tid];
+    for (int t = 0; t < m; ++t) {
+      a += static_cast<double>(th[t * NA + tid]);
+      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
+    }
+  }
+  if (tid >= 32 && tid - 32 < m) {
+    const int t = tid - 32;
+    ex[t] = expf(cs[t]);
+    fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
+  }
+}
+
 __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& lay, float* sm,
                            float* scratch, bool want_q, bool want_k, bool want_v, int tid) {
   const CoreParams& p = bp.p;
@@ -348,18 +370,7 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     if (want_k) sm[lay.k + row * lay.qn + n] += kb[r * N + n];
   }
   __syncthreads();
-  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
-    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
-    for (int t = 0; t < m; ++t) {
-      a += static_cast<double>(th[t * NA + tid]);
-      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
-    }
-  }
-  if (tid >= 32 && tid - 32 < m) {
-    const int t = tid - 32;
-    ex[t] = expf(cs[t]);
-    fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
-  }
+  chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
   __syncthreads();
   // Rotate each rope pair of each row in place.
   for (int i = tid; i < mr * NA; i += kThreads) {

@@ -294,18 +294,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   for (int i = tid; i < m * NA; i += kT)
     th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
   __syncthreads();
-  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
-    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
-    for (int t = 0; t < m; ++t) {
-      a += static_cast<double>(th[t * NA + tid]);
-      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
-    }
-  }
-  if (tid >= 32 && tid - 32 < m) {
-    const int t = tid - 32;
-    ex[t] = expf(cs[t]);
-    fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
-  }
+  chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
   __syncthreads();
   // q and k rows biased and rotated in fp32 from the raw bf16 inputs, rounded once (rows past
   // the chunk zero); v * psi (* fw) likewise.
