@@ -31,6 +31,7 @@ struct RunOptions {
   int chunk_size = 64;
   uint64_t cot_seed = 7;
   bool use_saved = false;  // forward fills ForwardArgs::saved, backward reads it
+  bool d_final = true;     // random final-state cotangents (false: absent, as a loss on out only)
 };
 
 inline Status run_eval(Eval ev, const ForwardArgs& f) {
@@ -110,7 +111,7 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   BackwardArgs b;
   b.in = f.in;
   b.d_out = dout.view();
-  b.d_final = ds.view();
+  if (o.d_final) b.d_final = ds.view();
   b.grads = g.view();
   b.lane = Lane::kCpu;
   b.num_threads = o.threads;
