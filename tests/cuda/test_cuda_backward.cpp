@@ -2,6 +2,8 @@
 // float64 reference (tolerance recipe, gradients only: the forward has its own tests), bitwise
 // determinism, the (empty) saved-activation buffer, capture in a CUDA graph and the errors of
 // unsupported configurations. Every test skips cleanly without a device.
+#include <cstdio>
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -117,6 +119,28 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"tc_mimo_r4_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
         Case{"tc_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false, {80, 0, 63, 57}, kI, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+// Issue 5: the MIMO angle gradient on the tensor cores over a long sequence, as the peers parity
+// case (B=2 L=512 H=8 N=128 P=64 R=4, halved pairing, states, mimo projections, bf16) with a loss
+// on out only: no final-state cotangents, so the true angle carry is the cancelling sum of later
+// tokens' rotation gradients (1.7e-2 before bwd_angle_boundary_kernel; emulated at B=1 H=1:
+// 1.8e-2 -> see tests/emu). Held to 5e-3 on grad.angles, kTcGradTol elsewhere.
+TEST(CudaBackward, TcMimoAngleGradientLongSequence) {
+  REQUIRE_GPU();
+  const Case c{"tc_mimo_angles_L512", 2, 512, 8, 1, 128, 64, 4, 32, true, false, true, {}, kH, kB};
+  check::Problem p = make(c, 700 + c.L);
+  RunOptions o;
+  o.out_dtype = c.dtype;
+  o.d_final = false;
+  const Result ref = grads_only(run(p, Eval::kReference, o));
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+  const Result got = grads_only(run(p, Eval::kCuda, o));
+  for (const auto& [name, v] : ref) {
+    const double e = check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2;
+    std::printf("  %-22s rel_l2 %.3e\n", name.c_str(), e);
+    EXPECT_LE(e, name == "grad.angles" ? 5e-3 : kTcGradTol) << name;
+  }
+}
 
 TEST(CudaBackward, BitwiseDeterministic) {
   REQUIRE_GPU();

@@ -285,6 +285,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   buf.reserve(&ws.tok, 2 * H * bp.L_tot);
   buf.reserve(&ws.dth, bp.L_tot * H * NA);
   buf.reserve(&ws.dthc, cells * NA);
+  buf.reserve(&ws.bnd, cells * NA);
   buf.reserve(&ws.par, cells * bp.pf.count);
   if (has_init) {
     buf.reserve(&ws.ds0, S * H * PN);
@@ -352,6 +353,11 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     }
   }
   if (NA > 0) {
+    if (ncu > 0) {
+      M3B_LAUNCH(bwd_angle_boundary_kernel, (grid_ch, H), (kThreads), sizeof(float) * kThreads,
+                 stream, bp);
+      M3B_CHECK_LAUNCH("bwd_angle_boundary_kernel");
+    }
     M3B_LAUNCH(bwd_dtheta_scan_kernel, (seq_heads), (64), 0, stream, bp);
     M3B_CHECK_LAUNCH("bwd_dtheta_scan_kernel");
   }
