@@ -200,10 +200,11 @@ TEST_P(EmuBackwardTcLong, MimoAngleGradient) {
     std::printf("  L=%d %-22s rel_l2 %.3e\n", L, name.c_str(), e);
   }
   // Measured (emulated): 4.1e-3, 6.3e-3, 1.8e-2 at L = 128, 256, 512 with the carry summed over
-  // chunks; 2.9e-3, 3.3e-3, 5.1e-3 with the boundary carry.
-  EXPECT_LE(check::compare("grad.angles", got.at("grad.angles"), ref.at("grad.angles"), 6e-3, false)
+  // chunks; 2.9e-3, 3.3e-3, 5.1e-3 with the boundary carry; 2.4e-3, 2.9e-3, 3.7e-3 with the
+  // states also split in two bf16 terms in chunk_grad's cross-chunk products.
+  EXPECT_LE(check::compare("grad.angles", got.at("grad.angles"), ref.at("grad.angles"), 5e-3, false)
                 .rel_l2,
-            6e-3);
+            5e-3);
   for (const auto& [name, v] : ref)
     EXPECT_LE(check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2, kTcGradTol) << name;
   if (std::getenv("MAMBA3_EMU_DETERMINISM"))
