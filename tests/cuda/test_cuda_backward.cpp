@@ -59,16 +59,16 @@ TEST(CudaBackwardGolden, GradientsWithinRecipe) {
 // output norm) is held to the recipe instead (expect_within_bar_or_recipe).
 constexpr double kTcGradTol = 1e-2;
 
-// MIMO takes the tensor cores only when opted in (MAMBA3_CUDA_BWD_MIMO_TC=1, bwd_launch.cuh):
-// cases named *tc* opt in, so the MIMO tensor-core kernels stay tested; bf16_mimo runs the default
-// (fp32 SIMT) path.
-bool opts_into_mimo_tc(const Case& c) {
-  return c.R > 1 && std::string(c.name).find("tc") != std::string::npos;
+// MIMO takes the tensor cores unless MAMBA3_CUDA_BWD_MIMO_TC=0 (bwd_launch.cuh): bf16 MIMO cases
+// named *tc* run the default (tensor cores); bf16_mimo opts out, so the fp32 SIMT kernels stay
+// tested on bf16 MIMO.
+bool opts_out_of_mimo_tc(const Case& c) {
+  return c.R > 1 && std::string(c.name).find("tc") == std::string::npos;
 }
 
 bool tensor_core_case(const Case& c) {
   return c.dtype == DType::kBF16 && (c.N == 64 || c.N == 128) && (c.P == 64 || c.P == 128) &&
-         (c.R == 1 || opts_into_mimo_tc(c));
+         !opts_out_of_mimo_tc(c);
 }
 
 class CudaBackwardVsReference : public testing::TestWithParam<Case> {};
@@ -81,7 +81,7 @@ TEST_P(CudaBackwardVsReference, GradientsWithinRecipe) {
   o.out_dtype = c.dtype;
   const Result ref = grads_only(run(p, Eval::kReference, o));
   const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
   const Result got = grads_only(run(p, Eval::kCuda, o));
   if (tensor_core_case(c))
     expect_within_bar_or_recipe(got, ref, naive, kTcGradTol,
@@ -134,7 +134,7 @@ TEST(CudaBackward, TcMimoAngleGradientLongSequence) {
   o.out_dtype = c.dtype;
   o.d_final = false;
   const Result ref = grads_only(run(p, Eval::kReference, o));
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
   const Result got = grads_only(run(p, Eval::kCuda, o));
   for (const auto& [name, v] : ref) {
     const double e = check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2;
@@ -146,7 +146,7 @@ TEST(CudaBackward, TcMimoAngleGradientLongSequence) {
 TEST(CudaBackward, BitwiseDeterministic) {
   REQUIRE_GPU();
   // GQA (shared q/k over 4 heads), parameters over 2 sequences and many chunks; det_siso and
-  // det_tc_mimo (opted in) run the tensor-core kernels.
+  // det_tc_mimo run the tensor-core kernels (det_mimo is fp32: SIMT).
   for (const Case& c : {Case{"det_mimo", 2, 300, 8, 2, 128, 64, 4, 32, true, true, true, {}, kH, kF},
                         Case{"det_siso", 1, 700, 8, 1, 128, 64, 1, 32, true, true, false,
                              {100, 0, 333, 267}, kI, kB},
@@ -155,7 +155,7 @@ TEST(CudaBackward, BitwiseDeterministic) {
     check::Problem p = make(c, 8);
     RunOptions o;
     o.out_dtype = c.dtype;
-    ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+    ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
     expect_bitwise_equal(grads_only(run(p, Eval::kCuda, o)), grads_only(run(p, Eval::kCuda, o)),
                          std::string("two cuda backward runs, ") + c.name);
   }
@@ -212,7 +212,7 @@ class CudaBackwardGraph : public testing::TestWithParam<Case> {};
 TEST_P(CudaBackwardGraph, CapturableInGraph) {
   REQUIRE_GPU();
   const Case& c = GetParam();
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
   check::Problem p = make(c, 5);
   check::HostTensor dout = p.random_d_out(c.dtype, 7);
   check::StateBuffers ds = p.random_d_states(7);

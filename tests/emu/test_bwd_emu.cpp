@@ -145,8 +145,8 @@ TEST_P(EmuBackwardTc, WithinBf16Bar) {
   o.out_dtype = c.dtype;
   const Result ref = grads_only(run(p, Eval::kReference, o));
   const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
-  // MIMO takes the tensor cores only when opted in (MAMBA3_CUDA_BWD_MIMO_TC, bwd_launch.cuh).
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", c.R > 1 ? "1" : nullptr);
+  // MIMO takes the tensor cores unless MAMBA3_CUDA_BWD_MIMO_TC=0 (bwd_launch.cuh).
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
   bool tc = false;
   const Result got = run_emu(p, o, &tc);
   ASSERT_TRUE(tc) << "the tensor-core kernels did not run";
@@ -191,7 +191,7 @@ TEST_P(EmuBackwardTcLong, MimoAngleGradient) {
   o.out_dtype = c.dtype;
   o.d_final = false;  // a loss on out only, as the peers parity case: no final-state cotangents
   const Result ref = grads_only(run(p, Eval::kReference, o));
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", "1");
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
   bool tc = false;
   const Result got = run_emu(p, o, &tc);
   ASSERT_TRUE(tc) << "the tensor-core kernels did not run";
@@ -216,10 +216,10 @@ INSTANTIATE_TEST_SUITE_P(Bf16, EmuBackwardTcLong, testing::Values(128, 256, 512)
                            return "L" + std::to_string(i.param);
                          });
 
-// bf16 MIMO runs the fp32 SIMT kernels unless MAMBA3_CUDA_BWD_MIMO_TC=1 (its angle gradient on
-// the tensor cores measured 1.7e-2 from float64 on the H200); SISO takes the tensor cores
-// either way; any other value of the variable is an error that names it.
-TEST(EmuBackwardRouting, MimoTensorCoresOnlyWhenOptedIn) {
+// bf16 MIMO takes the tensor cores by default (the angle gradient's carry comes from the fp32
+// boundary states, bwd_angle_boundary_kernel); MAMBA3_CUDA_BWD_MIMO_TC=0 sends it to the fp32
+// SIMT kernels; SISO takes the tensor cores either way; any other value is an error naming it.
+TEST(EmuBackwardRouting, MimoTensorCoresUnlessOptedOut) {
   const Case mimo{"route_mimo", 1, 20, 2, 1, 64, 64, 2, 16, true, false, true, {}, kH, kB};
   const Case siso{"route_siso", 1, 20, 2, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB};
   auto uses_tc = [](const Case& c) {
@@ -239,12 +239,13 @@ TEST(EmuBackwardRouting, MimoTensorCoresOnlyWhenOptedIn) {
   };
   {
     ScopedEnv unset("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
-    EXPECT_FALSE(uses_tc(mimo));
+    EXPECT_TRUE(uses_tc(mimo));
     EXPECT_TRUE(uses_tc(siso));
   }
   {
     ScopedEnv off("MAMBA3_CUDA_BWD_MIMO_TC", "0");
     EXPECT_FALSE(uses_tc(mimo));
+    EXPECT_TRUE(uses_tc(siso));
   }
   {
     ScopedEnv on("MAMBA3_CUDA_BWD_MIMO_TC", "1");
