@@ -32,6 +32,7 @@ struct RunOptions {
   int chunk_size = 64;
   uint64_t cot_seed = 7;
   bool use_saved = false;  // forward fills ForwardArgs::saved, backward reads it
+  bool d_final = true;     // random final-state cotangents (false: absent, as a loss on out only)
 };
 
 inline Status run_eval(Eval ev, const ForwardArgs& f) {
@@ -64,14 +65,15 @@ inline void put_states(Result* r, const check::StateBuffers& s) {
 }
 
 // Backward arguments over host buffers: inputs `in`, cotangents `dout` (of out) and `ds` (of
-// the final states), gradients into `g`.
+// the final states; left absent when `with_d_final` is false, as for a loss on out only),
+// gradients into `g`.
 inline BackwardArgs backward_args(const Inputs& in, const check::HostTensor& dout,
                                   const check::StateBuffers& ds, const check::GradBuffers& g,
-                                  Lane lane) {
+                                  Lane lane, bool with_d_final = true) {
   BackwardArgs b;
   b.in = in;
   b.d_out = dout.view();
-  b.d_final = ds.view();
+  if (with_d_final) b.d_final = ds.view();
   b.grads = g.view();
   b.lane = lane;
   return b;
@@ -139,7 +141,7 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   check::HostTensor dout = p.random_d_out(odt, o.cot_seed);
   check::StateBuffers ds = p.random_d_states(o.cot_seed);
   check::GradBuffers g = p.make_grads(f64);
-  BackwardArgs b = backward_args(f.in, dout, ds, g, Lane::kCpu);
+  BackwardArgs b = backward_args(f.in, dout, ds, g, Lane::kCpu, o.d_final);
   b.num_threads = o.threads;
   b.saved = f.saved;
   st = run_eval(ev, b);

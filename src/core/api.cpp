@@ -173,11 +173,11 @@ std::vector<GateInfo> gates() {
   const std::string v = mimo_tc ? mimo_tc : "";
   const bool valid = v.empty() || v == "0" || v == "1";
   out.push_back({"MAMBA3_CUDA_BWD_MIMO_TC",
-                 "bf16 MIMO backward on the tensor-core kernels instead of fp32 SIMT (angle "
-                 "gradient 1.7e-2 from float64 on the H200, over the 1e-2 bar)" +
+                 "bf16 MIMO backward on the tensor-core kernels (unset or 1, the default); 0 "
+                 "runs the fp32 SIMT kernels instead" +
                      std::string(valid ? "" : " (current value invalid: '" + v +
                                                   "', expected 0 or 1)"),
-                 v == "1",
+                 v != "0",
                  cuda::compiled() ? "cuda lane (bf16 q, k, v at N, P in {64, 128})"
                                   : "not in this build (no cuda lane)"});
   return out;

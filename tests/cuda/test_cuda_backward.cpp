@@ -2,6 +2,8 @@
 // float64 reference (tolerance recipe, gradients only: the forward has its own tests), bitwise
 // determinism, the (empty) saved-activation buffer, capture in a CUDA graph and the errors of
 // unsupported configurations. Every test skips cleanly without a device.
+#include <cstdio>
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -41,16 +43,16 @@ TEST(CudaBackwardGolden, GradientsWithinRecipe) {
 // output norm) is held to the recipe instead (expect_within_bar_or_recipe).
 constexpr double kTcGradTol = 1e-2;
 
-// MIMO takes the tensor cores only when opted in (MAMBA3_CUDA_BWD_MIMO_TC=1, bwd_launch.cuh):
-// cases named *tc* opt in, so the MIMO tensor-core kernels stay tested; bf16_mimo runs the default
-// (fp32 SIMT) path.
-bool opts_into_mimo_tc(const Case& c) {
-  return c.R > 1 && std::string(c.name).find("tc") != std::string::npos;
+// MIMO takes the tensor cores unless MAMBA3_CUDA_BWD_MIMO_TC=0 (bwd_launch.cuh): bf16 MIMO cases
+// named *tc* run the default (tensor cores); bf16_mimo opts out, so the fp32 SIMT kernels stay
+// tested on bf16 MIMO.
+bool opts_out_of_mimo_tc(const Case& c) {
+  return c.R > 1 && std::string(c.name).find("tc") == std::string::npos;
 }
 
 bool tensor_core_case(const Case& c) {
   return c.dtype == DType::kBF16 && (c.N == 64 || c.N == 128) && (c.P == 64 || c.P == 128) &&
-         (c.R == 1 || opts_into_mimo_tc(c));
+         !opts_out_of_mimo_tc(c);
 }
 
 class CudaBackwardVsReference : public testing::TestWithParam<Case> {};
@@ -63,7 +65,7 @@ TEST_P(CudaBackwardVsReference, GradientsWithinRecipe) {
   o.out_dtype = c.dtype;
   const Result ref = grads_only(run(p, Eval::kReference, o));
   const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
   const Result got = grads_only(run(p, Eval::kCuda, o));
   if (tensor_core_case(c))
     expect_within_bar_or_recipe(got, ref, naive, kTcGradTol,
@@ -102,10 +104,33 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"tc_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false, {80, 0, 63, 57}, kI, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
+// Issue 5: the MIMO angle gradient on the tensor cores over a long sequence, as the peers parity
+// case (B=2 L=512 H=8 N=128 P=64 R=4, halved pairing, states, mimo projections, bf16) with a loss
+// on out only: no final-state cotangents, so the true angle carry is the cancelling sum of later
+// tokens' rotation gradients (H200: 1.7e-2 before bwd_angle_boundary_kernel and the split states
+// of chunk_grad; emulated at B=1 H=1: 1.8e-2 -> 3.7e-3, tests/emu). Held to 5e-3 on
+// grad.angles, kTcGradTol elsewhere.
+TEST(CudaBackward, TcMimoAngleGradientLongSequence) {
+  REQUIRE_GPU();
+  const Case c{"tc_mimo_angles_L512", 2, 512, 8, 1, 128, 64, 4, 32, true, false, true, {}, kH, kB};
+  check::Problem p = make(c, 700 + c.L);
+  RunOptions o;
+  o.out_dtype = c.dtype;
+  o.d_final = false;
+  const Result ref = grads_only(run(p, Eval::kReference, o));
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
+  const Result got = grads_only(run(p, Eval::kCuda, o));
+  for (const auto& [name, v] : ref) {
+    const double e = check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2;
+    std::printf("  %-22s rel_l2 %.3e\n", name.c_str(), e);
+    EXPECT_LE(e, name == "grad.angles" ? 5e-3 : kTcGradTol) << name;
+  }
+}
+
 TEST(CudaBackward, BitwiseDeterministic) {
   REQUIRE_GPU();
   // GQA (shared q/k over 4 heads), parameters over 2 sequences and many chunks; det_siso and
-  // det_tc_mimo (opted in) run the tensor-core kernels.
+  // det_tc_mimo run the tensor-core kernels (det_mimo is fp32: SIMT).
   for (const Case& c : {Case{"det_mimo", 2, 300, 8, 2, 128, 64, 4, 32, true, true, true, {}, kH, kF},
                         Case{"det_siso", 1, 700, 8, 1, 128, 64, 1, 32, true, true, false,
                              {100, 0, 333, 267}, kI, kB},
@@ -114,7 +139,7 @@ TEST(CudaBackward, BitwiseDeterministic) {
     check::Problem p = make(c, 8);
     RunOptions o;
     o.out_dtype = c.dtype;
-    ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+    ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
     expect_bitwise_equal(grads_only(run(p, Eval::kCuda, o)), grads_only(run(p, Eval::kCuda, o)),
                          std::string("two cuda backward runs, ") + c.name);
   }
@@ -159,7 +184,7 @@ class CudaBackwardGraph : public testing::TestWithParam<Case> {};
 TEST_P(CudaBackwardGraph, CapturableInGraph) {
   REQUIRE_GPU();
   const Case& c = GetParam();
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_into_mimo_tc(c) ? "1" : nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", opts_out_of_mimo_tc(c) ? "0" : nullptr);
   check::Problem p = make(c, 5);
   check::HostTensor dout = p.random_d_out(c.dtype, 7);
   check::StateBuffers ds = p.random_d_states(7);

@@ -11,8 +11,8 @@ Status backward_chunked(const BackwardArgs& args, const Dims& dims) {
 
 std::string backward_configurations() {
   return "backward: tensor cores (bf16 mma.sync for the chunk products) for bf16 q, k, v with "
-         "16-byte aligned contiguous rows at N, P in {64, 128}, SISO (MIMO with "
-         "MAMBA3_CUDA_BWD_MIMO_TC=1), fp32 SIMT otherwise (any input "
+         "16-byte aligned contiguous rows at N, P in {64, 128} (MIMO: unless "
+         "MAMBA3_CUDA_BWD_MIMO_TC=0), fp32 SIMT otherwise (any input "
          "dtype, N <= 128, P <= 128); R in {1, 2, 4, 8}, NA <= 64, deterministic; chunk of 64 "
          "rows (SIMT: 32 where shared memory is short)";
 }

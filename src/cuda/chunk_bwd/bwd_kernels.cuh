@@ -9,6 +9,7 @@
 //                partials, and the chunk's dS increment sum_i e_i dy_i q_i^T
 //   dstate_scan  per (sequence, head): state cotangent at every chunk end, and at the start
 //   chunk_grad   per chunk: dq, dk, dv, d cs / d gamma / d w, rotation gradients, partials
+//   angle_boundary per chunk: rotation derivative at the chunk's end from the fp32 states
 //   dtheta_scan  per (sequence, head): angle cotangent carried into every chunk end
 //   init_grads   per (sequence, head): gradients of the initial k, v and the initial pair
 //   token_grads  per chunk: adt / dt / trap / angles gradients
@@ -694,8 +695,47 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
 }
 
+// grid (chunks, H): B_a = d loss / d eps for rotating rope pair a of every token after the
+// chunk's end by eps, for chunks that are not their sequence's last. Those tokens' q and k turn
+// together, so only their pairing with the state S at the boundary changes (y = S q, S -> S R):
+// B_a = sum_x dS[x][ia] S[x][ib] - dS[x][ib] S[x][ia] with S the next chunk's start state and dS
+// this chunk's end cotangent (both fp32 in the workspace). The angle carry is the sum of the
+// per-token rotation gradients of all later tokens, which cancel pairwise in exact arithmetic:
+// summed along the sequence, their bf16 product errors (tensor-core path) grow with L while the
+// carry does not (1.7e-2 on grad.angles at L = 512, R = 4 on the H200). The difference of two
+// B's replaces those sums (bwd_dtheta_scan_kernel), so per-token errors stay inside their chunk.
+// Each thread sums a fixed stride of rows of one pair; the groups are added in order.
+__global__ void __launch_bounds__(kThreads) bwd_angle_boundary_kernel(BwdParams bp) {
+  M3B_DYNAMIC_SMEM(red);  // (kThreads) group partials
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck) || ck.last) return;
+  const CoreParams& p = bp.p;
+  const int tid = threadIdx.x, NA = p.NA, N = p.N, P = p.P, groups = kThreads / NA;
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + ck.h;
+  const float* ds = bp.ws.ds_end + cell * P * N;           // (P, N) cotangent at the chunk end
+  const float* st = bp.ws.s_prev + (cell + p.H) * P * N;   // (P, N) next chunk's start state
+  const int a = tid % NA, g = tid / NA;
+  float acc = 0.f;
+  if (g < groups) {
+    int ia, ib;
+    pair_members(p.interleaved, N, a, &ia, &ib);
+    for (int x = g; x < P; x += groups)
+      acc += ds[x * N + ia] * st[x * N + ib] - ds[x * N + ib] * st[x * N + ia];
+  }
+  red[tid] = acc;
+  __syncthreads();
+  if (tid < NA) {
+    float sum = 0.f;
+    for (int k = 0; k < groups; ++k) sum += red[k * NA + tid];
+    bp.ws.bnd[cell * NA + tid] = sum;
+  }
+}
+
 // grid S * H, 64 threads: the angle cotangent carried into each chunk's end (in place over the
-// chunk sums), starting from d final angle; what remains is grad.initial.angle.
+// chunk sums), starting from d final angle; what remains is grad.initial.angle. Into the last
+// chunk's end: d final angle; into the one before: that plus the last chunk's sum; into any
+// earlier end c: the same plus B(c) - B(last - 1) (bwd_angle_boundary_kernel), not a sum of
+// chunk sums, so per-chunk errors do not accumulate along the sequence.
 __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
@@ -704,9 +744,21 @@ __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
                     ? dload(bp.df_angle, s * bp.df_angle.stride[0] + h * bp.df_angle.stride[1] +
                                              i * bp.df_angle.stride[2])
                     : 0.f;
-  for (int c = bp.ws.chunk_off[s + 1] - 1; c >= bp.ws.chunk_off[s]; --c) {
-    float* slot = bp.ws.dthc + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
+  const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1] - 1;
+  auto at = [&](float* base, int c) {
+    return base + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
+  };
+  if (c1 >= c0) {  // the last chunk
+    float* slot = at(bp.ws.dthc, c1);
     const float sum = *slot;
+    *slot = carry;
+    carry += sum;
+  }
+  const float anchor = c1 > c0 ? carry - *at(bp.ws.bnd, c1 - 1) : 0.f;
+  for (int c = c1 - 1; c >= c0; --c) {
+    float* slot = at(bp.ws.dthc, c);
+    const float sum = *slot;
+    if (c < c1 - 1) carry = anchor + *at(bp.ws.bnd, c);
     *slot = carry;
     carry += sum;
   }

@@ -147,17 +147,19 @@ inline Status check_backward_supported(const Dims& d) {
   return Status::Ok();
 }
 
-// MAMBA3_CUDA_BWD_MIMO_TC=1 opts MIMO (R > 1) into the tensor-core backward. Off by default:
-// on the H200 (2026-11-29, peers parity case B=2 L=512 H=8 N=128 P=64 R=4, bf16) its angle
-// gradient is 1.7e-2 from float64 (the official MIMO backward: 3.5e-2; the fp32 SIMT kernels:
-// 2e-6), over issue 5's 1e-2 bar, while every SISO gradient is within 4.2e-3. Unset, empty or
-// 0: off; 1: on; anything else is an error naming the variable.
-inline Status mimo_tensor_core_opt_in(bool* on) {
-  *on = false;
+// MIMO (R > 1) takes the tensor-core backward unless MAMBA3_CUDA_BWD_MIMO_TC=0 (an opt-out to
+// the fp32 SIMT kernels). It was opt-in while its angle gradient was 1.7e-2 from float64 on the
+// H200 (2026-11-29, peers parity case B=2 L=512 H=8 N=128 P=64 R=4, bf16): the angle carry then
+// summed every later token's bf16 rotation gradient; it now comes from the fp32 states at the
+// chunk boundaries (bwd_angle_boundary_kernel) and chunk_grad splits the states it multiplies
+// in two bf16 terms (emulated, B=1 H=1 L=512: 1.8e-2 -> 3.7e-3).
+// Unset, empty or 1: on; 0: off; anything else is an error naming the variable.
+inline Status mimo_tensor_core_gate(bool* on) {
+  *on = true;
   const char* env = std::getenv("MAMBA3_CUDA_BWD_MIMO_TC");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return Status::Ok();
-  if (std::strcmp(env, "1") == 0) {
-    *on = true;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
+  if (std::strcmp(env, "0") == 0) {
+    *on = false;
     return Status::Ok();
   }
   return Status::InvalidArgument(std::string("MAMBA3_CUDA_BWD_MIMO_TC: expected 0 or 1, got '") +
@@ -165,8 +167,8 @@ inline Status mimo_tensor_core_opt_in(bool* on) {
 }
 
 // The tensor-core chunk kernels (bwd_tc.cuh) serve bf16 q, k, v with 16-byte aligned contiguous
-// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}, SISO (MIMO when opted in,
-// see above); everything else takes the fp32 SIMT kernels.
+// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}, SISO and MIMO (MIMO unless
+// MAMBA3_CUDA_BWD_MIMO_TC=0, see above); everything else takes the fp32 SIMT kernels.
 inline bool tensor_core_inputs(const BackwardArgs& a, const Dims& d, const CoreParams& p,
                                bool mimo_tc) {
   const Inputs& in = a.in;
@@ -234,8 +236,8 @@ inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
   if (!check_backward_supported(d).ok()) return false;
   int smem_limit = 0;
   if (!max_dynamic_smem(&smem_limit).ok()) return false;
-  bool mimo_tc = false;
-  if (!mimo_tensor_core_opt_in(&mimo_tc).ok()) return false;
+  bool mimo_tc = true;
+  if (!mimo_tensor_core_gate(&mimo_tc).ok()) return false;
   ForwardArgs f;
   f.in = a.in;
   bool tc = false;
@@ -245,8 +247,8 @@ inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
 inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3_RETURN_IF_ERROR(check_backward_supported(d));
-  bool mimo_tc = false;
-  M3_RETURN_IF_ERROR(mimo_tensor_core_opt_in(&mimo_tc));
+  bool mimo_tc = true;
+  M3_RETURN_IF_ERROR(mimo_tensor_core_gate(&mimo_tc));
   if (d.S * d.H == 0) return Status::Ok();
   int smem_limit = 0;
   M3_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
@@ -285,6 +287,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   buf.reserve(&ws.tok, 2 * H * bp.L_tot);
   buf.reserve(&ws.dth, bp.L_tot * H * NA);
   buf.reserve(&ws.dthc, cells * NA);
+  buf.reserve(&ws.bnd, cells * NA);
   buf.reserve(&ws.par, cells * bp.pf.count);
   if (has_init) {
     buf.reserve(&ws.ds0, S * H * PN);
@@ -352,6 +355,11 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     }
   }
   if (NA > 0) {
+    if (ncu > 0) {
+      M3B_LAUNCH(bwd_angle_boundary_kernel, (grid_ch, H), (kThreads), sizeof(float) * kThreads,
+                 stream, bp);
+      M3B_CHECK_LAUNCH("bwd_angle_boundary_kernel");
+    }
     M3B_LAUNCH(bwd_dtheta_scan_kernel, (seq_heads), (64), 0, stream, bp);
     M3B_CHECK_LAUNCH("bwd_dtheta_scan_kernel");
   }

@@ -54,6 +54,8 @@ struct Workspace {
   float* tok = nullptr;          // (2, H, L_tot): d gamma, d w per token
   float* dth = nullptr;          // (L_tot, H, NA): rotation gradient of each token's angle
   float* dthc = nullptr;         // (ncu, H, NA): per-chunk sums of dth, then the carry at chunk end
+  float* bnd = nullptr;          // (ncu, H, NA): rotation derivative at each chunk's end boundary
+                                 // from the fp32 states (bwd_angle_boundary_kernel)
   float* par = nullptr;          // (ncu, H, F): per-chunk partial parameter gradients
   float* ds0 = nullptr;          // (S, H, P, N): cotangent of the effective initial state
   float* initp = nullptr;        // (S, H, R*P + 1): initial-pair parts of d psi, and d sg0

@@ -19,9 +19,11 @@
 //
 // Rounding (DESIGN.md §2.6), the forward's discipline: rotated biased q and k, v * psi, dy, the
 // masked scores and their gradient (A o M, dA o M), and the states S_prev and dS_end as operands
-// are bf16; every product accumulates in fp32, and everything carried across chunks (states,
-// state cotangents, angle carries, partial sums) stays fp32. The unmasked scores Q K^T and
-// dY V^T that give the mask gradients are fp32 accumulators, never rounded.
+// are bf16 (for MIMO, chunk_grad's V dS_end and dY S_prev take them as two bf16 terms, hi + lo:
+// those products feed the rotation gradients, see there); every product accumulates in fp32, and
+// everything carried across chunks (states, state cotangents, angle carries, partial sums) stays
+// fp32. The unmasked scores Q K^T and dY V^T that give the mask gradients are fp32
+// accumulators, never rounded.
 //
 // Determinism: each output element of a product is owned by one warp, which accumulates its k
 // tiles in a fixed order; no atomics.
@@ -190,15 +192,24 @@ __device__ __forceinline__ uint4 float8_to_bf16x8_bits(const float (&f)[8]) {
   return u;
 }
 
-// A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp.
-template <int kT = kThreads>
+// v minus its bf16 rounding: the low part of a two-term bf16 split (v = hi + lo to ~2^-17).
+__device__ __forceinline__ float bf16_residual(float v) {
+  return v - __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp
+// (kResidual: the low part of its two-term split, bf16_residual).
+template <int kT = kThreads, bool kResidual = false>
 __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
                                                  int qp, int tid) {
   const int n4 = N / 4;
 #pragma unroll 4
   for (int i = tid; i < P * n4; i += kT) {
     const int x = i / n4, n = (i % n4) * 4;
-    const float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
+    float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
+    if constexpr (kResidual)
+      v = make_float4(bf16_residual(v.x), bf16_residual(v.y), bf16_residual(v.z),
+                      bf16_residual(v.w));
     uint2 u;
     u.x = pack_bf16(v.x, v.y);
     u.y = pack_bf16(v.z, v.w);
@@ -639,11 +650,26 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
         reinterpret_cast<float*>(sm + lay.red), tid);
   }
 
-  // dK. First V dS (mr, N), then the intra-chunk part (key rows k >= i).
+  // dK. First V dS (mr, N), for MIMO with dS split in two bf16 terms (hi, then lo in the same
+  // tile), then the intra-chunk part (key rows k >= i). The split: V dS and dY S_prev below
+  // carry the cross-chunk pairs into the rotation gradients, whose other side went through the
+  // fp32 state scans; with one bf16 term the mismatch left 5.1e-3 on grad.angles (emulated,
+  // R = 4, L = 512), with two 3.7e-3. Cost: two more (mr, N, P) products and two staging passes,
+  // so MIMO only: its 64 / R-token chunks make most interacting pairs cross a chunk boundary
+  // (SISO: 4.1e-3 on the H200 without either fix).
+  const bool split_states = R > 1;
   tc_gemm<false, true, 2, kT>(
       mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
+  if (split_states) {
+    stage_state_bf16<kT, true>(dsend, Sb, P, N, qp, tid);
+    __syncthreads();
+    tc_gemm<false, true, 2, kT>(
+        mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
+        warp, lane);
+    __syncthreads();
+  }
   const bool dfk = ck.last && bp.df_k.defined();
   tc_gemm<true, true, 2, kT>(
       mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
@@ -684,6 +710,14 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
       mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
       lane);
   __syncthreads();
+  if (split_states) {  // S_prev's low bf16 term (see dK)
+    stage_state_bf16<kT, true>(sprev, Sb, P, N, qp, tid);
+    __syncthreads();
+    tc_gemm<false, true, 2, kT>(
+        mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
+        warp, lane);
+    __syncthreads();
+  }
   for (int row = warp; row < mr; row += kWarps) {
     float acc = 0.f;
     for (int n = lane; n < N; n += 32) acc += ST[row * sp + n] * to_f(Q[row * qp + n]);
