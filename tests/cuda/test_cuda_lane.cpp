@@ -238,7 +238,7 @@ TEST(CudaStep, ThreadCountsAgreeBitwise) {
   cfg.has_norm = true;
   check::Problem p(cfg);
   auto steps = [&](const char* threads, Status* last) {
-    setenv("MAMBA3_CUDA_STEP_THREADS", threads, 1);
+    const ScopedEnv env("MAMBA3_CUDA_STEP_THREADS", threads);  // unset again on return
     check::StateBuffers st = p.initial;
     check::HostTensor out = p.make_out(DType::kF32);
     *last = Status::Ok();
@@ -299,7 +299,10 @@ TEST(CudaStep, CapturableInGraph) {
   s.lane = Lane::kCuda;
   // Direct: 5 steps.
   s.state = fresh_states();
-  for (int i = 0; i < 5; ++i) ASSERT_TRUE(step(s).ok());
+  for (int i = 0; i < 5; ++i) {
+    const Status st = step(s);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   check::HostTensor direct(DType::kF32, p.initial.ssm.shape());
   ASSERT_EQ(cudaMemcpy(direct.data(), s.state.ssm.data, direct.numel() * 4, cudaMemcpyDeviceToHost),
