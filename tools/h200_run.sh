@@ -83,7 +83,7 @@ fi
 # Optional: Nsight Compute of the decode step kernel at batch 1 and 128 (NCU_STEP=1).
 if [[ ${NCU_STEP:-0} == 1 ]]; then
   for B in 1 128; do
-    step "ncu_step_B$B" 180 ncu --clock-control none -k regex:step_kernel -s 4 -c 1 --set full \
+    step "ncu_step_B$B" 180 ncu --clock-control none -k regex:"^step_" -s 4 -c 1 --set full \
       "$bin/mamba3" bench --lane cuda --shape train -B "$B" -L 1 --dtype bf16 --what step \
       --warmup 0 --iters 1
     grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles|Dynamic Shared|L2 Hit|Mem Busy|Max Bandwidth|Elapsed Cycles|Issued Ipc|No Eligible" \
