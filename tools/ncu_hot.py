@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Hot instructions of one kernel from `ncu -i REP --page source --csv --print-source sass`.
+
+Prints the columns ncu gave, the warp-stall samples summed by opcode, and the N instructions
+with the most samples (address, SASS, samples, executions).
+    usage: ncu_hot.py SASS_CSV [N]
+"""
+import collections
+import csv
+import sys
+
+
+def main() -> int:
+    path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    start = next((i for i, l in enumerate(lines) if l.startswith('"Address"') or
+                  l.startswith('"#"')), None)
+    if start is None:
+        print("no source table in", path)
+        print("\n".join(lines[:20]))
+        return 1
+    rows = list(csv.DictReader(lines[start:]))
+    cols = list(rows[0].keys()) if rows else []
+    print("columns:", " | ".join(cols))
+
+    def col(*keys):
+        for c in cols:
+            if all(k.lower() in c.lower() for k in keys):
+                return c
+        return None
+
+    samp = col("Warp Stall Sampling", "All") or col("Sampling")
+    execd = col("Instructions Executed")
+    src = col("Source")
+    addr = col("Address") or cols[0]
+    if samp is None or src is None:
+        print("missing sampling or source column")
+        return 1
+
+    def num(v):
+        try:
+            return float(str(v).replace(",", ""))
+        except ValueError:
+            return 0.0
+
+    total = sum(num(r[samp]) for r in rows) or 1.0
+    by_op = collections.Counter()
+    for r in rows:
+        op = r[src].split()[0] if r[src].split() else "?"
+        if op.startswith("@"):
+            op = r[src].split()[1] if len(r[src].split()) > 1 else op
+        by_op[op.split(".")[0]] += num(r[samp])
+    print(f"\n{len(rows)} instructions, {total:.0f} stall samples; by opcode:")
+    for op, v in by_op.most_common(15):
+        print(f"  {op:10s} {100 * v / total:5.1f}%")
+    extra = [c for c in cols if "stall" in c.lower() and c != samp][:6]
+    print(f"\ntop {n} instructions by samples ({samp}):")
+    for r in sorted(rows, key=lambda r: -num(r[samp]))[:n]:
+        more = " ".join(f"{c.split('(')[-1][:12]}={r[c]}" for c in extra if num(r[c]))
+        print(f"  {r[addr]:>6s} {100 * num(r[samp]) / total:5.1f}% exec={r.get(execd, '')} "
+              f"{r[src][:70]} {more}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
