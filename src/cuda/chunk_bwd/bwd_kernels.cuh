@@ -174,6 +174,115 @@ __device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, floa
   return o;
 }
 
+// The rest of the output stage's adjoint in chunk_out (SIMT and tensor-core kernels); y, the
+// cotangent of out (per token, or per row for per-rank output) and z are fp32 rows of pitch yp
+// in shared memory, zeta, phi and wn the head's parameters.
+
+// Stages the cotangent of out (GO) and z (Z) of the chunk. Ends with a barrier.
+__device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const Chunk& ck,
+                                                     float* GO, float* Z, int yp, int tid) {
+  const CoreParams& p = bp.p;
+  const int P = p.P, R = p.R, h = ck.h;
+  const bool reduce = !p.per_rank_out;
+  const DTensor& go = bp.d_out;
+  const int go_rows = reduce ? ck.m : ck.mr;
+#pragma unroll 8
+  for (int i = tid; i < go_rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    GO[row * yp + x] =
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
+                                  x * go.stride[3])
+               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
+                                  h * go.stride[3] + x * go.stride[4]);
+  }
+  if (p.z.defined()) {
+#pragma unroll 8
+    for (int i = tid; i < ck.m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
+                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+                                        h * p.z.stride[2] + x * p.z.stride[3]);
+    }
+  }
+  __syncthreads();
+}
+
+// epilogue_adjoint at (row, x) of the chunk given the row's rstd.
+__device__ __forceinline__ auto out_adjoint(const CoreParams& p, const float* GO, const float* Z,
+                                            const float* Y, int yp, const float* zeta,
+                                            const float* phi, const float* wn) {
+  const int R = p.R;
+  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
+  return [=, &p](int row, int x, float rs) {
+    const int t = row / R, r = row % R;
+    return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
+                            Y[row * yp + x], rs, zeta, phi, wn);
+  };
+}
+
+// With the norm: rstd of every row and xr = mean(dyn * w * y) per row. Ends with a barrier.
+template <typename FA>
+__device__ __forceinline__ void out_norm_stats(const CoreParams& p, const float* Y, int yp, int mr,
+                                               const float* wn, float* rstd, float* xr, FA adjoint,
+                                               int warp, int lane) {
+  constexpr int kWarps = kThreads / 32;
+  const int P = p.P;
+  if (!p.norm_weight.defined()) return;
+  rows_rstd(Y, yp, mr, P, p.eps, rstd, warp, lane, kWarps);
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float dot = 0.f;
+    for (int x = lane; x < P; x += 32)
+      dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
+    dot = warp_sum(dot);
+    if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
+  }
+  __syncthreads();
+}
+
+// grad.z of the chunk's tokens: sum over the ranks of du * zeta.
+template <typename FA>
+__device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& ck,
+                                             const float* zeta, const float* rstd, FA adjoint,
+                                             int tid) {
+  const DTensor& gz = bp.g_z;
+  if (!gz.defined()) return;
+  const int P = bp.p.P, R = bp.p.R;
+  const bool norm = bp.p.norm_weight.defined();
+  for (int i = tid; i < ck.m * P; i += kThreads) {
+    const int t = i / P, x = i % P;
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) {
+      const int row = t * R + r;
+      acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
+    }
+    dstore(gz,
+           ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
+               ck.h * gz.stride[2] + x * gz.stride[3],
+           acc);
+  }
+}
+
+// dy at (row, x) in place of y (read and written by the calling thread only), also to the
+// workspace; returns it.
+template <typename FA>
+__device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
+                                        float* Y, int yp, const float* rstd, const float* xr,
+                                        const float* wn, FA adjoint) {
+  const CoreParams& p = bp.p;
+  const int P = p.P, R = p.R;
+  const bool norm = p.norm_weight.defined();
+  const float y = Y[row * yp + x];
+  const float rs = norm ? rstd[row] : 1.f;
+  const float dyn = adjoint(row, x, rs).dyn;
+  const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
+  Y[row * yp + x] = dy;
+  bp.ws.dy[((ck.l_abs0 + row / R) * p.H + ck.h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
+      dy;
+  return dy;
+}
+
 // grid (chunks, H): y of the chunk recomputed from its start state, then the output stage's
 // adjoint: dy (workspace), dz (written), partials of d zeta, d phi, d norm_weight, d D, and the
 // chunk's increment of the state cotangent sum_i e_i dy_i q_i^T (in place of ds_end).
@@ -183,7 +292,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int kWarps = kThreads / 32;
   const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
   float* psi = sm + lay.par;
   float* zeta = psi + R * P;
@@ -236,45 +344,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   // or per row for per-rank output) and z are staged in shared memory first.
   float* GO = sm + lay.go;
   float* Z = sm + lay.z;
-  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
-  const DTensor& go = bp.d_out;
-  const int go_rows = reduce ? m : mr;
-#pragma unroll 8
-  for (int i = tid; i < go_rows * P; i += kThreads) {
-    const int row = i / P, x = i % P;
-    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
-    GO[row * lay.vp + x] =
-        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] + x * go.stride[3])
-               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
-                                  h * go.stride[3] + x * go.stride[4]);
-  }
-  if (has_z) {
-#pragma unroll 8
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      Z[t * lay.vp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
-                                            h * p.z.stride[2] + x * p.z.stride[3]);
-    }
-  }
-  __syncthreads();
-  auto adjoint = [&](int row, int x, float rs) {
-    const int t = row / R, r = row % R;
-    return epilogue_adjoint(p, GO[(reduce ? t : row) * lay.vp + x], has_z ? Z[t * lay.vp + x] : 0.f,
-                            r, x, Y[row * lay.vp + x], rs, zeta, phi, wn);
-  };
-  const bool norm = p.norm_weight.defined();
-  if (norm) {
-    rows_rstd(Y, lay.vp, mr, P, p.eps, rstd, warp, lane, kWarps);
-    __syncthreads();
-    for (int row = warp; row < mr; row += kWarps) {
-      float dot = 0.f;
-      for (int x = lane; x < P; x += 32)
-        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * lay.vp + x];
-      dot = warp_sum(dot);
-      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
-    }
-    __syncthreads();
-  }
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
+  stage_out_cotangents(bp, ck, GO, Z, lay.vp, tid);
+  const auto adjoint = out_adjoint(p, GO, Z, Y, lay.vp, zeta, phi, wn);
+  out_norm_stats(p, Y, lay.vp, mr, wn, rstd, xr, adjoint, warp, lane);
   float* par = bp.ws.par + cell * bp.pf.count;
   for (int i = tid; i < R * P; i += kThreads) {  // d zeta, d phi: sums over the chunk's tokens
     const int r = i / P, x = i % P;
@@ -295,31 +368,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
         acc += adjoint(row, x, rstd[row]).dyn * Y[row * lay.vp + x] * rstd[row];
     par[bp.pf.w + x] = acc;
   }
-  if (bp.g_z.defined())
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      float acc = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int row = t * R + r;
-        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
-      }
-      const DTensor& gz = bp.g_z;
-      dstore(gz, ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
-                     h * gz.stride[2] + x * gz.stride[3],
-             acc);
-    }
+  store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
   __syncthreads();
-  // dy in place of y (each element read and written by its own thread), to the workspace.
   float dd = 0.f;
   for (int i = tid; i < mr * P; i += kThreads) {
     const int row = i / P, x = i % P;
-    const float y = Y[row * lay.vp + x];
-    const float rs = norm ? rstd[row] : 1.f;
-    const float dyn = adjoint(row, x, rs).dyn;
-    const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
-    Y[row * lay.vp + x] = dy;
-    bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] = dy;
-    dd += dy * V[row * lay.vp + x];
+    dd += out_dy(bp, ck, row, x, Y, lay.vp, rstd, xr, wn, adjoint) * V[row * lay.vp + x];
   }
   dd = block_sum(dd, sm + lay.red, tid);  // has barriers: Y is complete after it
   if (tid == 0) par[bp.pf.d] = dd;

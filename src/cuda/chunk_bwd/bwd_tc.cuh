@@ -785,7 +785,6 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int kWarps = kThreads / 32;
   const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
   const int kr = (mr + 15) & ~15;
   float* psi = reinterpret_cast<float*>(sm + lay.par);
@@ -846,47 +845,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   // Output stage adjoint (as bwd_chunk_out_kernel).
   float* GO = reinterpret_cast<float*>(sm + lay.go);
   float* Z = reinterpret_cast<float*>(sm + lay.z);
-  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
-  const DTensor& go = bp.d_out;
-  const int go_rows = reduce ? m : mr;
-#pragma unroll 8
-  for (int i = tid; i < go_rows * P; i += kThreads) {
-    const int row = i / P, x = i % P;
-    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
-    GO[row * yp + x] =
-        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
-                                  x * go.stride[3])
-               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
-                                  h * go.stride[3] + x * go.stride[4]);
-  }
-  if (has_z) {
-#pragma unroll 8
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
-                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
-                                        h * p.z.stride[2] + x * p.z.stride[3]);
-    }
-  }
-  __syncthreads();
-  auto adjoint = [&](int row, int x, float rs) {
-    const int t = row / R, r = row % R;
-    return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
-                            Y[row * yp + x], rs, zeta, phi, wn);
-  };
-  const bool norm = p.norm_weight.defined();
-  if (norm) {
-    rows_rstd(Y, yp, mr, P, p.eps, rstd, warp, lane, kWarps);
-    __syncthreads();
-    for (int row = warp; row < mr; row += kWarps) {
-      float dot = 0.f;
-      for (int x = lane; x < P; x += 32)
-        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
-      dot = warp_sum(dot);
-      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
-    }
-    __syncthreads();
-  }
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
+  stage_out_cotangents(bp, ck, GO, Z, yp, tid);
+  const auto adjoint = out_adjoint(p, GO, Z, Y, yp, zeta, phi, wn);
+  out_norm_stats(p, Y, yp, mr, wn, rstd, xr, adjoint, warp, lane);
   float* par = bp.ws.par + cell * bp.pf.count;
   float* red = reinterpret_cast<float*>(sm + lay.red);
   token_sums2(  // d zeta, d phi: sums over the chunk's tokens
@@ -904,36 +866,16 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
         return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
       },
       [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
-  if (bp.g_z.defined())
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      float acc = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int row = t * R + r;
-        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
-      }
-      const DTensor& gz = bp.g_z;
-      dstore(gz,
-             ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
-                 h * gz.stride[2] + x * gz.stride[3],
-             acc);
-    }
+  store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
   __syncthreads();
-  // dy in place of y (each element read and written by its own thread), to the workspace; the
-  // bf16 operand e dy (zero past the chunk) for the state cotangent increment.
+  // dy in place of y, to the workspace; the bf16 operand e dy (zero past the chunk) for the state
+  // cotangent increment.
   float dd = 0.f;
   for (int i = tid; i < lay.rows * P; i += kThreads) {
     const int row = i / P, x = i % P;
     float edy = 0.f;
     if (row < mr) {
-      const float y = Y[row * yp + x];
-      const float rs = norm ? rstd[row] : 1.f;
-      const float dyn = adjoint(row, x, rs).dyn;
-      const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
-      Y[row * yp + x] = dy;
-      bp.ws
-          .dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
-          dy;
+      const float dy = out_dy(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
       dd += dy * vpsi(row, x);
       edy = ex[row / R] * dy;
     }
