@@ -234,9 +234,6 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   float* ex = sc + kE * kMaxRows;
   float* w = sc + kW * kMaxRows;
   float* fw = sc + kFw * kMaxRows;
-  float* gam = sc + kGam * kMaxRows;
-  float* lam = sc + kLam * kMaxRows;
-  float* dtv = sc + kDt * kMaxRows;
   const float* psi = reinterpret_cast<const float*>(sm + lay.par);
   float* th = reinterpret_cast<float*>(sm + lay.th);
   float* qb = reinterpret_cast<float*>(sm + lay.bias);
@@ -244,22 +241,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   bf16* Q = reinterpret_cast<bf16*>(sm + lay.q);
   bf16* K = reinterpret_cast<bf16*>(sm + lay.k);
   bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
-  if (tid < m) {
-    const int l = l0 + tid;
-    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
-    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
-    const float sg = ck.t0 + tid + 1 < ck.n ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) *
-                                                  in_bhl(p.dt, b, h, l + 1)
-                                            : 0.f;
-    w[tid] = la * dl + sg;
-    cs[tid] = in_bhl(p.adt, b, h, l);
-  }
-  for (int i = tid; i < R * N; i += kT) {
-    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
-    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
-  }
-#pragma unroll 8
-  for (int i = tid; i < m * NA; i += kT) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  load_chunk_inputs<kT>(bp, ck, sc, th, qb, kb, tid);
   // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
   // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
   // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
@@ -300,10 +282,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
           static_cast<int64_t>(l0 + row / R) * p.v.stride[1] + h * p.v.stride[2] + x));
   }
   __syncthreads();
-  if (tid == 0)
-    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  for (int i = tid; i < m * NA; i += kT)
-    th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  chunk_cumsum_and_increments<kT>(sc, th, m, NA, tid);
   __syncthreads();
   chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
   __syncthreads();
