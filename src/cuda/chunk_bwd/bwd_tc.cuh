@@ -636,19 +636,24 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   // R = 4, L = 512), with two 3.7e-3. Cost: two more (mr, N, P) products and two staging passes,
   // so MIMO only: its 64 / R-token chunks make most interacting pairs cross a chunk boundary
   // (SISO: 4.1e-3 on the H200 without either fix).
+  // ST (mr, N) = A (mr, P) state with Sb holding the state's bf16 rounding (MIMO: plus the
+  // product with its low term, staged into Sb). Ends with a barrier.
   const bool split_states = R > 1;
-  tc_gemm<false, true, 2, kT>(
-      mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
-      lane);
-  __syncthreads();
-  if (split_states) {
-    stage_state_bf16<kT, true>(dsend, Sb, P, N, qp, tid);
-    __syncthreads();
+  auto rows_times_state = [&](const bf16* A, const float* state) {
     tc_gemm<false, true, 2, kT>(
-        mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
-        warp, lane);
+        mr, N, A, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+        lane);
     __syncthreads();
-  }
+    if (split_states) {
+      stage_state_bf16<kT, true>(state, Sb, P, N, qp, tid);
+      __syncthreads();
+      tc_gemm<false, true, 2, kT>(
+          mr, N, A, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
+          warp, lane);
+      __syncthreads();
+    }
+  };
+  rows_times_state(V, dsend);
   const bool dfk = ck.last && bp.df_k.defined();
   tc_gemm<true, true, 2, kT>(
       mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
@@ -685,18 +690,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     }
   }
   __syncthreads();
-  tc_gemm<false, true, 2, kT>(
-      mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
-      lane);
-  __syncthreads();
-  if (split_states) {  // S_prev's low bf16 term (see dK)
-    stage_state_bf16<kT, true>(sprev, Sb, P, N, qp, tid);
-    __syncthreads();
-    tc_gemm<false, true, 2, kT>(
-        mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
-        warp, lane);
-    __syncthreads();
-  }
+  rows_times_state(DYb, sprev);
   for (int row = warp; row < mr; row += kWarps) {
     float acc = 0.f;
     for (int n = lane; n < N; n += 32) acc += ST[row * sp + n] * to_f(Q[row * qp + n]);
