@@ -71,10 +71,8 @@ __global__ void __launch_bounds__(64) bwd_angle_scan_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
   if (i >= p.NA) return;
-  double th = p.init_angle.defined()
-                  ? dload_f64(p.init_angle, s * p.init_angle.stride[0] + h * p.init_angle.stride[1] +
-                                                i * p.init_angle.stride[2])
-                  : 0.0;
+  double th =
+      p.init_angle.defined() ? dload_f64(p.init_angle, shx_off(p.init_angle, s, h, i)) : 0.0;
   for (int c = bp.ws.chunk_off[s]; c < bp.ws.chunk_off[s + 1]; ++c) {
     double* slot = bp.ws.theta + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
     const double inc = *slot;
@@ -650,7 +648,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
         float acc = 0.f;
         for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * lay.sp + x] * psi[r * P + x];
         if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v, ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+          acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
         dstore(gv, ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
                        h * gv.stride[2] + x * gv.stride[3],
                acc);
@@ -794,10 +792,7 @@ __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
   if (i >= p.NA) return;
-  float carry = bp.df_angle.defined()
-                    ? dload(bp.df_angle, s * bp.df_angle.stride[0] + h * bp.df_angle.stride[1] +
-                                             i * bp.df_angle.stride[2])
-                    : 0.f;
+  float carry = bp.df_angle.defined() ? dload(bp.df_angle, shx_off(bp.df_angle, s, h, i)) : 0.f;
   const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1] - 1;
   auto at = [&](float* base, int c) {
     return base + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
@@ -816,9 +811,7 @@ __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
     *slot = carry;
     carry += sum;
   }
-  if (bp.gi_angle.defined())
-    dstore(bp.gi_angle, s * bp.gi_angle.stride[0] + h * bp.gi_angle.stride[1] + i * bp.gi_angle.stride[2],
-           carry);
+  if (bp.gi_angle.defined()) dstore(bp.gi_angle, shx_off(bp.gi_angle, s, h, i), carry);
 }
 
 // grid S * H (initial states given): gradients of the initial k and v and of the initial pair
@@ -845,17 +838,14 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
     }
     for (int x = tid; x < P; x += kThreads)
       if (gv.defined())
-        dstore(gv, s * gv.stride[0] + h * gv.stride[1] + x * gv.stride[2],
-               bp.df_v.defined()
-                   ? dload(bp.df_v, s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2])
-                   : 0.f);
+        dstore(gv, shx_off(gv, s, h, x),
+               bp.df_v.defined() ? dload(bp.df_v, shx_off(bp.df_v, s, h, x)) : 0.f);
     for (int i = tid; i <= R * P; i += kThreads) initp[i] = 0.f;
     return;
   }
   const float sg0 = (1.f - sigmoidf_(in_bhl(p.trap, q.b, h, q.begin))) * in_bhl(p.dt, q.b, h, q.begin);
   const float* ds0 = bp.ws.ds0 + (static_cast<int64_t>(s) * p.H + h) * P * N;
-  for (int x = tid; x < P; x += kThreads)
-    v0[x] = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + x * p.init_v.stride[2]);
+  for (int x = tid; x < P; x += kThreads) v0[x] = dload(p.init_v, shx_off(p.init_v, s, h, x));
   __syncthreads();
   for (int i = tid; i < R * P; i += kThreads) {
     const int r = i / P, x = i % P;
@@ -869,7 +859,7 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
     if (gv.defined()) {
       float acc = 0.f;
       for (int r = 0; r < R; ++r) acc += psi[r * P + x] * u[r * P + x];
-      dstore(gv, s * gv.stride[0] + h * gv.stride[1] + x * gv.stride[2], sg0 * acc);
+      dstore(gv, shx_off(gv, s, h, x), sg0 * acc);
     }
   for (int i = tid; i < R * N; i += kThreads)
     if (gk.defined()) {

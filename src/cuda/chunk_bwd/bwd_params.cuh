@@ -184,6 +184,11 @@ __device__ __forceinline__ bool find_chunk(const BwdParams& bp, int cid, int h, 
   return true;
 }
 
+// Offset of element i of a (S, H, X) per-sequence tensor (initial / final angle and v).
+__device__ __forceinline__ int64_t shx_off(const DTensor& t, int s, int h, int i) {
+  return s * t.stride[0] + h * t.stride[1] + i * t.stride[2];
+}
+
 // Per-token inputs, token l of batch row b.
 __device__ __forceinline__ float in_bhl(const DTensor& t, int b, int h, int l) {
   return dload_ro(t, b * t.stride[0] + h * t.stride[1] + static_cast<int64_t>(l) * t.stride[2]);

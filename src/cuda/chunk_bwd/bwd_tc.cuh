@@ -608,8 +608,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
         float acc = 0.f;
         for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
         if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v,
-                       ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+          acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
         dstore(gv,
                ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
                    h * gv.stride[2] + x * gv.stride[3],
