@@ -71,10 +71,8 @@ __global__ void __launch_bounds__(64) bwd_angle_scan_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
   if (i >= p.NA) return;
-  double th = p.init_angle.defined()
-                  ? dload_f64(p.init_angle, s * p.init_angle.stride[0] + h * p.init_angle.stride[1] +
-                                                i * p.init_angle.stride[2])
-                  : 0.0;
+  double th =
+      p.init_angle.defined() ? dload_f64(p.init_angle, shx_off(p.init_angle, s, h, i)) : 0.0;
   for (int c = bp.ws.chunk_off[s]; c < bp.ws.chunk_off[s + 1]; ++c) {
     double* slot = bp.ws.theta + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
     const double inc = *slot;
@@ -174,6 +172,115 @@ __device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, floa
   return o;
 }
 
+// The rest of the output stage's adjoint in chunk_out (SIMT and tensor-core kernels); y, the
+// cotangent of out (per token, or per row for per-rank output) and z are fp32 rows of pitch yp
+// in shared memory, zeta, phi and wn the head's parameters.
+
+// Stages the cotangent of out (GO) and z (Z) of the chunk. Ends with a barrier.
+__device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const Chunk& ck,
+                                                     float* GO, float* Z, int yp, int tid) {
+  const CoreParams& p = bp.p;
+  const int P = p.P, R = p.R, h = ck.h;
+  const bool reduce = !p.per_rank_out;
+  const DTensor& go = bp.d_out;
+  const int go_rows = reduce ? ck.m : ck.mr;
+#pragma unroll 8
+  for (int i = tid; i < go_rows * P; i += kThreads) {
+    const int row = i / P, x = i % P;
+    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    GO[row * yp + x] =
+        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
+                                  x * go.stride[3])
+               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
+                                  h * go.stride[3] + x * go.stride[4]);
+  }
+  if (p.z.defined()) {
+#pragma unroll 8
+    for (int i = tid; i < ck.m * P; i += kThreads) {
+      const int t = i / P, x = i % P;
+      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
+                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+                                        h * p.z.stride[2] + x * p.z.stride[3]);
+    }
+  }
+  __syncthreads();
+}
+
+// epilogue_adjoint at (row, x) of the chunk given the row's rstd.
+__device__ __forceinline__ auto out_adjoint(const CoreParams& p, const float* GO, const float* Z,
+                                            const float* Y, int yp, const float* zeta,
+                                            const float* phi, const float* wn) {
+  const int R = p.R;
+  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
+  return [=, &p](int row, int x, float rs) {
+    const int t = row / R, r = row % R;
+    return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
+                            Y[row * yp + x], rs, zeta, phi, wn);
+  };
+}
+
+// With the norm: rstd of every row and xr = mean(dyn * w * y) per row. Ends with a barrier.
+template <typename FA>
+__device__ __forceinline__ void out_norm_stats(const CoreParams& p, const float* Y, int yp, int mr,
+                                               const float* wn, float* rstd, float* xr, FA adjoint,
+                                               int warp, int lane) {
+  constexpr int kWarps = kThreads / 32;
+  const int P = p.P;
+  if (!p.norm_weight.defined()) return;
+  rows_rstd(Y, yp, mr, P, p.eps, rstd, warp, lane, kWarps);
+  __syncthreads();
+  for (int row = warp; row < mr; row += kWarps) {
+    float dot = 0.f;
+    for (int x = lane; x < P; x += 32)
+      dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
+    dot = warp_sum(dot);
+    if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
+  }
+  __syncthreads();
+}
+
+// grad.z of the chunk's tokens: sum over the ranks of du * zeta.
+template <typename FA>
+__device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& ck,
+                                             const float* zeta, const float* rstd, FA adjoint,
+                                             int tid) {
+  const DTensor& gz = bp.g_z;
+  if (!gz.defined()) return;
+  const int P = bp.p.P, R = bp.p.R;
+  const bool norm = bp.p.norm_weight.defined();
+  for (int i = tid; i < ck.m * P; i += kThreads) {
+    const int t = i / P, x = i % P;
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) {
+      const int row = t * R + r;
+      acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
+    }
+    dstore(gz,
+           ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
+               ck.h * gz.stride[2] + x * gz.stride[3],
+           acc);
+  }
+}
+
+// dy at (row, x) in place of y (read and written by the calling thread only), also to the
+// workspace; returns it.
+template <typename FA>
+__device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
+                                        float* Y, int yp, const float* rstd, const float* xr,
+                                        const float* wn, FA adjoint) {
+  const CoreParams& p = bp.p;
+  const int P = p.P, R = p.R;
+  const bool norm = p.norm_weight.defined();
+  const float y = Y[row * yp + x];
+  const float rs = norm ? rstd[row] : 1.f;
+  const float dyn = adjoint(row, x, rs).dyn;
+  const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
+  Y[row * yp + x] = dy;
+  bp.ws.dy[((ck.l_abs0 + row / R) * p.H + ck.h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
+      dy;
+  return dy;
+}
+
 // grid (chunks, H): y of the chunk recomputed from its start state, then the output stage's
 // adjoint: dy (workspace), dz (written), partials of d zeta, d phi, d norm_weight, d D, and the
 // chunk's increment of the state cotangent sum_i e_i dy_i q_i^T (in place of ds_end).
@@ -183,7 +290,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int kWarps = kThreads / 32;
   const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
   float* psi = sm + lay.par;
   float* zeta = psi + R * P;
@@ -236,45 +342,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
   // or per row for per-rank output) and z are staged in shared memory first.
   float* GO = sm + lay.go;
   float* Z = sm + lay.z;
-  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
-  const DTensor& go = bp.d_out;
-  const int go_rows = reduce ? m : mr;
-#pragma unroll 8
-  for (int i = tid; i < go_rows * P; i += kThreads) {
-    const int row = i / P, x = i % P;
-    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
-    GO[row * lay.vp + x] =
-        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] + x * go.stride[3])
-               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
-                                  h * go.stride[3] + x * go.stride[4]);
-  }
-  if (has_z) {
-#pragma unroll 8
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      Z[t * lay.vp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
-                                            h * p.z.stride[2] + x * p.z.stride[3]);
-    }
-  }
-  __syncthreads();
-  auto adjoint = [&](int row, int x, float rs) {
-    const int t = row / R, r = row % R;
-    return epilogue_adjoint(p, GO[(reduce ? t : row) * lay.vp + x], has_z ? Z[t * lay.vp + x] : 0.f,
-                            r, x, Y[row * lay.vp + x], rs, zeta, phi, wn);
-  };
-  const bool norm = p.norm_weight.defined();
-  if (norm) {
-    rows_rstd(Y, lay.vp, mr, P, p.eps, rstd, warp, lane, kWarps);
-    __syncthreads();
-    for (int row = warp; row < mr; row += kWarps) {
-      float dot = 0.f;
-      for (int x = lane; x < P; x += 32)
-        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * lay.vp + x];
-      dot = warp_sum(dot);
-      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
-    }
-    __syncthreads();
-  }
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
+  stage_out_cotangents(bp, ck, GO, Z, lay.vp, tid);
+  const auto adjoint = out_adjoint(p, GO, Z, Y, lay.vp, zeta, phi, wn);
+  out_norm_stats(p, Y, lay.vp, mr, wn, rstd, xr, adjoint, warp, lane);
   float* par = bp.ws.par + cell * bp.pf.count;
   for (int i = tid; i < R * P; i += kThreads) {  // d zeta, d phi: sums over the chunk's tokens
     const int r = i / P, x = i % P;
@@ -295,31 +366,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
         acc += adjoint(row, x, rstd[row]).dyn * Y[row * lay.vp + x] * rstd[row];
     par[bp.pf.w + x] = acc;
   }
-  if (bp.g_z.defined())
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      float acc = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int row = t * R + r;
-        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
-      }
-      const DTensor& gz = bp.g_z;
-      dstore(gz, ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
-                     h * gz.stride[2] + x * gz.stride[3],
-             acc);
-    }
+  store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
   __syncthreads();
-  // dy in place of y (each element read and written by its own thread), to the workspace.
   float dd = 0.f;
   for (int i = tid; i < mr * P; i += kThreads) {
     const int row = i / P, x = i % P;
-    const float y = Y[row * lay.vp + x];
-    const float rs = norm ? rstd[row] : 1.f;
-    const float dyn = adjoint(row, x, rs).dyn;
-    const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
-    Y[row * lay.vp + x] = dy;
-    bp.ws.dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] = dy;
-    dd += dy * V[row * lay.vp + x];
+    dd += out_dy(bp, ck, row, x, Y, lay.vp, rstd, xr, wn, adjoint) * V[row * lay.vp + x];
   }
   dd = block_sum(dd, sm + lay.red, tid);  // has barriers: Y is complete after it
   if (tid == 0) par[bp.pf.d] = dd;
@@ -596,7 +648,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
         float acc = 0.f;
         for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * lay.sp + x] * psi[r * P + x];
         if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v, ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+          acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
         dstore(gv, ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
                        h * gv.stride[2] + x * gv.stride[3],
                acc);
@@ -740,10 +792,7 @@ __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
   if (i >= p.NA) return;
-  float carry = bp.df_angle.defined()
-                    ? dload(bp.df_angle, s * bp.df_angle.stride[0] + h * bp.df_angle.stride[1] +
-                                             i * bp.df_angle.stride[2])
-                    : 0.f;
+  float carry = bp.df_angle.defined() ? dload(bp.df_angle, shx_off(bp.df_angle, s, h, i)) : 0.f;
   const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1] - 1;
   auto at = [&](float* base, int c) {
     return base + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
@@ -762,9 +811,7 @@ __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
     *slot = carry;
     carry += sum;
   }
-  if (bp.gi_angle.defined())
-    dstore(bp.gi_angle, s * bp.gi_angle.stride[0] + h * bp.gi_angle.stride[1] + i * bp.gi_angle.stride[2],
-           carry);
+  if (bp.gi_angle.defined()) dstore(bp.gi_angle, shx_off(bp.gi_angle, s, h, i), carry);
 }
 
 // grid S * H (initial states given): gradients of the initial k and v and of the initial pair
@@ -791,17 +838,14 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
     }
     for (int x = tid; x < P; x += kThreads)
       if (gv.defined())
-        dstore(gv, s * gv.stride[0] + h * gv.stride[1] + x * gv.stride[2],
-               bp.df_v.defined()
-                   ? dload(bp.df_v, s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2])
-                   : 0.f);
+        dstore(gv, shx_off(gv, s, h, x),
+               bp.df_v.defined() ? dload(bp.df_v, shx_off(bp.df_v, s, h, x)) : 0.f);
     for (int i = tid; i <= R * P; i += kThreads) initp[i] = 0.f;
     return;
   }
   const float sg0 = (1.f - sigmoidf_(in_bhl(p.trap, q.b, h, q.begin))) * in_bhl(p.dt, q.b, h, q.begin);
   const float* ds0 = bp.ws.ds0 + (static_cast<int64_t>(s) * p.H + h) * P * N;
-  for (int x = tid; x < P; x += kThreads)
-    v0[x] = dload(p.init_v, s * p.init_v.stride[0] + h * p.init_v.stride[1] + x * p.init_v.stride[2]);
+  for (int x = tid; x < P; x += kThreads) v0[x] = dload(p.init_v, shx_off(p.init_v, s, h, x));
   __syncthreads();
   for (int i = tid; i < R * P; i += kThreads) {
     const int r = i / P, x = i % P;
@@ -815,7 +859,7 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
     if (gv.defined()) {
       float acc = 0.f;
       for (int r = 0; r < R; ++r) acc += psi[r * P + x] * u[r * P + x];
-      dstore(gv, s * gv.stride[0] + h * gv.stride[1] + x * gv.stride[2], sg0 * acc);
+      dstore(gv, shx_off(gv, s, h, x), sg0 * acc);
     }
   for (int i = tid; i < R * N; i += kThreads)
     if (gk.defined()) {

@@ -184,6 +184,11 @@ __device__ __forceinline__ bool find_chunk(const BwdParams& bp, int cid, int h, 
   return true;
 }
 
+// Offset of element i of a (S, H, X) per-sequence tensor (initial / final angle and v).
+__device__ __forceinline__ int64_t shx_off(const DTensor& t, int s, int h, int i) {
+  return s * t.stride[0] + h * t.stride[1] + i * t.stride[2];
+}
+
 // Per-token inputs, token l of batch row b.
 __device__ __forceinline__ float in_bhl(const DTensor& t, int b, int h, int l) {
   return dload_ro(t, b * t.stride[0] + h * t.stride[1] + static_cast<int64_t>(l) * t.stride[2]);
@@ -306,6 +311,50 @@ __device__ __forceinline__ void chunk_angles_and_decays(const BwdParams& bp, con
   }
 }
 
+// First part of both chunk loaders (kT threads): the per-token scalars lambda, dt, gamma, w and
+// adt (in cs) of the m tokens, the q and k biases (qb, kb: R * N each) and the raw angles (th).
+// Global loads only, independent, so many are in flight.
+template <int kT = kThreads>
+__device__ __forceinline__ void load_chunk_inputs(const BwdParams& bp, const Chunk& ck, float* sc,
+                                                  float* th, float* qb, float* kb, int tid) {
+  const CoreParams& p = bp.p;
+  const int N = p.N, R = p.R, NA = p.NA, m = ck.m, h = ck.h, b = ck.b;
+  const int l0 = ck.begin + ck.t0;
+  float* cs = sc + kCs * kMaxRows;
+  float* w = sc + kW * kMaxRows;
+  float* gam = sc + kGam * kMaxRows;
+  float* lam = sc + kLam * kMaxRows;
+  float* dtv = sc + kDt * kMaxRows;
+  if (tid < m) {
+    const int l = l0 + tid;
+    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
+    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
+    const float sg = ck.t0 + tid + 1 < ck.n ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) *
+                                                  in_bhl(p.dt, b, h, l + 1)
+                                            : 0.f;
+    w[tid] = la * dl + sg;
+    cs[tid] = in_bhl(p.adt, b, h, l);
+  }
+  for (int i = tid; i < R * N; i += kT) {
+    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
+    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
+  }
+#pragma unroll 8
+  for (int i = tid; i < m * NA; i += kT) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+}
+
+// After load_chunk_inputs and a barrier: cs summed in place (cumulative, thread 0) and the raw
+// angles replaced by their increments (float, as the forward rounds them).
+template <int kT = kThreads>
+__device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th, int m, int NA,
+                                                            int tid) {
+  float* cs = sc + kCs * kMaxRows;
+  const float* dtv = sc + kDt * kMaxRows;
+  if (tid == 0)
+    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
+  for (int i = tid; i < m * NA; i += kT) th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+}
+
 __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& lay, float* sm,
                            float* scratch, bool want_q, bool want_k, bool want_v, int tid) {
   const CoreParams& p = bp.p;
@@ -316,29 +365,11 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
   float* ex = sc + kE * kMaxRows;
   float* w = sc + kW * kMaxRows;
   float* fw = sc + kFw * kMaxRows;
-  float* gam = sc + kGam * kMaxRows;
-  float* lam = sc + kLam * kMaxRows;
-  float* dtv = sc + kDt * kMaxRows;
   const float* psi = sm + lay.par;
   float* th = sm + lay.th;
   float* qb = scratch;
   float* kb = scratch + R * N;
-  if (tid < m) {
-    const int l = l0 + tid;
-    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
-    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
-    const float sg = ck.t0 + tid + 1 < ck.n
-                         ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) * in_bhl(p.dt, b, h, l + 1)
-                         : 0.f;
-    w[tid] = la * dl + sg;
-    cs[tid] = in_bhl(p.adt, b, h, l);
-  }
-  for (int i = tid; i < R * N; i += kThreads) {
-    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
-    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
-  }
-#pragma unroll 8
-  for (int i = tid; i < m * NA; i += kThreads) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  load_chunk_inputs(bp, ck, sc, th, qb, kb, tid);
   // q and k rows, not yet biased nor rotated; v * psi rows.
 #pragma unroll 8
   for (int i = tid; i < lay.rows * N; i += kThreads) {
@@ -361,11 +392,7 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     }
   }
   __syncthreads();
-  if (tid == 0)
-    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  // Angle increments (float, as the forward rounds them) in parallel, in place of the raw angles.
-  for (int i = tid; i < m * NA; i += kThreads)
-    th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  chunk_cumsum_and_increments(sc, th, m, NA, tid);
   for (int i = tid; i < mr * N; i += kThreads) {
     const int row = i / N, n = i % N, r = row % R;
     if (want_q) sm[lay.q + row * lay.qn + n] += qb[r * N + n];

@@ -234,9 +234,6 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   float* ex = sc + kE * kMaxRows;
   float* w = sc + kW * kMaxRows;
   float* fw = sc + kFw * kMaxRows;
-  float* gam = sc + kGam * kMaxRows;
-  float* lam = sc + kLam * kMaxRows;
-  float* dtv = sc + kDt * kMaxRows;
   const float* psi = reinterpret_cast<const float*>(sm + lay.par);
   float* th = reinterpret_cast<float*>(sm + lay.th);
   float* qb = reinterpret_cast<float*>(sm + lay.bias);
@@ -244,22 +241,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   bf16* Q = reinterpret_cast<bf16*>(sm + lay.q);
   bf16* K = reinterpret_cast<bf16*>(sm + lay.k);
   bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
-  if (tid < m) {
-    const int l = l0 + tid;
-    const float la = sigmoidf_(in_bhl(p.trap, b, h, l)), dl = in_bhl(p.dt, b, h, l);
-    lam[tid] = la, dtv[tid] = dl, gam[tid] = la * dl;
-    const float sg = ck.t0 + tid + 1 < ck.n ? (1.f - sigmoidf_(in_bhl(p.trap, b, h, l + 1))) *
-                                                  in_bhl(p.dt, b, h, l + 1)
-                                            : 0.f;
-    w[tid] = la * dl + sg;
-    cs[tid] = in_bhl(p.adt, b, h, l);
-  }
-  for (int i = tid; i < R * N; i += kT) {
-    qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
-    kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
-  }
-#pragma unroll 8
-  for (int i = tid; i < m * NA; i += kT) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  load_chunk_inputs<kT>(bp, ck, sc, th, qb, kb, tid);
   // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
   // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
   // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
@@ -300,10 +282,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
           static_cast<int64_t>(l0 + row / R) * p.v.stride[1] + h * p.v.stride[2] + x));
   }
   __syncthreads();
-  if (tid == 0)
-    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  for (int i = tid; i < m * NA; i += kT)
-    th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  chunk_cumsum_and_increments<kT>(sc, th, m, NA, tid);
   __syncthreads();
   chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
   __syncthreads();
@@ -629,8 +608,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
         float acc = 0.f;
         for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
         if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v,
-                       ck.s * bp.df_v.stride[0] + h * bp.df_v.stride[1] + x * bp.df_v.stride[2]);
+          acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
         dstore(gv,
                ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
                    h * gv.stride[2] + x * gv.stride[3],
@@ -657,19 +635,24 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   // R = 4, L = 512), with two 3.7e-3. Cost: two more (mr, N, P) products and two staging passes,
   // so MIMO only: its 64 / R-token chunks make most interacting pairs cross a chunk boundary
   // (SISO: 4.1e-3 on the H200 without either fix).
+  // ST (mr, N) = A (mr, P) state with Sb holding the state's bf16 rounding (MIMO: plus the
+  // product with its low term, staged into Sb). Ends with a barrier.
   const bool split_states = R > 1;
-  tc_gemm<false, true, 2, kT>(
-      mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
-      lane);
-  __syncthreads();
-  if (split_states) {
-    stage_state_bf16<kT, true>(dsend, Sb, P, N, qp, tid);
-    __syncthreads();
+  auto rows_times_state = [&](const bf16* A, const float* state) {
     tc_gemm<false, true, 2, kT>(
-        mr, N, V, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
-        warp, lane);
+        mr, N, A, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
+        lane);
     __syncthreads();
-  }
+    if (split_states) {
+      stage_state_bf16<kT, true>(state, Sb, P, N, qp, tid);
+      __syncthreads();
+      tc_gemm<false, true, 2, kT>(
+          mr, N, A, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
+          warp, lane);
+      __syncthreads();
+    }
+  };
+  rows_times_state(V, dsend);
   const bool dfk = ck.last && bp.df_k.defined();
   tc_gemm<true, true, 2, kT>(
       mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
@@ -706,18 +689,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     }
   }
   __syncthreads();
-  tc_gemm<false, true, 2, kT>(
-      mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
-      lane);
-  __syncthreads();
-  if (split_states) {  // S_prev's low bf16 term (see dK)
-    stage_state_bf16<kT, true>(sprev, Sb, P, N, qp, tid);
-    __syncthreads();
-    tc_gemm<false, true, 2, kT>(
-        mr, N, DYb, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
-        warp, lane);
-    __syncthreads();
-  }
+  rows_times_state(DYb, sprev);
   for (int row = warp; row < mr; row += kWarps) {
     float acc = 0.f;
     for (int n = lane; n < N; n += 32) acc += ST[row * sp + n] * to_f(Q[row * qp + n]);
@@ -785,7 +757,6 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int kWarps = kThreads / 32;
   const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
   const int kr = (mr + 15) & ~15;
   float* psi = reinterpret_cast<float*>(sm + lay.par);
@@ -846,47 +817,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   // Output stage adjoint (as bwd_chunk_out_kernel).
   float* GO = reinterpret_cast<float*>(sm + lay.go);
   float* Z = reinterpret_cast<float*>(sm + lay.z);
-  const bool reduce = !p.per_rank_out, has_z = p.z.defined();
-  const DTensor& go = bp.d_out;
-  const int go_rows = reduce ? m : mr;
-#pragma unroll 8
-  for (int i = tid; i < go_rows * P; i += kThreads) {
-    const int row = i / P, x = i % P;
-    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
-    GO[row * yp + x] =
-        reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
-                                  x * go.stride[3])
-               : dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + (row % R) * go.stride[2] +
-                                  h * go.stride[3] + x * go.stride[4]);
-  }
-  if (has_z) {
-#pragma unroll 8
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
-                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
-                                        h * p.z.stride[2] + x * p.z.stride[3]);
-    }
-  }
-  __syncthreads();
-  auto adjoint = [&](int row, int x, float rs) {
-    const int t = row / R, r = row % R;
-    return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
-                            Y[row * yp + x], rs, zeta, phi, wn);
-  };
-  const bool norm = p.norm_weight.defined();
-  if (norm) {
-    rows_rstd(Y, yp, mr, P, p.eps, rstd, warp, lane, kWarps);
-    __syncthreads();
-    for (int row = warp; row < mr; row += kWarps) {
-      float dot = 0.f;
-      for (int x = lane; x < P; x += 32)
-        dot += adjoint(row, x, rstd[row]).dyn * wn[x] * Y[row * yp + x];
-      dot = warp_sum(dot);
-      if (lane == 0) xr[row] = dot / P;  // mean(dyn * w * y)
-    }
-    __syncthreads();
-  }
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
+  stage_out_cotangents(bp, ck, GO, Z, yp, tid);
+  const auto adjoint = out_adjoint(p, GO, Z, Y, yp, zeta, phi, wn);
+  out_norm_stats(p, Y, yp, mr, wn, rstd, xr, adjoint, warp, lane);
   float* par = bp.ws.par + cell * bp.pf.count;
   float* red = reinterpret_cast<float*>(sm + lay.red);
   token_sums2(  // d zeta, d phi: sums over the chunk's tokens
@@ -904,36 +838,16 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
         return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
       },
       [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
-  if (bp.g_z.defined())
-    for (int i = tid; i < m * P; i += kThreads) {
-      const int t = i / P, x = i % P;
-      float acc = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int row = t * R + r;
-        acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
-      }
-      const DTensor& gz = bp.g_z;
-      dstore(gz,
-             ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
-                 h * gz.stride[2] + x * gz.stride[3],
-             acc);
-    }
+  store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
   __syncthreads();
-  // dy in place of y (each element read and written by its own thread), to the workspace; the
-  // bf16 operand e dy (zero past the chunk) for the state cotangent increment.
+  // dy in place of y, to the workspace; the bf16 operand e dy (zero past the chunk) for the state
+  // cotangent increment.
   float dd = 0.f;
   for (int i = tid; i < lay.rows * P; i += kThreads) {
     const int row = i / P, x = i % P;
     float edy = 0.f;
     if (row < mr) {
-      const float y = Y[row * yp + x];
-      const float rs = norm ? rstd[row] : 1.f;
-      const float dyn = adjoint(row, x, rs).dyn;
-      const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
-      Y[row * yp + x] = dy;
-      bp.ws
-          .dy[((ck.l_abs0 + row / R) * p.H + h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
-          dy;
+      const float dy = out_dy(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
       dd += dy * vpsi(row, x);
       edy = ex[row / R] * dy;
     }
