@@ -54,12 +54,20 @@ def main() -> int:
     print(f"\n{len(rows)} instructions, {total:.0f} stall samples; by opcode:")
     for op, v in by_op.most_common(15):
         print(f"  {op:10s} {100 * v / total:5.1f}%")
-    extra = [c for c in cols if "stall" in c.lower() and c != samp][:6]
-    print(f"\ntop {n} instructions by samples ({samp}):")
+    # Per-reason columns (stall_barrier, stall_long_sb, ...), all samples (not "Not Issued").
+    reasons = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
+    if reasons:
+        by_reason = {c: sum(num(r[c]) for r in rows) for c in reasons}
+        rtotal = sum(by_reason.values()) or 1.0
+        print("\nstall reasons (all samples):")
+        for c, v in sorted(by_reason.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"  {c[6:]:18s} {100 * v / rtotal:5.1f}%")
+    print(f"\ntop {n} instructions by samples ({samp}), with their top stall reasons:")
     for r in sorted(rows, key=lambda r: -num(r[samp]))[:n]:
-        more = " ".join(f"{c.split('(')[-1][:12]}={r[c]}" for c in extra if num(r[c]))
-        print(f"  {r[addr]:>6s} {100 * num(r[samp]) / total:5.1f}% exec={r.get(execd, '')} "
-              f"{r[src][:70]} {more}")
+        top = sorted(((num(r[c]), c[6:]) for c in reasons), reverse=True)[:3]
+        more = " ".join(f"{name}={v:.0f}" for v, name in top if v)
+        print(f"  {r[addr][-5:]:>5s} {100 * num(r[samp]) / total:5.1f}% exec={r.get(execd, '')} "
+              f"{r[src].strip()[:60]:60s} {more}")
     return 0
 
 
