@@ -53,9 +53,14 @@ if [[ $rc -ne 0 ]]; then
   for j in "$out"/peers-*.json; do python3 .devpy/peers/peers.py --render "$j"; done
 fi
 if [[ ${PEERS_SAVE_AUTOTUNE:-0} == 1 ]]; then
-  (cd /tmp/peers-triton && { [[ -f ORIGIN.txt ]] || echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nvidia-smi \
-    --query-gpu=name --format=csv,noheader | head -1), triton $(python3 -c 'import triton; print(triton.__version__)')" \
-    >ORIGIN.txt; } && find . -name '*.autotune.json' -o -name ORIGIN.txt | tar -cJf "$out/triton-autotune.tar.xz" -T -) &&
+  # ORIGIN.txt says which runs (date, card, triton) made the timings; a run that added some
+  # appends its date.
+  (cd /tmp/peers-triton && now=$(date -u +%Y-%m-%dT%H:%MZ) && if [[ ! -f ORIGIN.txt ]]; then
+      echo "$now, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), triton $(python3 -c \
+        'import triton; print(triton.__version__)')" >ORIGIN.txt
+    elif [[ -n $(find . -name '*.autotune.json' -newer ORIGIN.txt | head -1) ]]; then
+      echo "$(head -1 ORIGIN.txt); more added $now" >ORIGIN.txt
+    fi && find . -name '*.autotune.json' -o -name ORIGIN.txt | tar -cJf "$out/triton-autotune.tar.xz" -T -) &&
     ls -la "$out/triton-autotune.tar.xz"
 fi
 exit $rc
