@@ -57,12 +57,34 @@ if [[ $mode == all || $mode == bench ]]; then
     grep -hE "floor|of copy" "$f" >>"$summary"
   done
 fi
-# Optional: per-kernel times of the backward at `train` (NCU_BWD=1), no clock control.
+# Optional: per-kernel times of the backward (NCU_BWD=1) at the shapes in NCU_BWD_SHAPES (default
+# train), no clock control.
 if [[ ${NCU_BWD:-0} == 1 ]]; then
-  step ncu_bwd_train 120 ncu --clock-control none -k regex:bwd_ --section SpeedOfLight \
-    "$bin/mamba3" bench --lane cuda --shape train --dtype bf16 --what bwd --warmup 0 --iters 1
-  grep -E "bwd_.*kernel|Duration" "$OUT/ncu_bwd_train.log" | sed 's/(BwdParams.*//' | paste - - |
-    awk '{print $1, $(NF-1), $NF}' | sort | uniq -c | head -40 >>"$summary"
+  for shape in ${NCU_BWD_SHAPES:-train}; do
+    step "ncu_bwd_$shape" 120 ncu --clock-control none -k regex:bwd_ --section SpeedOfLight \
+      "$bin/mamba3" bench --lane cuda --shape "$shape" --dtype bf16 --what bwd --warmup 0 --iters 1
+    echo "ncu_bwd_$shape: kernel, launches, total duration (us), in launch order" >>"$summary"
+    python3 - "$OUT/ncu_bwd_$shape.log" >>"$summary" <<'PY'
+import re, sys
+name, tot, order = None, {}, []
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"\s+(?:void )?(\w+?)(?:<[^(]*>)?\(BwdParams", line)
+    if m:
+        name = m.group(1)
+        continue
+    m = re.match(r"\s+Duration\s+(\w+)\s+([\d.,]+)", line)
+    if m and name:
+        us = float(m.group(2).replace(",", "")) * {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}[m.group(1)]
+        if name not in tot:
+            order.append(name)
+        n, t = tot.get(name, (0, 0.0))
+        tot[name] = (n + 1, t + us)
+        name = None
+for k in order:
+    print(f"  {k:32s} {tot[k][0]:3d} {tot[k][1]:10.1f}")
+print(f"  {'total':32s} {sum(n for n, _ in tot.values()):3d} {sum(t for _, t in tot.values()):10.1f}")
+PY
+  done
 fi
 # Sanitizers last (the slowest part; SAN_TIMEOUT bounds each), on small shapes.
 if [[ $mode == all || $mode == tests ]]; then
