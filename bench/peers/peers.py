@@ -636,13 +636,15 @@ def prefill_rows(run: Run, shapes: Sequence[Shape], kind: str, timer: Timer) -> 
         fl = mamba3_flops(s)
         nb = input_bytes(x) + tensor_bytes(x["v"])  # inputs read, out written (out as V)
 
+        def forward_only(call):
+            def f():
+                with torch.no_grad():
+                    call(x)
+            return f
+
         for impl, call in (("ours", call_ours), (official_name, official_impl)):
-            def build(call=call):
-                def f():
-                    with torch.no_grad():
-                        call(x)
-                return f
-            run.add_time(kind, s, "fwd", impl, build, flops=fl, nbytes=nb, timer=timer)
+            run.add_time(kind, s, "fwd", impl, lambda call=call: forward_only(call), flops=fl,
+                         nbytes=nb, timer=timer)
         # forward + backward: gradients of every input; floor: inputs read twice, out written,
         # d_out read, gradients (as large as the inputs) written.
         for impl, call in (("ours", call_ours), (official_name, official_impl)):
@@ -654,12 +656,8 @@ def prefill_rows(run: Run, shapes: Sequence[Shape], kind: str, timer: Timer) -> 
         # host's per-call work (launches, JIT-cache lookups), which the rows above include.
         if run.gpu:
             for impl, call in (("ours", call_ours), (official_name, official_impl)):
-                def build_fwd(call=call):
-                    def f():
-                        with torch.no_grad():
-                            call(x)
-                    return f
-                run.add_time(kind, s, "fwd-graph", impl, lambda b=build_fwd: graph_replay(b),
+                run.add_time(kind, s, "fwd-graph", impl,
+                             lambda call=call: graph_replay(lambda: forward_only(call)),
                              flops=fl, nbytes=nb, timer=timer, note="one CUDA graph replay")
                 run.add_time(kind, s, "fwd+bwd-graph", impl,
                              lambda call=call: graph_replay(

@@ -125,6 +125,16 @@ INSTANTIATE_TEST_SUITE_P(
 // (expect_within_bar_or_recipe).
 constexpr double kTcGradTol = 1e-2;
 
+// The emulated backward under the default routing (MAMBA3_CUDA_BWD_MIMO_TC unset: MIMO takes the
+// tensor cores too, bwd_launch.cuh); fails the test unless the tensor-core kernels ran.
+Result run_emu_tc(const check::Problem& p, const RunOptions& o) {
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
+  bool tc = false;
+  Result got = run_emu(p, o, &tc);
+  EXPECT_TRUE(tc) << "the tensor-core kernels did not run";
+  return got;
+}
+
 class EmuBackwardTc : public testing::TestWithParam<Case> {};
 
 TEST_P(EmuBackwardTc, WithinBf16Bar) {
@@ -134,11 +144,7 @@ TEST_P(EmuBackwardTc, WithinBf16Bar) {
   o.out_dtype = c.dtype;
   const Result ref = grads_only(run(p, Eval::kReference, o));
   const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
-  // MIMO takes the tensor cores unless MAMBA3_CUDA_BWD_MIMO_TC=0 (bwd_launch.cuh).
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
-  bool tc = false;
-  const Result got = run_emu(p, o, &tc);
-  ASSERT_TRUE(tc) << "the tensor-core kernels did not run";
+  const Result got = run_emu_tc(p, o);
   for (const auto& [name, v] : ref) {
     const double e = check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2;
     const double en = check::compare(name, naive.at(name), v, 0, false).rel_l2;
@@ -147,7 +153,7 @@ TEST_P(EmuBackwardTc, WithinBf16Bar) {
   expect_within_bar_or_recipe(got, ref, naive, kTcGradTol,
                               p.config().describe() + " (tensor cores)");
   if (std::getenv("MAMBA3_EMU_DETERMINISM"))
-    expect_bitwise_equal(got, run_emu(p, o), "two emulated tensor-core runs");
+    expect_bitwise_equal(got, run_emu_tc(p, o), "two emulated tensor-core runs");
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -180,10 +186,7 @@ TEST_P(EmuBackwardTcLong, MimoAngleGradient) {
   o.out_dtype = c.dtype;
   o.d_final = false;  // a loss on out only, as the peers parity case: no final-state cotangents
   const Result ref = grads_only(run(p, Eval::kReference, o));
-  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
-  bool tc = false;
-  const Result got = run_emu(p, o, &tc);
-  ASSERT_TRUE(tc) << "the tensor-core kernels did not run";
+  const Result got = run_emu_tc(p, o);
   for (const auto& [name, v] : ref) {
     const double e = check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2;
     std::printf("  L=%d %-22s rel_l2 %.3e\n", L, name.c_str(), e);
@@ -197,7 +200,7 @@ TEST_P(EmuBackwardTcLong, MimoAngleGradient) {
   for (const auto& [name, v] : ref)
     EXPECT_LE(check::compare(name, got.at(name), v, kTcGradTol, false).rel_l2, kTcGradTol) << name;
   if (std::getenv("MAMBA3_EMU_DETERMINISM"))
-    expect_bitwise_equal(got, run_emu(p, o), "two emulated tensor-core runs");
+    expect_bitwise_equal(got, run_emu_tc(p, o), "two emulated tensor-core runs");
 }
 
 INSTANTIATE_TEST_SUITE_P(Bf16, EmuBackwardTcLong, testing::Values(128, 256, 512),
