@@ -499,6 +499,45 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
   }
 }
 
+// Time-level T (m, m) row-major: T[ti][tj] = sum over the ranks of dA o raw for tj <= ti, 0 above
+// the diagonal, from the unmasked fp32 scores DA and RA (mr, mr) of pitch ap.
+template <int kT = kThreads>
+__device__ __forceinline__ void time_level_scores(const float* DA, const float* RA, int ap, int m,
+                                                  int R, float* T, int tid) {
+  for (int i = tid; i < m * m; i += kT) {
+    const int ti = i / m, tj = i % m;
+    float acc = 0.f;
+    if (tj <= ti)
+      for (int r = 0; r < R; ++r)
+        for (int r2 = 0; r2 < R; ++r2) {
+          const int a = (ti * R + r) * ap + tj * R + r2;
+          acc += DA[a] * RA[a];
+        }
+    T[i] = acc;
+  }
+}
+
+// grad.v of the chunk's tokens: dv = sum_r dV_r psi_r (+ d final v on the sequence's last
+// token), from the dV rows (mr, P) of pitch sp.
+template <int kT = kThreads>
+__device__ __forceinline__ void store_dv(const BwdParams& bp, const Chunk& ck, const float* DV,
+                                         int sp, const float* psi, int tid) {
+  const DTensor& gv = bp.g_v;
+  if (!gv.defined()) return;
+  const int P = bp.p.P, R = bp.p.R, m = ck.m, h = ck.h;
+  for (int i = tid; i < m * P; i += kT) {
+    const int t = i / P, x = i % P;
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) acc += DV[(t * R + r) * sp + x] * psi[r * P + x];
+    if (ck.last && t == m - 1 && bp.df_v.defined())
+      acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
+    dstore(gv,
+           ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
+               h * gv.stride[2] + x * gv.stride[3],
+           acc);
+  }
+}
+
 // grid (chunks, H): every gradient of the chunk given its start state S_prev, the cotangent dS
 // of its end state and dy:
 //   raw = Q K^T, dA = dY V^T        -> d gamma, d w, d cs of the mask
@@ -567,17 +606,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   __syncthreads();
   // Time-level T[ti][tj] = sum over the ranks of dA o raw (tj <= ti), in the staging buffer.
   float* T = ST;
-  for (int i = tid; i < m * m; i += kThreads) {
-    const int ti = i / m, tj = i % m;
-    float acc = 0.f;
-    if (tj <= ti)
-      for (int r = 0; r < R; ++r)
-        for (int r2 = 0; r2 < R; ++r2) {
-          const int a = (ti * R + r) * lay.ap + tj * R + r2;
-          acc += DA[a] * RA[a];
-        }
-    T[i] = acc;
-  }
+  time_level_scores(DA, RA, lay.ap, m, R, T, tid);
   __syncthreads();
   if (tid < m) {
     const int t = tid;
@@ -640,19 +669,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
       tid);
   __syncthreads();
   {
-    // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
-    const DTensor& gv = bp.g_v;
-    if (gv.defined())
-      for (int i = tid; i < m * P; i += kThreads) {
-        const int t = i / P, x = i % P;
-        float acc = 0.f;
-        for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * lay.sp + x] * psi[r * P + x];
-        if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
-        dstore(gv, ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
-                       h * gv.stride[2] + x * gv.stride[3],
-               acc);
-      }
+    // dv, then the d psi partial.
+    store_dv(bp, ck, ST, lay.sp, psi, tid);
     for (int i = tid; i < R * P; i += kThreads) {
       const int r = i / P, x = i % P;
       float acc = 0.f;

@@ -514,18 +514,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
       mr, mr, DYb, vp, V, vp, lower(P), [&](int i, int j, float acc) { DA[i * fap + j] = acc; },
       warp, lane);
   __syncthreads();
-  // Time-level T[ti][tj] = sum over the ranks of dA o raw (tj <= ti).
-  for (int i = tid; i < m * m; i += kT) {
-    const int ti = i / m, tj = i % m;
-    float acc = 0.f;
-    if (tj <= ti)
-      for (int r = 0; r < R; ++r)
-        for (int r2 = 0; r2 < R; ++r2) {
-          const int a = (ti * R + r) * fap + tj * R + r2;
-          acc += DA[a] * RA[a];
-        }
-    T[i] = acc;
-  }
+  time_level_scores<kT>(DA, RA, fap, m, R, T, tid);
   __syncthreads();
   {
     // Four lanes per token (m <= 64), each every fourth term, added by a fixed shuffle tree.
@@ -600,20 +589,8 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     dcs[m - 1] += last;
   }
   {
-    // dv = sum_r dV_r psi_r (+ d final v on the sequence's last token); d psi partial.
-    const DTensor& gv = bp.g_v;
-    if (gv.defined())
-      for (int i = tid; i < m * P; i += kT) {
-        const int t = i / P, x = i % P;
-        float acc = 0.f;
-        for (int r = 0; r < R; ++r) acc += ST[(t * R + r) * sp + x] * psi[r * P + x];
-        if (ck.last && t == m - 1 && bp.df_v.defined())
-          acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
-        dstore(gv,
-               ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
-                   h * gv.stride[2] + x * gv.stride[3],
-               acc);
-      }
+    // dv, then the d psi partial.
+    store_dv<kT>(bp, ck, ST, sp, psi, tid);
     token_sums2<kT>(
         R * P, m,
         [&](int t, int i) {
