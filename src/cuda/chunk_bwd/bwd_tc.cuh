@@ -176,22 +176,6 @@ __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, co
   }
 }
 
-// 8 bf16 (16 bytes, element 0 in the low half of x) to fp32 and back (round to nearest even).
-__device__ __forceinline__ void bf16x8_bits_to_float(const uint4& u, float (&f)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ uint4 float8_to_bf16x8_bits(const float (&f)[8]) {
-  uint4 u;
-  u.x = pack_bf16(f[0], f[1]), u.y = pack_bf16(f[2], f[3]);
-  u.z = pack_bf16(f[4], f[5]), u.w = pack_bf16(f[6], f[7]);
-  return u;
-}
-
 // v minus its bf16 rounding: the low part of a two-term bf16 split (v = hi + lo to ~2^-17).
 __device__ __forceinline__ float bf16_residual(float v) {
   return v - __bfloat162float(__float2bfloat16_rn(v));
@@ -289,12 +273,12 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   // q and k rows biased and rotated in fp32 from the raw bf16 inputs, rounded once (rows past
   // the chunk zero); v * psi (* fw) likewise.
   auto biased = [&](const uint4& u, int r, int n0, const float* bias, float(&f)[8]) {
-    bf16x8_bits_to_float(u, f);
+    bf16x8_to_float(u, f);
 #pragma unroll
     for (int e = 0; e < 8; ++e) f[e] += bias[r * N + n0 + e];
   };
   auto st8 = [&](bf16* dst, int row, int n0, const float(&f)[8]) {
-    *reinterpret_cast<uint4*>(dst + row * lay.qp + n0) = float8_to_bf16x8_bits(f);
+    *reinterpret_cast<uint4*>(dst + row * lay.qp + n0) = float8_to_bf16x8(f);
   };
   auto rot = [](float& xa, float& xb, float cn, float sn) {
     const float a = xa, bb = xb;
@@ -365,7 +349,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
       float f[8];
       if (row < mr) {
         const int t = row / R, r = row % R;
-        bf16x8_bits_to_float(vraw[sl], f);
+        bf16x8_to_float(vraw[sl], f);
         const float scale = v_mode == kVPsiFw ? fw[t] : 1.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) f[e] *= psi[r * P + x + e] * scale;
@@ -373,7 +357,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
 #pragma unroll
         for (int e = 0; e < 8; ++e) f[e] = 0.f;
       }
-      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = float8_to_bf16x8_bits(f);
+      *reinterpret_cast<uint4*>(V + row * lay.vp + x) = float8_to_bf16x8(f);
     }
   }
   __syncthreads();

@@ -45,6 +45,21 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 8 bf16 (16 bytes, element 0 in the low half of x) to fp32 and back (round to nearest even).
+__device__ __forceinline__ void bf16x8_to_float(const uint4& u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ uint4 float8_to_bf16x8(const float (&f)[8]) {
+  return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]),
+                    pack_bf16(f[6], f[7]));
+}
+
 // A-operand 16x16 tile at (row0, k0) of a row-major bf16 matrix with `pitch` elements per row.
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* base, int pitch,
                                        int row0, int k0, int lane) {
