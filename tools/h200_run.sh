@@ -64,26 +64,7 @@ if [[ ${NCU_BWD:-0} == 1 ]]; then
     step "ncu_bwd_$shape" 120 ncu --clock-control none -k regex:bwd_ --section SpeedOfLight \
       "$bin/mamba3" bench --lane cuda --shape "$shape" --dtype bf16 --what bwd --warmup 0 --iters 1
     echo "ncu_bwd_$shape: kernel, launches, total duration (us), in launch order" >>"$summary"
-    python3 - "$OUT/ncu_bwd_$shape.log" >>"$summary" <<'PY'
-import re, sys
-name, tot, order = None, {}, []
-for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"\s+(?:void )?(\w+?)(?:<[^(]*>)?\(BwdParams", line)
-    if m:
-        name = m.group(1)
-        continue
-    m = re.match(r"\s+Duration\s+(\w+)\s+([\d.,]+)", line)
-    if m and name:
-        us = float(m.group(2).replace(",", "")) * {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}[m.group(1)]
-        if name not in tot:
-            order.append(name)
-        n, t = tot.get(name, (0, 0.0))
-        tot[name] = (n + 1, t + us)
-        name = None
-for k in order:
-    print(f"  {k:32s} {tot[k][0]:3d} {tot[k][1]:10.1f}")
-print(f"  {'total':32s} {sum(n for n, _ in tot.values()):3d} {sum(t for _, t in tot.values()):10.1f}")
-PY
+    python3 tools/ncu_durations.py "$OUT/ncu_bwd_$shape.log" "(BwdParams" >>"$summary"
   done
 fi
 # Sanitizers last (the slowest part; SAN_TIMEOUT bounds each), on small shapes.
