@@ -636,34 +636,37 @@ def prefill_rows(run: Run, shapes: Sequence[Shape], kind: str, timer: Timer) -> 
         fl = mamba3_flops(s)
         nb = input_bytes(x) + tensor_bytes(x["v"])  # inputs read, out written (out as V)
 
+        # forward + backward: gradients of every input; floor: inputs read twice, out written,
+        # d_out read, gradients (as large as the inputs) written.
+        nb_grad = 3 * input_bytes(x) + 2 * tensor_bytes(x["v"])
+        impls = (("ours", call_ours), (official_name, official_impl))
+
         def forward_only(call):
             def f():
                 with torch.no_grad():
                     call(x)
             return f
 
-        for impl, call in (("ours", call_ours), (official_name, official_impl)):
+        def with_grads(call):
+            return grad_fn(call, x, GRAD_NAMES, seed=2)
+
+        for impl, call in impls:
             run.add_time(kind, s, "fwd", impl, lambda call=call: forward_only(call), flops=fl,
                          nbytes=nb, timer=timer)
-        # forward + backward: gradients of every input; floor: inputs read twice, out written,
-        # d_out read, gradients (as large as the inputs) written.
-        for impl, call in (("ours", call_ours), (official_name, official_impl)):
-            run.add_time(kind, s, "fwd+bwd", impl,
-                         lambda call=call: grad_fn(call, x, GRAD_NAMES, seed=2),
-                         flops=4 * fl, nbytes=3 * input_bytes(x) + 2 * tensor_bytes(x["v"]),
-                         timer=timer)
+        for impl, call in impls:
+            run.add_time(kind, s, "fwd+bwd", impl, lambda call=call: with_grads(call),
+                         flops=4 * fl, nbytes=nb_grad, timer=timer)
         # The same calls captured in one CUDA graph and replayed: device time without the
         # host's per-call work (launches, JIT-cache lookups), which the rows above include.
         if run.gpu:
-            for impl, call in (("ours", call_ours), (official_name, official_impl)):
+            for impl, call in impls:
                 run.add_time(kind, s, "fwd-graph", impl,
                              lambda call=call: graph_replay(lambda: forward_only(call)),
                              flops=fl, nbytes=nb, timer=timer, note="one CUDA graph replay")
                 run.add_time(kind, s, "fwd+bwd-graph", impl,
-                             lambda call=call: graph_replay(
-                                 lambda: grad_fn(call, x, GRAD_NAMES, seed=2)),
-                             flops=4 * fl, nbytes=3 * input_bytes(x) + 2 * tensor_bytes(x["v"]),
-                             timer=timer, note="one CUDA graph replay")
+                             lambda call=call: graph_replay(lambda: with_grads(call)),
+                             flops=4 * fl, nbytes=nb_grad, timer=timer,
+                             note="one CUDA graph replay")
         x = None
         if run.gpu:
             torch.cuda.empty_cache()
