@@ -212,6 +212,16 @@ TEST(Gates, PsivCacheFailsClosedNamingTheGate) {
   EXPECT_TRUE(forward(x.f).ok());
 }
 
+// Without a cuda call (no GPU here, or none yet) there is no cached workspace: releasing it is
+// a no-op that reports 0 bytes.
+TEST(Lanes, ReleaseCachedMemoryWithoutCudaCalls) {
+  size_t released = 123;
+  const Status st = release_cached_memory(&released);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(released, 0u);
+  EXPECT_TRUE(release_cached_memory().ok());
+}
+
 TEST(Lanes, CudaLaneSaysWhatItIs) {
   // No CUDA tensors on this path; the cuda lane entry point must refuse clearly, never run
   // something else.

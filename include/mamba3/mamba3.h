@@ -11,6 +11,7 @@
 //   S number of sequences (B, or len(cu_seqlens) - 1).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -206,6 +207,12 @@ Status step(const StepArgs& args);
 // to (0 when the lane saves nothing: reference, cuda). Validates the arguments (saved itself
 // aside).
 Status saved_numel(const ForwardArgs& args, int64_t* numel);
+
+// The cuda lane keeps the workspace memory of its forward and backward calls in a pool of its
+// own (one per device) for the next call, as PyTorch's caching allocator does. This returns the
+// pools' unused memory to the driver; `released_bytes` (may be null) gets how much that was.
+// A no-op returning Ok when the build has no cuda lane or no call has used it.
+Status release_cached_memory(size_t* released_bytes = nullptr);
 
 // ---------------------------------------------------------------------------------------------
 // Build and runtime information (used by `mamba3 info`).

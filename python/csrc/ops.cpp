@@ -382,6 +382,13 @@ void step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const a
   check_status(mamba3::step(a), "step");
 }
 
+// The bytes of cached workspace the cuda lane returned to the driver (mamba3.h).
+int64_t release_cached_memory() {
+  size_t n = 0;
+  check_status(mamba3::release_cached_memory(&n), "release_cached_memory");
+  return static_cast<int64_t>(n);
+}
+
 }  // namespace
 }  // namespace mamba3_torch
 
@@ -407,6 +414,8 @@ TORCH_LIBRARY(mamba3, m) {
       "Tensor? mimo_o, Tensor? norm_weight, Tensor(a!) state_angle, Tensor(b!) state_ssm, "
       "Tensor(c!) state_k, Tensor(d!) state_v, Tensor(e!) out, bool halved_rope, "
       "float norm_eps) -> ()");
+  // No tensor arguments: one kernel for every dispatch key.
+  m.def("release_cached_memory() -> int", &mamba3_torch::release_cached_memory);
 }
 
 // One implementation for both devices: the core picks the lane from the tensors' device (the

@@ -8,7 +8,7 @@
 """
 
 from ._build_info import mamba3_version as __version__
-from ._ops import combined, step
+from ._ops import combined, release_cached_memory, step
 from .functional import mimo_combined, mimo_step, siso_combined, siso_step
 from .module import InferenceParams, Mamba3
 
@@ -21,4 +21,5 @@ __all__ = [
     "mimo_step",
     "Mamba3",
     "InferenceParams",
+    "release_cached_memory",
 ]

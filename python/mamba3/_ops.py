@@ -252,3 +252,14 @@ def step(
           norm_weight, states[0], states[1], states[2], states[3], out, bool(halved_rope),
           float(norm_eps))
     return out
+
+
+def release_cached_memory() -> int:
+    """Returns the cuda lane's cached workspace memory to the driver; the bytes released.
+
+    The cuda forward (sequence split) and backward draw their workspace from a memory pool of
+    the library's own, one per device, that keeps freed memory for the next call, as PyTorch's
+    caching allocator does (torch.cuda.memory_allocated does not count it). A no-op returning 0
+    without the cuda lane or before its first call.
+    """
+    return int(torch.ops.mamba3.release_cached_memory())

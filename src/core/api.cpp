@@ -160,6 +160,10 @@ std::vector<LaneInfo> lanes() {
   return out;
 }
 
+Status release_cached_memory(size_t* released_bytes) {
+  return cuda::release_workspace(released_bytes);
+}
+
 std::vector<GateInfo> gates() {
   bool on = false;
   Status st = read_gate(kPsivGate, &on);

@@ -20,6 +20,10 @@ std::string device_summary();
 // Which (N, P, R) the kernels of this build serve, in words (for `mamba3 info`).
 std::string supported_configurations();
 
+// Returns the unused memory of the lane's workspace pools to the driver (mamba3.h:
+// release_cached_memory).
+Status release_workspace(size_t* released_bytes);
+
 // Arguments are already validated by the caller (mamba3::validate); tensors on the GPU.
 Status forward(const ForwardArgs& args);
 Status backward(const BackwardArgs& args);

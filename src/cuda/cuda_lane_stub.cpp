@@ -15,6 +15,10 @@ bool compiled() { return false; }
 int device_count() { return 0; }
 std::string device_summary() { return "this build has no CUDA"; }
 std::string supported_configurations() { return "none (no CUDA in this build)"; }
+Status release_workspace(size_t* released_bytes) {
+  if (released_bytes) *released_bytes = 0;
+  return Status::Ok();
+}
 
 Status forward(const ForwardArgs&) { return no_cuda(); }
 Status backward(const BackwardArgs&) { return no_cuda(); }

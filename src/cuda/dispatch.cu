@@ -15,6 +15,7 @@
 #include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
 #include "cuda/common/check.cuh"
 #include "cuda/common/staging.cuh"
+#include "cuda/common/workspace.h"
 #include "cuda/cuda_lane.h"
 #include "cuda/step/step_fast_kernel.cuh"
 #include "cuda/step/step_kernel.cuh"
@@ -115,12 +116,13 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
     MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
     return Status::Ok();
   }
-  // Workspace for the split: stream-ordered, so the call stays asynchronous and capturable.
+  // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the
+  // call stays asynchronous and capturable.
   const int64_t slots = heads * sp.nseg, pn = static_cast<int64_t>(d.P) * d.N;
   const size_t ws_bytes = sizeof(float) * (2 * slots * pn + slots) +
                           sizeof(double) * 2 * slots * std::max<int64_t>(d.NA, 1);
   void* ws = nullptr;
-  MAMBA3_CHECK_CUDA(cudaMallocAsync(&ws, ws_bytes, stream));
+  MAMBA3_CHECK_CUDA(workspace_alloc(&ws, ws_bytes, stream));
   double* th = static_cast<double*>(ws);
   sp.end_theta = th;
   sp.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
@@ -179,6 +181,13 @@ Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
 }  // namespace
 
 bool compiled() { return true; }
+
+Status release_workspace(size_t* released_bytes) {
+  size_t n = 0;
+  MAMBA3_CHECK_CUDA(workspace_trim(&n));
+  if (released_bytes) *released_bytes = n;
+  return Status::Ok();
+}
 
 int device_count() {
   int count = 0;

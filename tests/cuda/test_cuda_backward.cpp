@@ -176,6 +176,31 @@ TEST(CudaBackward, EmptySavedBufferChangesNothing) {
   EXPECT_NE(st.message().find("(0,)"), std::string::npos) << st.message();
 }
 
+// The workspace pool keeps a backward's memory after the call (the default pool would hand it
+// back at the staged call's synchronization); release_cached_memory returns it, once; the next
+// backward allocates again and gives the same bits.
+TEST(CudaBackward, WorkspacePoolKeepsAndReleases) {
+  REQUIRE_GPU();
+  Case c{"pool", 1, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB};
+  check::Problem p = make(c, 5);
+  check::HostTensor dout = p.random_d_out(DType::kBF16, 7);
+  check::StateBuffers ds = p.random_d_states(7);
+  check::GradBuffers g1 = p.make_grads(false), g2 = p.make_grads(false);
+  size_t released = 0;
+  ASSERT_TRUE(release_cached_memory(&released).ok());  // start from an empty pool
+  Status st = cuda::backward_staged(backward_args(p.inputs(), dout, ds, g1, Lane::kCuda));
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  st = release_cached_memory(&released);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_GT(released, 0u) << "the pool kept no workspace of the backward";
+  st = release_cached_memory(&released);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(released, 0u) << "a second release found cached memory";
+  st = cuda::backward_staged(backward_args(p.inputs(), dout, ds, g2, Lane::kCuda));
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  expect_bitwise_equal(collect(g1), collect(g2), "backward after the pool was released");
+}
+
 // The backward allocates its workspace stream-ordered and never synchronizes, so it can be
 // captured in a CUDA graph; a replay gives the same bits as a direct call.
 // Both kernel families: fp32 (SIMT) and bf16 at N = P = 64 (tensor cores).

@@ -3,8 +3,9 @@
 // bwd_dispatch.cu, and as plain C++ by the CPU emulation test (MAMBA3_CUDA_EMU, tests/emu), which
 // runs the same kernels with one host thread per CUDA thread.
 //
-// Workspace: one stream-ordered allocation (cudaMallocAsync / cudaFreeAsync on the call's
-// stream), so the call stays asynchronous and capturable; nothing is kept between calls. The
+// Workspace: one stream-ordered allocation (workspace_alloc / cudaFreeAsync on the call's
+// stream), so the call stays asynchronous and capturable; the lane's pool keeps the freed memory
+// for the next call (cuda/common/workspace.h), nothing else is kept between calls. The
 // backward saves nothing from the forward (the cuda lane's saved-activation layout is empty):
 // it recomputes the chunk-start states itself.
 #pragma once
@@ -20,6 +21,7 @@
 
 #ifndef MAMBA3_CUDA_EMU
 #include "cuda/common/check.cuh"
+#include "cuda/common/workspace.h"
 #endif
 
 namespace mamba3::cuda::bwd {
@@ -99,7 +101,7 @@ class WorkspaceBuffer {
     base_ = std::malloc(bytes_);
     std::memset(base_, 0xff, bytes_);  // NaN everywhere: an unwritten read shows up
 #else
-    M3B_CHECK(cudaMallocAsync(&base_, bytes_, stream_));
+    M3B_CHECK(workspace_alloc(&base_, bytes_, stream_));
 #endif
     for (int i = 0; i < n_slots_; ++i) *slots_[i].slot = static_cast<char*>(base_) + slots_[i].offset;
     return Status::Ok();
