@@ -40,8 +40,16 @@ cudaError_t pool_of(cudaStream_t stream, cudaMemPool_t* pool) {
 }  // namespace
 
 cudaError_t workspace_alloc(void** ptr, size_t bytes, cudaStream_t stream) {
+  // Inside a stream capture the allocation becomes a graph allocation node owned by the graph,
+  // so no pool keeps it either way; and the driver rejects explicit pools there (H200,
+  // CUDA 13.0: cudaMallocFromPoolAsync during capture fails with "operation not permitted when
+  // stream is capturing" and invalidates the capture). cudaMallocAsync is capturable.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t e = cudaStreamIsCapturing(stream, &capture);
+  if (e != cudaSuccess) return e;
+  if (capture == cudaStreamCaptureStatusActive) return cudaMallocAsync(ptr, bytes, stream);
   cudaMemPool_t pool = nullptr;
-  const cudaError_t e = pool_of(stream, &pool);
+  e = pool_of(stream, &pool);
   if (e != cudaSuccess) return e;
   return cudaMallocFromPoolAsync(ptr, bytes, pool, stream);
 }

@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "check/golden.h"
+#include "cuda/common/staging.cuh"
 #include "test_util.h"
 
 namespace mamba3::test {
@@ -122,6 +123,56 @@ TEST(CudaSegmentedForward, BitwiseDeterministicAndBadOverrideNamed) {
   Status st = cuda::forward_staged(f);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
   EXPECT_NE(st.message().find("MAMBA3_CUDA_SEG_LEN"), std::string::npos) << st.message();
+}
+
+// The split forward allocates its segment workspace stream-ordered (a graph allocation node
+// under capture): capturable, and a replay gives the bits of a direct call.
+TEST(CudaSegmentedForward, CapturableInGraph) {
+  REQUIRE_GPU();
+  Case c{"seg_graph", 2, 300, 4, 1, 128, 64, 1, 32, true, true, false, {},
+         RopePairing::kHalved, DType::kBF16};
+  check::Problem p = make(c, 78);
+  ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "64");
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  auto run_once = [&](bool graph, check::HostTensor* out, check::StateBuffers* fin) {
+    ForwardArgs h;
+    h.in = p.inputs();
+    h.out = out->view();
+    h.final_states = fin->view();
+    cuda::Staging st;
+    ForwardArgs d;
+    ASSERT_TRUE(st.stage_forward(h, &d).ok());
+    d.stream = stream;
+    if (graph) {
+      cudaGraph_t g;
+      cudaGraphExec_t exec;
+      ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+      const Status cap = forward(d);
+      ASSERT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
+      ASSERT_TRUE(cap.ok()) << cap.ToString();
+      ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(g);
+    } else {
+      const Status direct = forward(d);
+      ASSERT_TRUE(direct.ok()) << direct.ToString();
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    }
+    ASSERT_TRUE(st.copy_back_all({&d.out, &d.final_states.angle, &d.final_states.ssm,
+                                  &d.final_states.k, &d.final_states.v})
+                    .ok());
+  };
+  check::HostTensor out1 = p.make_out(DType::kBF16), out2 = p.make_out(DType::kBF16);
+  check::StateBuffers f1 = p.make_states(), f2 = p.make_states();
+  run_once(false, &out1, &f1);
+  run_once(true, &out2, &f2);
+  cudaStreamDestroy(stream);
+  expect_bitwise_equal({{"out", out2.to_double()}, {"final.ssm", f2.ssm.to_double()}},
+                       {{"out", out1.to_double()}, {"final.ssm", f1.ssm.to_double()}},
+                       "graph replay vs direct split forward");
 }
 
 INSTANTIATE_TEST_SUITE_P(
