@@ -65,6 +65,22 @@ TEST(EmuTensorCore, LdmatrixAndMmaMatchPlainProduct) {
       }
 }
 
+// MAMBA3_EMU_HASH=1: one FNV-1a hash of every gradient's bits per emulated run, so a refactor
+// that must not change any result can be checked without a GPU (same hashes before and after).
+void print_hashes(const Result& r, const std::string& label) {
+  std::printf("  hash %s:", label.c_str());
+  for (const auto& [name, v] : r) {
+    uint64_t h = 1469598103934665603ull;
+    for (double x : v) {
+      unsigned char b[sizeof(double)];
+      std::memcpy(b, &x, sizeof b);
+      for (unsigned char c : b) h = (h ^ c) * 1099511628211ull;
+    }
+    std::printf(" %s=%016llx", name.c_str(), static_cast<unsigned long long>(h));
+  }
+  std::printf("\n");
+}
+
 // Gradients of the emulated cuda backward, named as run() names them; *tc (if given) says
 // whether the tensor-core chunk kernels ran.
 Result run_emu(const check::Problem& p, const RunOptions& o, bool* tc = nullptr) {
@@ -82,6 +98,7 @@ Result run_emu(const check::Problem& p, const RunOptions& o, bool* tc = nullptr)
   st = cuda::bwd::backward_chunked(b, d);
   EXPECT_TRUE(st.ok()) << st.ToString();
   put_grads(&r, g);
+  if (std::getenv("MAMBA3_EMU_HASH")) print_hashes(r, p.config().describe());
   return r;
 }
 

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Per-source-line totals of one kernel's Nsight Compute SASS table.
+
+Joins `ncu -i REP --page source --csv --print-source sass` (per-instruction executions and
+warp-stall samples, runtime addresses) with `nvdisasm -gi` of the same binary's cubin built with
+-lineinfo (instruction offsets with their source lines and inlining chains), by the instruction's
+offset from the kernel's first instruction, and prints the lines with the most executed warp
+instructions: by innermost line and by the kernel-level line the code was inlined into.
+
+    usage: ncu_lines.py SASS_CSV NVDISASM_TXT KERNEL_SUBSTRING [N]
+"""
+import collections
+import csv
+import re
+import sys
+
+LINE = re.compile(r'//## File "([^"]+)", line (\d+)(.*)')
+INLINED = re.compile(r'inlined at "([^"]+)", line (\d+)')
+INSN = re.compile(r'/\*([0-9a-f]+)\*/\s+(\S.*?)\s*;?\s*$')
+
+
+def short(path: str) -> str:
+    return path.split("/src/")[-1] if "/src/" in path else path.rsplit("/", 1)[-1]
+
+
+def disasm_lines(path: str, kernel: str):
+    """offset -> (innermost 'file:line', outermost 'file:line') for the kernel's .text section."""
+    out, inside, cur = {}, False, (None, None)
+    with open(path) as f:
+        for raw in f:
+            if raw.startswith(".text."):
+                inside = kernel in raw
+                continue
+            if not inside:
+                continue
+            m = LINE.search(raw)
+            if m:
+                inner = f"{short(m.group(1))}:{m.group(2)}"
+                chain = INLINED.findall(m.group(3))
+                outer = f"{short(chain[-1][0])}:{chain[-1][1]}" if chain else inner
+                cur = (inner, outer)
+                continue
+            m = INSN.search(raw)
+            if m:
+                out[int(m.group(1), 16)] = cur
+    return out
+
+
+def main() -> int:
+    csv_path, dis_path, kernel = sys.argv[1:4]
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 40
+    with open(csv_path, newline="") as f:
+        lines = f.read().splitlines()
+    start = next((i for i, l in enumerate(lines) if l.startswith('"Address"') or
+                  l.startswith('"#"')), None)
+    if start is None:
+        print("no source table in", csv_path)
+        return 1
+    rows = list(csv.DictReader(lines[start:]))
+    cols = list(rows[0].keys())
+
+    def col(*keys):
+        return next((c for c in cols if all(k.lower() in c.lower() for k in keys)), None)
+
+    addr_c, exec_c = col("Address"), col("Instructions Executed")
+    samp_c = col("Warp Stall Sampling", "All") or col("Sampling")
+    if addr_c is None or exec_c is None:
+        print("missing Address or Instructions Executed column; columns:", cols)
+        return 1
+
+    def num(v):
+        try:
+            return float(str(v).replace(",", ""))
+        except ValueError:
+            return 0.0
+
+    addrs = [int(r[addr_c], 16) for r in rows]
+    base = min(addrs)
+    where = disasm_lines(dis_path, kernel)
+    if not where:
+        print("kernel", kernel, "not found in", dis_path)
+        return 1
+    inner, outer = collections.Counter(), collections.Counter()
+    inner_s, outer_s = collections.Counter(), collections.Counter()
+    total_e = total_s = 0.0
+    unmapped = 0
+    for r, a in zip(rows, addrs):
+        e, s = num(r[exec_c]), num(r[samp_c]) if samp_c else 0.0
+        total_e += e
+        total_s += s
+        loc = where.get(a - base)
+        if loc is None or loc[0] is None:
+            unmapped += e
+            continue
+        inner[loc[0]] += e
+        outer[loc[1]] += e
+        inner_s[loc[0]] += s
+        outer_s[loc[1]] += s
+    print(f"{len(rows)} instructions, {total_e:.4g} warp instructions executed, "
+          f"{total_s:.0f} stall samples; unmapped executions {unmapped:.4g}")
+    for title, cnt, smp in (("kernel-level line (inlined into)", outer, outer_s),
+                            ("innermost line", inner, inner_s)):
+        print(f"\nby {title}: % of executed, % of stall samples")
+        for loc, e in cnt.most_common(n):
+            print(f"  {100 * e / total_e:5.1f}%  {100 * smp[loc] / (total_s or 1):5.1f}%  {loc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
