@@ -24,8 +24,10 @@ def short(path: str) -> str:
 
 
 def disasm_lines(path: str, kernel: str):
-    """offset -> (innermost 'file:line', outermost 'file:line') for the kernel's .text section."""
-    out, inside, cur = {}, False, (None, None)
+    """offset -> (innermost, outermost, one level below the outermost) 'file:line' for the
+    kernel's .text section. nvdisasm -gi writes one '//## File' line per inlining level before an
+    instruction, innermost first."""
+    out, inside, cur, pending = {}, False, (None, None, None), []
     with open(path) as f:
         for raw in f:
             if raw.startswith(".text."):
@@ -35,13 +37,13 @@ def disasm_lines(path: str, kernel: str):
                 continue
             m = LINE.search(raw)
             if m:
-                inner = f"{short(m.group(1))}:{m.group(2)}"
-                chain = INLINED.findall(m.group(3))
-                outer = f"{short(chain[-1][0])}:{chain[-1][1]}" if chain else inner
-                cur = (inner, outer)
+                pending.append(f"{short(m.group(1))}:{m.group(2)}")
                 continue
             m = INSN.search(raw)
             if m:
+                if pending:
+                    cur = (pending[0], pending[-1], pending[-2] if len(pending) > 1 else pending[-1])
+                    pending = []
                 out[int(m.group(1), 16)] = cur
     return out
 
@@ -80,8 +82,8 @@ def main() -> int:
     if not where:
         print("kernel", kernel, "not found in", dis_path)
         return 1
-    inner, outer = collections.Counter(), collections.Counter()
-    inner_s, outer_s = collections.Counter(), collections.Counter()
+    inner, outer, mid = collections.Counter(), collections.Counter(), collections.Counter()
+    inner_s, outer_s, mid_s = collections.Counter(), collections.Counter(), collections.Counter()
     total_e = total_s = 0.0
     unmapped = 0
     for r, a in zip(rows, addrs):
@@ -94,11 +96,14 @@ def main() -> int:
             continue
         inner[loc[0]] += e
         outer[loc[1]] += e
+        mid[loc[2]] += e
         inner_s[loc[0]] += s
         outer_s[loc[1]] += s
+        mid_s[loc[2]] += s
     print(f"{len(rows)} instructions, {total_e:.4g} warp instructions executed, "
           f"{total_s:.0f} stall samples; unmapped executions {unmapped:.4g}")
     for title, cnt, smp in (("kernel-level line (inlined into)", outer, outer_s),
+                            ("line one level below the kernel", mid, mid_s),
                             ("innermost line", inner, inner_s)):
         print(f"\nby {title}: % of executed, % of stall samples")
         for loc, e in cnt.most_common(n):

@@ -176,7 +176,9 @@ __device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, floa
 // cotangent of out (per token, or per row for per-rank output) and z are fp32 rows of pitch yp
 // in shared memory, zeta, phi and wn the head's parameters.
 
-// Stages the cotangent of out (GO) and z (Z) of the chunk. Ends with a barrier.
+// Stages the cotangent of out (GO) and z (Z) of the chunk. Ends with a barrier. Where P and R
+// are powers of two (P <= kThreads) each thread keeps one column and steps over rows, the
+// offsets advanced per row and the dtype switch taken once; otherwise per element.
 __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const Chunk& ck,
                                                      float* GO, float* Z, int yp, int tid) {
   const CoreParams& p = bp.p;
@@ -184,10 +186,36 @@ __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const 
   const bool reduce = !p.per_rank_out;
   const DTensor& go = bp.d_out;
   const int go_rows = reduce ? ck.m : ck.mr;
+  const int64_t l0 = ck.begin + ck.t0;
+  if (is_pow2(P) && P <= kThreads && is_pow2(R)) {
+    const int x = tid & (P - 1), lr = log2_pow2(R), step = kThreads / P;
+    with_load_ro(go, [&](auto ld) {
+      if (reduce) {
+        const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[2] +
+                             x * go.stride[3];
+        for (int row = tid / P; row < go_rows; row += step)
+          GO[row * yp + x] = ld(base + row * go.stride[1]);
+      } else {
+        const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[3] +
+                             x * go.stride[4];
+        for (int row = tid / P; row < go_rows; row += step)
+          GO[row * yp + x] = ld(base + (row >> lr) * go.stride[1] + (row & (R - 1)) * go.stride[2]);
+      }
+    });
+    if (p.z.defined()) {
+      const int64_t base = ck.b * p.z.stride[0] + l0 * p.z.stride[1] + h * p.z.stride[2] +
+                           x * p.z.stride[3];
+      with_load_ro(p.z, [&](auto ld) {
+        for (int t = tid / P; t < ck.m; t += step) Z[t * yp + x] = ld(base + t * p.z.stride[1]);
+      });
+    }
+    __syncthreads();
+    return;
+  }
 #pragma unroll 8
   for (int i = tid; i < go_rows * P; i += kThreads) {
     const int row = i / P, x = i % P;
-    const int64_t l = ck.begin + ck.t0 + (reduce ? row : row / R);
+    const int64_t l = l0 + (reduce ? row : row / R);
     GO[row * yp + x] =
         reduce ? dload_ro(go, ck.b * go.stride[0] + l * go.stride[1] + h * go.stride[2] +
                                   x * go.stride[3])
@@ -198,22 +226,23 @@ __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const 
 #pragma unroll 8
     for (int i = tid; i < ck.m * P; i += kThreads) {
       const int t = i / P, x = i % P;
-      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] +
-                                        static_cast<int64_t>(ck.begin + ck.t0 + t) * p.z.stride[1] +
+      Z[t * yp + x] = dload_ro(p.z, ck.b * p.z.stride[0] + (l0 + t) * p.z.stride[1] +
                                         h * p.z.stride[2] + x * p.z.stride[3]);
     }
   }
   __syncthreads();
 }
 
-// epilogue_adjoint at (row, x) of the chunk given the row's rstd.
+// epilogue_adjoint at (row, x) of the chunk given the row's rstd (kPow2R: R is a power of two,
+// token and rank of a row by shift and mask).
+template <bool kPow2R = false>
 __device__ __forceinline__ auto out_adjoint(const CoreParams& p, const float* GO, const float* Z,
                                             const float* Y, int yp, const float* zeta,
                                             const float* phi, const float* wn) {
-  const int R = p.R;
+  const int R = p.R, lr = kPow2R ? log2_pow2(R) : 0;
   const bool reduce = !p.per_rank_out, has_z = p.z.defined();
   return [=, &p](int row, int x, float rs) {
-    const int t = row / R, r = row % R;
+    const int t = kPow2R ? row >> lr : row / R, r = kPow2R ? row & (R - 1) : row % R;
     return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
                             Y[row * yp + x], rs, zeta, phi, wn);
   };
@@ -239,7 +268,9 @@ __device__ __forceinline__ void out_norm_stats(const CoreParams& p, const float*
   __syncthreads();
 }
 
-// grad.z of the chunk's tokens: sum over the ranks of du * zeta.
+// grad.z of the chunk's tokens: sum over the ranks of du * zeta. Where P is a power of two
+// (P <= kThreads) each thread keeps one column and steps over tokens, the dtype switch taken
+// once.
 template <typename FA>
 __device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& ck,
                                              const float* zeta, const float* rstd, FA adjoint,
@@ -248,36 +279,46 @@ __device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& c
   if (!gz.defined()) return;
   const int P = bp.p.P, R = bp.p.R;
   const bool norm = bp.p.norm_weight.defined();
-  for (int i = tid; i < ck.m * P; i += kThreads) {
-    const int t = i / P, x = i % P;
+  auto dz_at = [&](int t, int x) {
     float acc = 0.f;
     for (int r = 0; r < R; ++r) {
       const int row = t * R + r;
       acc += adjoint(row, x, norm ? rstd[row] : 1.f).du * zeta[r * P + x];
     }
-    dstore(gz,
-           ck.b * gz.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gz.stride[1] +
-               ck.h * gz.stride[2] + x * gz.stride[3],
-           acc);
+    return acc;
+  };
+  const int64_t row0 = ck.b * gz.stride[0] +
+                       static_cast<int64_t>(ck.begin + ck.t0) * gz.stride[1] + ck.h * gz.stride[2];
+  if (is_pow2(P) && P <= kThreads) {
+    const int x = tid & (P - 1);
+    const int64_t base = row0 + x * gz.stride[3];
+    with_store(gz, [&](auto store) {
+      for (int t = tid / P; t < ck.m; t += kThreads / P) store(base + t * gz.stride[1], dz_at(t, x));
+    });
+    return;
+  }
+  for (int i = tid; i < ck.m * P; i += kThreads) {
+    const int t = i / P, x = i % P;
+    dstore(gz, row0 + t * gz.stride[1] + x * gz.stride[3], dz_at(t, x));
   }
 }
 
 // dy at (row, x) in place of y (read and written by the calling thread only), also to the
 // workspace; returns it.
-template <typename FA>
+template <bool kPow2R = false, typename FA>
 __device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
                                         float* Y, int yp, const float* rstd, const float* xr,
                                         const float* wn, FA adjoint) {
   const CoreParams& p = bp.p;
-  const int P = p.P, R = p.R;
+  const int P = p.P, R = p.R, lr = kPow2R ? log2_pow2(R) : 0;
+  const int t = kPow2R ? row >> lr : row / R, r = kPow2R ? row & (R - 1) : row % R;
   const bool norm = p.norm_weight.defined();
   const float y = Y[row * yp + x];
   const float rs = norm ? rstd[row] : 1.f;
   const float dyn = adjoint(row, x, rs).dyn;
   const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
   Y[row * yp + x] = dy;
-  bp.ws.dy[((ck.l_abs0 + row / R) * p.H + ck.h) * static_cast<int64_t>(R * P) + (row % R) * P + x] =
-      dy;
+  bp.ws.dy[((ck.l_abs0 + t) * p.H + ck.h) * static_cast<int64_t>(R * P) + r * P + x] = dy;
   return dy;
 }
 
@@ -441,14 +482,32 @@ __device__ __forceinline__ float rope_adjoint_rows(float* D, int dp, const float
 }
 
 // Writes the unrotated q or k gradient rows (ST, pitch sp) of a chunk: straight to the grad when
-// the head is alone in its group, else to the per-head workspace; and the bias partial.
+// the head is alone in its group, else to the per-head workspace; and the bias partial. Where N
+// and R are powers of two (N <= kT: the tensor-core path always) each thread keeps one column
+// and steps over rows, the offsets advanced per row and the dtype switch taken once; otherwise
+// per element. The same values land at the same places either way.
 template <int kT = kThreads>
 __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& ck, int sp,
                                               const float* ST, const DTensor& grad, float* ws,
                                               float* par_bias, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, R = p.R;
-  if (grad.defined())
+  if (grad.defined() && is_pow2(N) && N <= kT && is_pow2(R)) {
+    const int n = tid & (N - 1), lr = log2_pow2(R);
+    if (ws) {
+      const int64_t t_stride = static_cast<int64_t>(p.H) * R * N;
+      float* base = ws + (ck.l_abs0 * p.H + ck.h) * static_cast<int64_t>(R * N) + n;
+      for (int row = tid / N; row < ck.mr; row += kT / N)
+        base[(row >> lr) * t_stride + (row & (R - 1)) * N] = ST[row * sp + n];
+    } else {
+      const int64_t base = qk_off(grad, ck.b, ck.begin + ck.t0, 0, ck.g, n);
+      const int64_t s_t = grad.stride[1], s_r = grad.ndim == 4 ? 0 : grad.stride[2];
+      with_store(grad, [&](auto store) {
+        for (int row = tid / N; row < ck.mr; row += kT / N)
+          store(base + (row >> lr) * s_t + (row & (R - 1)) * s_r, ST[row * sp + n]);
+      });
+    }
+  } else if (grad.defined()) {
     for (int i = tid; i < ck.mr * N; i += kT) {
       const int row = i / N, n = i % N, t = row / R, r = row % R;
       const float val = ST[row * sp + n];
@@ -457,6 +516,7 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
       else
         dstore(grad, qk_off(grad, ck.b, ck.begin + ck.t0 + t, r, ck.g, n), val);
     }
+  }
   for (int i = tid; i < R * N; i += kT) {
     const int r = i / N, n = i % N;
     float acc = 0.f;
@@ -475,13 +535,16 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
   const int m = ck.m, h = ck.h, NA = p.NA;
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
   if (tid == 0 && bp.g_adt.defined()) {
-    float run = 0.f;
-    for (int t = m - 1; t >= 0; --t) {
-      run += dcs[t];
-      const DTensor& g = bp.g_adt;
-      dstore(g, ck.b * g.stride[0] + h * g.stride[1] + static_cast<int64_t>(ck.begin + ck.t0 + t) * g.stride[2],
-             run);
-    }
+    const DTensor& g = bp.g_adt;
+    const int64_t base = ck.b * g.stride[0] + h * g.stride[1] +
+                         static_cast<int64_t>(ck.begin + ck.t0) * g.stride[2];
+    with_store(g, [&](auto store) {
+      float run = 0.f;
+      for (int t = m - 1; t >= 0; --t) {
+        run += dcs[t];
+        store(base + t * g.stride[2], run);
+      }
+    });
   }
   if (tid < m) {
     const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + tid;
@@ -501,40 +564,52 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
 
 // Time-level T (m, m) row-major: T[ti][tj] = sum over the ranks of dA o raw for tj <= ti, 0 above
 // the diagonal, from the unmasked fp32 scores DA and RA (mr, mr) of pitch ap.
+// One warp per row ti, lanes over tj (no index division).
 template <int kT = kThreads>
 __device__ __forceinline__ void time_level_scores(const float* DA, const float* RA, int ap, int m,
                                                   int R, float* T, int tid) {
-  for (int i = tid; i < m * m; i += kT) {
-    const int ti = i / m, tj = i % m;
-    float acc = 0.f;
-    if (tj <= ti)
-      for (int r = 0; r < R; ++r)
-        for (int r2 = 0; r2 < R; ++r2) {
-          const int a = (ti * R + r) * ap + tj * R + r2;
-          acc += DA[a] * RA[a];
-        }
-    T[i] = acc;
-  }
+  for (int ti = tid / 32; ti < m; ti += kT / 32)
+    for (int tj = tid % 32; tj < m; tj += 32) {
+      float acc = 0.f;
+      if (tj <= ti)
+        for (int r = 0; r < R; ++r)
+          for (int r2 = 0; r2 < R; ++r2) {
+            const int a = (ti * R + r) * ap + tj * R + r2;
+            acc += DA[a] * RA[a];
+          }
+      T[ti * m + tj] = acc;
+    }
 }
 
 // grad.v of the chunk's tokens: dv = sum_r dV_r psi_r (+ d final v on the sequence's last
-// token), from the dV rows (mr, P) of pitch sp.
+// token), from the dV rows (mr, P) of pitch sp. Where P is a power of two (P <= kT) each thread
+// keeps one column and steps over tokens, the dtype switch taken once.
 template <int kT = kThreads>
 __device__ __forceinline__ void store_dv(const BwdParams& bp, const Chunk& ck, const float* DV,
                                          int sp, const float* psi, int tid) {
   const DTensor& gv = bp.g_v;
   if (!gv.defined()) return;
   const int P = bp.p.P, R = bp.p.R, m = ck.m, h = ck.h;
-  for (int i = tid; i < m * P; i += kT) {
-    const int t = i / P, x = i % P;
+  const bool dfv = ck.last && bp.df_v.defined();
+  auto dv_at = [&](int t, int x) {
     float acc = 0.f;
     for (int r = 0; r < R; ++r) acc += DV[(t * R + r) * sp + x] * psi[r * P + x];
-    if (ck.last && t == m - 1 && bp.df_v.defined())
-      acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
-    dstore(gv,
-           ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0 + t) * gv.stride[1] +
-               h * gv.stride[2] + x * gv.stride[3],
-           acc);
+    if (dfv && t == m - 1) acc += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
+    return acc;
+  };
+  const int64_t row0 = ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0) * gv.stride[1] +
+                       h * gv.stride[2];
+  if (is_pow2(P) && P <= kT) {
+    const int x = tid & (P - 1);
+    const int64_t base = row0 + x * gv.stride[3];
+    with_store(gv, [&](auto store) {
+      for (int t = tid / P; t < m; t += kT / P) store(base + t * gv.stride[1], dv_at(t, x));
+    });
+    return;
+  }
+  for (int i = tid; i < m * P; i += kT) {
+    const int t = i / P, x = i % P;
+    dstore(gv, row0 + t * gv.stride[1] + x * gv.stride[3], dv_at(t, x));
   }
 }
 

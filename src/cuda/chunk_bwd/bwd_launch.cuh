@@ -169,14 +169,15 @@ inline Status mimo_tensor_core_gate(bool* on) {
 }
 
 // The tensor-core chunk kernels (bwd_tc.cuh) serve bf16 q, k, v with 16-byte aligned contiguous
-// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}, SISO and MIMO (MIMO unless
-// MAMBA3_CUDA_BWD_MIMO_TC=0, see above); everything else takes the fp32 SIMT kernels.
+// rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}, SISO and MIMO with R a power
+// of two (MIMO unless MAMBA3_CUDA_BWD_MIMO_TC=0, see above); everything else takes the fp32 SIMT
+// kernels.
 inline bool tensor_core_inputs(const BackwardArgs& a, const Dims& d, const CoreParams& p,
                                bool mimo_tc) {
   const Inputs& in = a.in;
   return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
          p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) &&
-         (d.R == 1 || mimo_tc);
+         is_pow2(static_cast<int>(d.R)) && (d.R == 1 || mimo_tc);
 }
 
 // Chunk rows of the tensor-core kernels: the largest whole number of 16-row tiles (64, 32, 16)

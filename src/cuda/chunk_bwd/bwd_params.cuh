@@ -138,6 +138,17 @@ inline BwdSmem bwd_smem_layout(int N, int P, int R, int NA, int rows, unsigned p
 inline size_t smem_bytes(const BwdSmem& m) { return sizeof(float) * static_cast<size_t>(m.total_floats); }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ bool is_pow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
+// log2 of a power of two.
+__host__ __device__ __forceinline__ int log2_pow2(int x) {
+#ifdef __CUDA_ARCH__
+  return __ffs(x) - 1;
+#else
+  int l = 0;
+  while ((1 << l) < x) ++l;
+  return l;
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // Sequences and chunks

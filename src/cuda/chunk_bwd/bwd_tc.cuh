@@ -186,10 +186,10 @@ __device__ __forceinline__ float bf16_residual(float v) {
 template <int kT = kThreads, bool kResidual = false>
 __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
                                                  int qp, int tid) {
-  const int n4 = N / 4;
+  const int n4 = N / 4, ln4 = log2_pow2(n4);  // N a power of two on the tensor-core path
 #pragma unroll 4
   for (int i = tid; i < P * n4; i += kT) {
-    const int x = i / n4, n = (i % n4) * 4;
+    const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
     float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
     if constexpr (kResidual)
       v = make_float4(bf16_residual(v.x), bf16_residual(v.y), bf16_residual(v.z),
@@ -434,6 +434,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   constexpr int kT = kGradThreads, kWarps = kT / 32;
   const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h;
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
+  const int lr = log2_pow2(R);      // R, P, N and the chunk rows are powers of two here
   float* psi = reinterpret_cast<float*>(sm + lay.par);
   load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
   __syncthreads();
@@ -470,15 +471,15 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   float* par = bp.ws.par + cell * bp.pf.count;
   const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
   const float* dyg = bp.ws.dy + (ck.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
-  auto dy_at = [&](int row, int x) { return dyg[(row / R) * dy_row + (row % R) * P + x]; };
+  auto dy_at = [&](int row, int x) { return dyg[(row >> lr) * dy_row + (row & (R - 1)) * P + x]; };
 
   {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
-    const int p4 = P / 4;
+    const int p4 = P / 4, lp4 = log2_pow2(p4);
     for (int i = tid; i < lay.rows * p4; i += kT) {
-      const int row = i / p4, x = (i % p4) * 4;
+      const int row = i >> lp4, x = (i & (p4 - 1)) * 4;
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       if (row < mr)
-        v = *reinterpret_cast<const float4*>(dyg + (row / R) * dy_row + (row % R) * P + x);
+        v = *reinterpret_cast<const float4*>(dyg + (row >> lr) * dy_row + (row & (R - 1)) * P + x);
       uint2 u;
       u.x = pack_bf16(v.x, v.y);
       u.y = pack_bf16(v.z, v.w);
@@ -523,17 +524,20 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     }
   }
   __syncthreads();
-  // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk).
-  for (int i = tid; i < lay.rows * lay.rows; i += kT) {
-    const int row = i / lay.rows, col = i % lay.rows;
-    float a = 0.f, da = 0.f;
-    if (row < mr && col < mr && col / R <= row / R) {
-      const float coef = mask_coef(cs, w, gam, row / R, col / R);
-      a = RA[row * fap + col] * coef;
-      da = DA[row * fap + col] * coef;
+  // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk); one
+  // warp per row.
+  for (int row = warp; row < lay.rows; row += kWarps) {
+    const int ti = row >> lr;
+    for (int col = lane; col < lay.rows; col += 32) {
+      float a = 0.f, da = 0.f;
+      if (row < mr && col < mr && (col >> lr) <= ti) {
+        const float coef = mask_coef(cs, w, gam, ti, col >> lr);
+        a = RA[row * fap + col] * coef;
+        da = DA[row * fap + col] * coef;
+      }
+      AM[row * ap + col] = __float2bfloat16_rn(a);
+      DAM[row * ap + col] = __float2bfloat16_rn(da);
     }
-    AM[row * ap + col] = __float2bfloat16_rn(a);
-    DAM[row * ap + col] = __float2bfloat16_rn(da);
   }
   stage_state_bf16<kT>(dsend, Sb, P, N, qp, tid);
   __syncthreads();
@@ -563,7 +567,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   tc_gemm<true, true, 2, kT>(
       mr, P, AM, ap, DYb, vp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
       [&](int i, int j, float acc) {
-        ST[i * sp + j] = acc + fw[i / R] * ST[i * sp + j] + dskip * dy_at(i, j);
+        ST[i * sp + j] = acc + fw[i >> lr] * ST[i * sp + j] + dskip * dy_at(i, j);
       },
       warp, lane);
   __syncthreads();
@@ -573,16 +577,17 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     dcs[m - 1] += last;
   }
   {
-    // dv, then the d psi partial.
+    // dv, then the d psi partial (v: bf16, contiguous rows on this path).
     store_dv<kT>(bp, ck, ST, sp, psi, tid);
+    const int lp = log2_pow2(P);
+    const int64_t v_t = p.v.stride[1];
+    const unsigned short* v0 = static_cast<const unsigned short*>(p.v.data) +
+                               ck.b * p.v.stride[0] + (ck.begin + ck.t0) * v_t + h * p.v.stride[2];
     token_sums2<kT>(
         R * P, m,
         [&](int t, int i) {
-          const int r = i / P, x = i % P;
-          const float v =
-              dload_ro(p.v, ck.b * p.v.stride[0] +
-                                static_cast<int64_t>(ck.begin + ck.t0 + t) * p.v.stride[1] +
-                                h * p.v.stride[2] + x * p.v.stride[3]);
+          const int r = i >> lp, x = i & (P - 1);
+          const float v = __uint_as_float(static_cast<unsigned int>(__ldg(v0 + t * v_t + x)) << 16);
           return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
         },
         [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
@@ -618,8 +623,8 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   tc_gemm<true, true, 2, kT>(
       mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
       [&](int i, int j, float acc) {
-        float v = acc + fw[i / R] * ST[i * sp + j];
-        if (dfk && i / R == m - 1) v += dload(bp.df_k, sk_off(bp.df_k, ck.s, i % R, h, j));
+        float v = acc + fw[i >> lr] * ST[i * sp + j];
+        if (dfk && (i >> lr) == m - 1) v += dload(bp.df_k, sk_off(bp.df_k, ck.s, i & (R - 1), h, j));
         ST[i * sp + j] = v;
       },
       warp, lane);
@@ -636,10 +641,10 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   // S_prev as the operand; on the way the partial sums of dS o S_prev (fp32) for d cs_last.
   float dsum = 0.f;
   {
-    const int n4 = N / 4;
+    const int n4 = N / 4, ln4 = log2_pow2(n4);
 #pragma unroll 4
     for (int i = tid; i < P * n4; i += kT) {
-      const int x = i / n4, n = (i % n4) * 4;
+      const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
       const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
       const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
       dsum += d.x * v.x + d.y * v.y + d.z * v.z + d.w * v.w;
@@ -666,7 +671,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   tc_gemm<false, true, 2, kT>(
       mr, N, DAM, ap, K, qp,
       [&](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
-      [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i / R] * ST[i * sp + j]; }, warp,
+      [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i >> lr] * ST[i * sp + j]; }, warp,
       lane);
   __syncthreads();
   for (int i = tid; i < m * NA; i += kT) {
@@ -720,6 +725,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
   const int kr = (mr + 15) & ~15;
+  const int lr = log2_pow2(R);  // R, P, N and the chunk rows are powers of two here
   float* psi = reinterpret_cast<float*>(sm + lay.par);
   float* zeta = psi + R * P;
   float* phi = zeta + R * P;
@@ -746,12 +752,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   float* Y = reinterpret_cast<float*>(sm + lay.y);
   const int qp = lay.qp, vp = lay.vp, ap = lay.ap, yp = lay.yp;
   const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  const int l0 = ck.begin + ck.t0;
-  // v psi in fp32 from the raw input (the D skip and its gradient stay exact).
+  // v psi in fp32 from the raw input (the D skip and its gradient stay exact); v is bf16 with
+  // contiguous rows on this path.
+  const int64_t v_t = p.v.stride[1];
+  const unsigned short* v0 = static_cast<const unsigned short*>(p.v.data) + ck.b * p.v.stride[0] +
+                             (ck.begin + ck.t0) * v_t + h * p.v.stride[2];
   auto vpsi = [&](int row, int x) {
-    return dload_ro(p.v, ck.b * p.v.stride[0] + static_cast<int64_t>(l0 + row / R) * p.v.stride[1] +
-                             h * p.v.stride[2] + x * p.v.stride[3]) *
-           psi[(row % R) * P + x];
+    return __uint_as_float(static_cast<unsigned int>(__ldg(v0 + (row >> lr) * v_t + x)) << 16) *
+           psi[(row & (R - 1)) * P + x];
   };
 
   // A o M on the causal tiles, every entry of those tiles written (zero above the diagonal and
@@ -761,13 +769,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
       [N](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? N : 0; },
       [&](int i, int j, float acc) {
         float a = 0.f;
-        if (i < mr && j < mr && j / R <= i / R) a = acc * mask_coef(cs, w, gam, i / R, j / R);
+        if (i < mr && j < mr && (j >> lr) <= (i >> lr))
+          a = acc * mask_coef(cs, w, gam, i >> lr, j >> lr);
         AM[i * ap + j] = __float2bfloat16_rn(a);
       },
       warp, lane);
   tc_gemm<false, false, 2>(
       mr, P, Q, qp, Sb, qp, [N](int, int, int* kb, int* ke) { *kb = 0, *ke = N; },
-      [&](int i, int j, float acc) { Y[i * yp + j] = ex[i / R] * acc; }, warp, lane);
+      [&](int i, int j, float acc) { Y[i * yp + j] = ex[i >> lr] * acc; }, warp, lane);
   __syncthreads();
   tc_gemm<false, true, 2>(
       mr, P, AM, ap, V, vp,
@@ -780,14 +789,15 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   float* Z = reinterpret_cast<float*>(sm + lay.z);
   const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
   stage_out_cotangents(bp, ck, GO, Z, yp, tid);
-  const auto adjoint = out_adjoint(p, GO, Z, Y, yp, zeta, phi, wn);
+  const auto adjoint = out_adjoint<true>(p, GO, Z, Y, yp, zeta, phi, wn);
   out_norm_stats(p, Y, yp, mr, wn, rstd, xr, adjoint, warp, lane);
   float* par = bp.ws.par + cell * bp.pf.count;
   float* red = reinterpret_cast<float*>(sm + lay.red);
+  const int lp = log2_pow2(P);
   token_sums2(  // d zeta, d phi: sums over the chunk's tokens
       R * P, m,
       [&](int t, int i) {
-        const int r = i / P, x = i % P, row = t * R + r;
+        const int r = i >> lp, x = i & (P - 1), row = t * R + r;
         const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
         return make_float2(e.du * (has_z ? Z[t * yp + x] : 0.f), e.dphi);
       },
@@ -803,14 +813,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   __syncthreads();
   // dy in place of y, to the workspace; the bf16 operand e dy (zero past the chunk) for the state
   // cotangent increment.
+  // Each thread keeps one column x and steps over rows (P divides kThreads).
   float dd = 0.f;
-  for (int i = tid; i < lay.rows * P; i += kThreads) {
-    const int row = i / P, x = i % P;
+  for (int row = tid >> lp, x = tid & (P - 1); row < lay.rows; row += kThreads >> lp) {
     float edy = 0.f;
     if (row < mr) {
-      const float dy = out_dy(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
+      const float dy = out_dy<true>(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
       dd += dy * vpsi(row, x);
-      edy = ex[row / R] * dy;
+      edy = ex[row >> lr] * dy;
     }
     DYb[row * vp + x] = __float2bfloat16_rn(edy);
   }

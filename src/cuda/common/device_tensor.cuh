@@ -80,6 +80,35 @@ __device__ __forceinline__ void dstore_f64(const DTensor& t, int64_t off, double
     dstore(t, off, static_cast<float>(v));
 }
 
+// The dtype switch of dstore / dload_ro taken once around a loop instead of per element:
+// f(st) with st(off, v) storing as dstore(t, off, v) does; f(ld) with ld(off) returning
+// dload_ro(t, off). bf16 and fp32 get their own instance of f, other dtypes the generic one.
+template <typename F>
+__device__ __forceinline__ void with_store(const DTensor& t, F&& f) {
+  if (t.dtype == DType::kBF16) {
+    __nv_bfloat16* d = static_cast<__nv_bfloat16*>(t.data);
+    f([d](int64_t off, float v) { d[off] = __float2bfloat16_rn(v); });
+  } else if (t.dtype == DType::kF32) {
+    float* d = static_cast<float*>(t.data);
+    f([d](int64_t off, float v) { d[off] = v; });
+  } else {
+    f([&t](int64_t off, float v) { dstore(t, off, v); });
+  }
+}
+
+template <typename F>
+__device__ __forceinline__ void with_load_ro(const DTensor& t, F&& f) {
+  if (t.dtype == DType::kBF16) {
+    const unsigned short* s = static_cast<const unsigned short*>(t.data);
+    f([s](int64_t off) { return __uint_as_float(static_cast<unsigned int>(__ldg(s + off)) << 16); });
+  } else if (t.dtype == DType::kF32) {
+    const float* s = static_cast<const float*>(t.data);
+    f([s](int64_t off) { return __ldg(s + off); });
+  } else {
+    f([&t](int64_t off) { return dload_ro(t, off); });
+  }
+}
+
 // q/k (B, L, R, G, N) or (B, L, G, N).
 __device__ __forceinline__ int64_t qk_off(const DTensor& t, int64_t b, int64_t l, int64_t r,
                                           int64_t g, int64_t n) {
