@@ -188,17 +188,17 @@ __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const 
   const int go_rows = reduce ? ck.m : ck.mr;
   const int64_t l0 = ck.begin + ck.t0;
   if (is_pow2(P) && P <= kThreads && is_pow2(R)) {
-    const int x = tid & (P - 1), lr = log2_pow2(R), step = kThreads / P;
+    const int lp = log2_pow2(P), x = tid & (P - 1), lr = log2_pow2(R), step = kThreads >> lp;
     with_load_ro(go, [&](auto ld) {
       if (reduce) {
         const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[2] +
                              x * go.stride[3];
-        for (int row = tid / P; row < go_rows; row += step)
+        for (int row = tid >> lp; row < go_rows; row += step)
           GO[row * yp + x] = ld(base + row * go.stride[1]);
       } else {
         const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[3] +
                              x * go.stride[4];
-        for (int row = tid / P; row < go_rows; row += step)
+        for (int row = tid >> lp; row < go_rows; row += step)
           GO[row * yp + x] = ld(base + (row >> lr) * go.stride[1] + (row & (R - 1)) * go.stride[2]);
       }
     });
@@ -206,7 +206,7 @@ __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const 
       const int64_t base = ck.b * p.z.stride[0] + l0 * p.z.stride[1] + h * p.z.stride[2] +
                            x * p.z.stride[3];
       with_load_ro(p.z, [&](auto ld) {
-        for (int t = tid / P; t < ck.m; t += step) Z[t * yp + x] = ld(base + t * p.z.stride[1]);
+        for (int t = tid >> lp; t < ck.m; t += step) Z[t * yp + x] = ld(base + t * p.z.stride[1]);
       });
     }
     __syncthreads();
@@ -290,10 +290,11 @@ __device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& c
   const int64_t row0 = ck.b * gz.stride[0] +
                        static_cast<int64_t>(ck.begin + ck.t0) * gz.stride[1] + ck.h * gz.stride[2];
   if (is_pow2(P) && P <= kThreads) {
-    const int x = tid & (P - 1);
+    const int lp = log2_pow2(P), x = tid & (P - 1);
     const int64_t base = row0 + x * gz.stride[3];
     with_store(gz, [&](auto store) {
-      for (int t = tid / P; t < ck.m; t += kThreads / P) store(base + t * gz.stride[1], dz_at(t, x));
+      for (int t = tid >> lp; t < ck.m; t += kThreads >> lp)
+        store(base + t * gz.stride[1], dz_at(t, x));
     });
     return;
   }
@@ -304,22 +305,30 @@ __device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& c
 }
 
 // dy at (row, x) in place of y (read and written by the calling thread only), also to the
-// workspace; returns it.
-template <bool kPow2R = false, typename FA>
-__device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
-                                        float* Y, int yp, const float* rstd, const float* xr,
-                                        const float* wn, FA adjoint) {
+// workspace, from the adjoint's dyn there; returns it.
+template <bool kPow2R = false>
+__device__ __forceinline__ float store_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
+                                          float dyn, float* Y, int yp, const float* rstd,
+                                          const float* xr, const float* wn) {
   const CoreParams& p = bp.p;
   const int P = p.P, R = p.R, lr = kPow2R ? log2_pow2(R) : 0;
   const int t = kPow2R ? row >> lr : row / R, r = kPow2R ? row & (R - 1) : row % R;
   const bool norm = p.norm_weight.defined();
   const float y = Y[row * yp + x];
   const float rs = norm ? rstd[row] : 1.f;
-  const float dyn = adjoint(row, x, rs).dyn;
   const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
   Y[row * yp + x] = dy;
   bp.ws.dy[((ck.l_abs0 + t) * p.H + ck.h) * static_cast<int64_t>(R * P) + r * P + x] = dy;
   return dy;
+}
+
+// store_dy with the adjoint evaluated at (row, x).
+template <bool kPow2R = false, typename FA>
+__device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
+                                        float* Y, int yp, const float* rstd, const float* xr,
+                                        const float* wn, FA adjoint) {
+  const float rs = bp.p.norm_weight.defined() ? rstd[row] : 1.f;
+  return store_dy<kPow2R>(bp, ck, row, x, adjoint(row, x, rs).dyn, Y, yp, rstd, xr, wn);
 }
 
 // grid (chunks, H): y of the chunk recomputed from its start state, then the output stage's
@@ -493,17 +502,19 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
   const CoreParams& p = bp.p;
   const int N = p.N, R = p.R;
   if (grad.defined() && is_pow2(N) && N <= kT && is_pow2(R)) {
-    const int n = tid & (N - 1), lr = log2_pow2(R);
+    // Shifts, not divisions: the compiler rematerializes loop-invariant values under register
+    // pressure, and a division by a runtime N inside the loop costs ~25 instructions.
+    const int ln = log2_pow2(N), n = tid & (N - 1), lr = log2_pow2(R), step = kT >> ln;
     if (ws) {
       const int64_t t_stride = static_cast<int64_t>(p.H) * R * N;
       float* base = ws + (ck.l_abs0 * p.H + ck.h) * static_cast<int64_t>(R * N) + n;
-      for (int row = tid / N; row < ck.mr; row += kT / N)
+      for (int row = tid >> ln; row < ck.mr; row += step)
         base[(row >> lr) * t_stride + (row & (R - 1)) * N] = ST[row * sp + n];
     } else {
       const int64_t base = qk_off(grad, ck.b, ck.begin + ck.t0, 0, ck.g, n);
       const int64_t s_t = grad.stride[1], s_r = grad.ndim == 4 ? 0 : grad.stride[2];
       with_store(grad, [&](auto store) {
-        for (int row = tid / N; row < ck.mr; row += kT / N)
+        for (int row = tid >> ln; row < ck.mr; row += step)
           store(base + (row >> lr) * s_t + (row & (R - 1)) * s_r, ST[row * sp + n]);
       });
     }
@@ -551,10 +562,9 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
     bp.ws.tok[slot] = dgam[tid];
     bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
   }
-  for (int i = tid; i < m * NA; i += kT) {
-    const int t = i / NA, a = i % NA;
-    bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[i];
-  }
+  for (int t = tid / 32; t < m; t += kT / 32)  // a warp per token (no index division)
+    for (int a = tid % 32; a < NA; a += 32)
+      bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[t * NA + a];
   for (int a = tid; a < NA; a += kT) {
     float sum = 0.f;
     for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
@@ -600,10 +610,10 @@ __device__ __forceinline__ void store_dv(const BwdParams& bp, const Chunk& ck, c
   const int64_t row0 = ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0) * gv.stride[1] +
                        h * gv.stride[2];
   if (is_pow2(P) && P <= kT) {
-    const int x = tid & (P - 1);
+    const int lp = log2_pow2(P), x = tid & (P - 1);
     const int64_t base = row0 + x * gv.stride[3];
     with_store(gv, [&](auto store) {
-      for (int t = tid / P; t < m; t += kT / P) store(base + t * gv.stride[1], dv_at(t, x));
+      for (int t = tid >> lp; t < m; t += kT >> lp) store(base + t * gv.stride[1], dv_at(t, x));
     });
     return;
   }

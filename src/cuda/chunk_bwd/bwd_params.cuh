@@ -350,8 +350,11 @@ __device__ __forceinline__ void load_chunk_inputs(const BwdParams& bp, const Chu
     qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
     kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
   }
-#pragma unroll 8
-  for (int i = tid; i < m * NA; i += kT) th[i] = angle_at(p, b, l0 + i / NA, h, i % NA);
+  // A warp per token, lanes over the rope pairs (no index division).
+  for (int a = tid % 32; a < NA; a += 32) {
+#pragma unroll 4
+    for (int t = tid / 32; t < m; t += kT / 32) th[t * NA + a] = angle_at(p, b, l0 + t, h, a);
+  }
 }
 
 // After load_chunk_inputs and a barrier: cs summed in place (cumulative, thread 0) and the raw
@@ -363,7 +366,9 @@ __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th
   const float* dtv = sc + kDt * kMaxRows;
   if (tid == 0)
     for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
-  for (int i = tid; i < m * NA; i += kT) th[i] = static_cast<float>(angle_inc(th[i], dtv[i / NA]));
+  for (int t = tid / 32; t < m; t += kT / 32)  // a warp per token (no index division)
+    for (int a = tid % 32; a < NA; a += 32)
+      th[t * NA + a] = static_cast<float>(angle_inc(th[t * NA + a], dtv[t]));
 }
 
 __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& lay, float* sm,

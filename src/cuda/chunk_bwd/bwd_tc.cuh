@@ -629,10 +629,10 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
       },
       warp, lane);
   __syncthreads();
-  for (int i = tid; i < m * NA; i += kT) {
-    const int t = i / NA, a = i % NA;
-    DTH[i] = rope_adjoint_rows_bf16(ST, sp, K, qp, t, a, R, N, p.interleaved, TH[i]);
-  }
+  for (int t = warp; t < m; t += kWarps)  // a warp per token (no index division)
+    for (int a = lane; a < NA; a += 32)
+      DTH[t * NA + a] =
+          rope_adjoint_rows_bf16(ST, sp, K, qp, t, a, R, N, p.interleaved, TH[t * NA + a]);
   __syncthreads();
   store_qk_grad<kT>(bp, ck, sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
   __syncthreads();
@@ -674,10 +674,10 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
       [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i >> lr] * ST[i * sp + j]; }, warp,
       lane);
   __syncthreads();
-  for (int i = tid; i < m * NA; i += kT) {
-    const int t = i / NA, a = i % NA;
-    DTH[i] += rope_adjoint_rows_bf16(ST, sp, Q, qp, t, a, R, N, p.interleaved, TH[i]);
-  }
+  for (int t = warp; t < m; t += kWarps)
+    for (int a = lane; a < NA; a += 32)
+      DTH[t * NA + a] +=
+          rope_adjoint_rows_bf16(ST, sp, Q, qp, t, a, R, N, p.interleaved, TH[t * NA + a]);
   __syncthreads();
   store_qk_grad<kT>(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
 
@@ -711,6 +711,73 @@ __global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams 
       [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
   if (tid == 0)
     bp.ws.decay[cell] = reinterpret_cast<const float*>(sm + lay.scal)[kE * kMaxRows + ck.m - 1];
+}
+
+// chunk_out_tc's output-stage adjoint for R = 1 in one pass (after out_norm_stats): per
+// (row, x) of the chunk one evaluation of the adjoint gives the d zeta / d phi / d norm_weight
+// partials (reduced over the row groups as token_sums2 does), grad.z, dy (in place of y and to
+// the workspace), the D partial (*dd, this thread's) and the bf16 operand e dy (zero past the
+// chunk). Thread tid owns column x = tid mod P of rows tid / P + k kThreads / P: the element and
+// summation order of token_sums2, store_out_dz and the dy loop, so the values are theirs. Ends
+// with a barrier.
+template <typename FA, typename FV>
+__device__ __forceinline__ void chunk_out_adjoint_siso(
+    const BwdParams& bp, const Chunk& ck, FA adjoint, float* Y, const float* Z, int yp,
+    const float* zeta, const float* rstd, const float* xr, const float* wn, const float* ex,
+    FV vpsi, bf16* DYb, int vp, int rows, float* par, float* red, int lp, float* dd, int tid) {
+  const CoreParams& p = bp.p;
+  const int P = p.P, m = ck.m, x = tid & (P - 1), groups = kThreads >> lp;
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
+  const DTensor& gz = bp.g_z;
+  const int64_t gz0 = gz.defined() ? ck.b * gz.stride[0] +
+                                         static_cast<int64_t>(ck.begin + ck.t0) * gz.stride[1] +
+                                         ck.h * gz.stride[2] + x * gz.stride[3]
+                                   : 0;
+  float2 acc = make_float2(0.f, 0.f);
+  float acc_w = 0.f, d = 0.f;
+  __syncthreads();
+  auto pass = [&](auto store_dz) {
+    for (int row = tid >> lp; row < rows; row += groups) {
+      float edy = 0.f;
+      if (row < m) {
+        const float rs = norm ? rstd[row] : 1.f;
+        const EpiAdjoint e = adjoint(row, x, rs);
+        acc.x += e.du * (has_z ? Z[row * yp + x] : 0.f);
+        acc.y += e.dphi;
+        if (norm) acc_w += e.dyn * Y[row * yp + x] * rstd[row];
+        float dz = 0.f;
+        dz += e.du * zeta[x];
+        store_dz(row, dz);
+        const float dy = store_dy<true>(bp, ck, row, x, e.dyn, Y, yp, rstd, xr, wn);
+        d += dy * vpsi(row, x);
+        edy = ex[row] * dy;
+      }
+      DYb[row * vp + x] = __float2bfloat16_rn(edy);
+    }
+  };
+  if (gz.defined())
+    with_store(gz, [&](auto store) {
+      pass([&](int t, float v) { store(gz0 + t * gz.stride[1], v); });
+    });
+  else
+    pass([](int, float) {});
+  *dd = d;
+  red[tid] = acc.x, red[kThreads + tid] = acc.y;
+  __syncthreads();
+  if (tid < P) {
+    float2 sum = make_float2(0.f, 0.f);
+    for (int k = 0; k < groups; ++k) sum.x += red[k * P + tid], sum.y += red[kThreads + k * P + tid];
+    par[bp.pf.zeta + tid] = sum.x, par[bp.pf.phi + tid] = sum.y;
+  }
+  __syncthreads();
+  red[tid] = acc_w;
+  __syncthreads();
+  if (tid < P) {
+    float sum = 0.f;
+    for (int k = 0; k < groups; ++k) sum += red[k * P + tid];
+    par[bp.pf.w + tid] = sum;
+  }
+  __syncthreads();
 }
 
 // grid (chunks, H): bwd_chunk_out_kernel with its products on the tensor cores:
@@ -794,35 +861,44 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   float* par = bp.ws.par + cell * bp.pf.count;
   float* red = reinterpret_cast<float*>(sm + lay.red);
   const int lp = log2_pow2(P);
-  token_sums2(  // d zeta, d phi: sums over the chunk's tokens
-      R * P, m,
-      [&](int t, int i) {
-        const int r = i >> lp, x = i & (P - 1), row = t * R + r;
-        const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
-        return make_float2(e.du * (has_z ? Z[t * yp + x] : 0.f), e.dphi);
-      },
-      [&](int i, float2 sum) { par[bp.pf.zeta + i] = sum.x, par[bp.pf.phi + i] = sum.y; }, red,
-      tid);
-  token_sums2(  // d norm_weight: sums over the chunk's rows
-      P, norm ? mr : 0,
-      [&](int row, int x) {
-        return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
-      },
-      [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
-  store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
-  __syncthreads();
-  // dy in place of y, to the workspace; the bf16 operand e dy (zero past the chunk) for the state
-  // cotangent increment.
-  // Each thread keeps one column x and steps over rows (P divides kThreads).
   float dd = 0.f;
-  for (int row = tid >> lp, x = tid & (P - 1); row < lay.rows; row += kThreads >> lp) {
-    float edy = 0.f;
-    if (row < mr) {
-      const float dy = out_dy<true>(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
-      dd += dy * vpsi(row, x);
-      edy = ex[row >> lr] * dy;
+  if (R == 1) {
+    // SISO: the passes below fused into one, each (row, x) owned by one thread (x = tid mod P,
+    // rows tid / P + k kThreads / P, the element and summation order of token_sums2 and of the
+    // passes), so the output stage's adjoint is evaluated once per element instead of three
+    // times; the same values result.
+    chunk_out_adjoint_siso(bp, ck, adjoint, Y, Z, yp, zeta, rstd, xr, wn, ex, vpsi, DYb, vp,
+                           lay.rows, par, red, lp, &dd, tid);
+  } else {
+    token_sums2(  // d zeta, d phi: sums over the chunk's tokens
+        R * P, m,
+        [&](int t, int i) {
+          const int r = i >> lp, x = i & (P - 1), row = t * R + r;
+          const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
+          return make_float2(e.du * (has_z ? Z[t * yp + x] : 0.f), e.dphi);
+        },
+        [&](int i, float2 sum) { par[bp.pf.zeta + i] = sum.x, par[bp.pf.phi + i] = sum.y; }, red,
+        tid);
+    token_sums2(  // d norm_weight: sums over the chunk's rows
+        P, norm ? mr : 0,
+        [&](int row, int x) {
+          return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
+        },
+        [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
+    store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
+    __syncthreads();
+    // dy in place of y, to the workspace; the bf16 operand e dy (zero past the chunk) for the
+    // state cotangent increment. Each thread keeps one column x and steps over rows (P divides
+    // kThreads).
+    for (int row = tid >> lp, x = tid & (P - 1); row < lay.rows; row += kThreads >> lp) {
+      float edy = 0.f;
+      if (row < mr) {
+        const float dy = out_dy<true>(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
+        dd += dy * vpsi(row, x);
+        edy = ex[row >> lr] * dy;
+      }
+      DYb[row * vp + x] = __float2bfloat16_rn(edy);
     }
-    DYb[row * vp + x] = __float2bfloat16_rn(edy);
   }
   dd = block_sum(dd, reinterpret_cast<float*>(sm + lay.red), tid);  // barriers: DYb complete
   if (tid == 0) par[bp.pf.d] = dd;
