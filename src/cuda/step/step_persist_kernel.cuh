@@ -102,12 +102,13 @@ __device__ __forceinline__ void store_out(void* base, DType dt, int off, float v
 }
 
 // CTAs per SM the registers must allow: what shared memory allows at P = 64, N = 128 (70 KB per
-// CTA at R <= 2: 3; 81-95 KB at R = 4, 8: 2). At 256 threads that caps R <= 2 at 80 registers.
-template <int R>
-inline constexpr int kPersistMinCtas = R <= 2 ? 3 : 2;
+// CTA at R <= 2: 3; 81-95 KB at R = 4, 8: 2). At 256 threads that caps R <= 2 at 80 registers
+// and R = 4 at 128; R = 8 at 256 threads spilled 16 bytes at 128, so it gets 1 (rare shape).
+template <int R, int kThreads>
+inline constexpr int kPersistMinCtas = R <= 2 ? 3 : (R == 8 && kThreads == 256) ? 1 : 2;
 
 template <typename T, int R, int N, int kThreads>
-__global__ void __launch_bounds__(kThreads, kPersistMinCtas<R>)
+__global__ void __launch_bounds__(kThreads, kPersistMinCtas<R, kThreads>)
     step_persist_kernel(StepPersistParams sp) {
   constexpr int kCpr = N / 4;                        // float4 chunks per state row
   constexpr int kRowsPerPass = kThreads / kCpr;      // rows per pass of the CTA
