@@ -17,8 +17,7 @@
 #include "cuda/common/staging.cuh"
 #include "cuda/common/workspace.h"
 #include "cuda/cuda_lane.h"
-#include "cuda/step/step_fast_kernel.cuh"
-#include "cuda/step/step_kernel.cuh"
+#include "cuda/step/step_launch.cuh"
 
 namespace mamba3::cuda {
 namespace {
@@ -228,7 +227,9 @@ std::string supported_configurations() {
   return "forward: tensor cores (bf16 mma.sync, cp.async pipeline, sequence split when the grid "
          "is small) for bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128}, "
          "fp32 SIMT otherwise (any even N <= 128, P <= 128); R in {1, 2, 4, 8}; decode step: fp32 "
-         "state streamed once (float4 rows at N in {64, 128}, P % 16 == 0; a general kernel "
+         "state streamed once (float4 rows at N in {64, 128}, P % 16 == 0: persistent CTAs with "
+         "the next (batch, head) prefetched when q, k, v, z, trap share a dtype and the rest is "
+         "fp32 (MAMBA3_CUDA_STEP_PERSISTENT=0: one CTA per (batch, head)); a general kernel "
          "otherwise); " +
          backward_configurations();
 }
@@ -251,61 +252,6 @@ Status backward(const BackwardArgs& a) {
   return backward_chunked(a, d);
 }
 
-namespace {
-
-template <int R, int N, int T>
-Status launch_step_fast_rnt(const CoreParams& p, const Dims& d, cudaStream_t stream) {
-  const size_t bytes = step_fast_smem_bytes(N, p.P, R, p.NA);
-  if (bytes > 48 * 1024)
-    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(step_fast_kernel<R, N, T>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  step_fast_kernel<R, N, T><<<static_cast<unsigned>(d.B * d.H), T, bytes, stream>>>(p);
-  MAMBA3_CHECK_LAUNCH("step_fast_kernel");
-  return Status::Ok();
-}
-
-template <int R>
-Status launch_step_fast_r(const CoreParams& p, const Dims& d, int threads, cudaStream_t stream) {
-  if (threads == 128)
-    return p.N == 64 ? launch_step_fast_rnt<R, 64, 128>(p, d, stream)
-                     : launch_step_fast_rnt<R, 128, 128>(p, d, stream);
-  return p.N == 64 ? launch_step_fast_rnt<R, 64, 256>(p, d, stream)
-                   : launch_step_fast_rnt<R, 128, 256>(p, d, stream);
-}
-
-// Threads per CTA of the fast decode kernel. Measured on the H200 (2026-11-29 09:51Z, bf16,
-// H = 64, N = 128, P = 64): 128 threads (5 CTAs per SM) beat 256 (4 per SM) for R = 1 on large
-// grids (batch 128: 215 vs 229 us, batch 512: 835 vs 902 us), 256 wins at batch 1 (8.1 vs 9.4 us)
-// and for R = 4 at every batch (370 vs 473 us at batch 128). So: 128 for R = 1 when there are at
-// least 32 CTAs per SM (between the measured 0.5 and 62), else 256.
-// MAMBA3_CUDA_STEP_THREADS (128 or 256) overrides it, to test or tune; anything else is an
-// error, not "unset".
-Status step_threads(const CoreParams& p, const Dims& d, int* threads) {
-  *threads = p.R == 1 && d.B * d.H >= 32 * static_cast<int64_t>(sm_count()) ? 128 : 256;
-  const char* env = std::getenv("MAMBA3_CUDA_STEP_THREADS");
-  if (env == nullptr || *env == '\0') return Status::Ok();
-  if (std::string(env) == "128" || std::string(env) == "256") {
-    *threads = std::atoi(env);
-    return Status::Ok();
-  }
-  return Status::InvalidArgument(std::string("MAMBA3_CUDA_STEP_THREADS: expected 128 or 256, got '") +
-                                 env + "'");
-}
-
-// The common case (step_fast_ok): one instantiation per (R, N, threads).
-Status launch_step_fast(const CoreParams& p, const Dims& d, cudaStream_t stream) {
-  int threads = 0;
-  M3_RETURN_IF_ERROR(step_threads(p, d, &threads));
-  switch (p.R) {
-    case 1: return launch_step_fast_r<1>(p, d, threads, stream);
-    case 2: return launch_step_fast_r<2>(p, d, threads, stream);
-    case 4: return launch_step_fast_r<4>(p, d, threads, stream);
-    default: return launch_step_fast_r<8>(p, d, threads, stream);
-  }
-}
-
-}  // namespace
-
 Status step(const StepArgs& a) {
   Dims d;
   M3_RETURN_IF_ERROR(validate_step(a, &d));
@@ -315,15 +261,7 @@ Status step(const StepArgs& a) {
   Dims fd;
   M3_RETURN_IF_ERROR(validate_forward(f, &fd));
   const CoreParams p = make_params(f, fd);
-  if (step_fast_ok(p)) return launch_step_fast(p, d, static_cast<cudaStream_t>(a.stream));
-  const size_t bytes = step_smem_bytes(p.N, p.P, p.R, p.NA, p.state_vec4);
-  if (bytes > 48 * 1024)
-    MAMBA3_CHECK_CUDA(
-        cudaFuncSetAttribute(step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  step_kernel<<<static_cast<unsigned>(d.B * d.H), kStepThreads, bytes,
-                static_cast<cudaStream_t>(a.stream)>>>(p);
-  MAMBA3_CHECK_LAUNCH("step_kernel");
-  return Status::Ok();
+  return decode::launch_step(a, d, p, static_cast<cudaStream_t>(a.stream));
 }
 
 Status forward_staged(const ForwardArgs& h) {

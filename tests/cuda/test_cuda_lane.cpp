@@ -309,6 +309,62 @@ TEST(CudaStep, ThreadCountsAgreeBitwise) {
   EXPECT_NE(bad.message().find("MAMBA3_CUDA_STEP_THREADS"), std::string::npos) << bad.message();
 }
 
+// The persistent kernel (MAMBA3_CUDA_STEP_PERSISTENT=1; fails rather than falls back) with
+// fewer CTAs than (batch, head) items (MAMBA3_CUDA_STEP_CTAS), so its grid-stride loop and
+// prefetch run: within the recipe of the float64 prefill for bf16, fp16 and fp32 inputs, and
+// equal to the previous fast kernel (MAMBA3_CUDA_STEP_PERSISTENT=0) within the same recipe
+// (same arithmetic per element; only the compiler's FMA contraction may differ between them).
+TEST(CudaStep, PersistentStepsEqualPrefill) {
+  REQUIRE_GPU();
+  struct PCase {
+    int64_t B, H, G, N, P, R;
+    DType dtype;
+    bool interleaved, norm;
+    const char *threads, *ctas;
+  };
+  for (const PCase& k : {PCase{5, 4, 1, 128, 64, 1, kB, true, false, "128", "3"},
+                         PCase{5, 4, 2, 128, 64, 1, kB, false, true, "256", "7"},
+                         PCase{3, 4, 1, 64, 128, 1, kF, true, false, "256", "2"},
+                         PCase{3, 4, 1, 128, 64, 4, kB, false, true, "256", "5"},
+                         PCase{2, 4, 2, 64, 64, 4, kF16, true, false, "128", "3"},
+                         PCase{2, 3, 1, 128, 128, 2, kF, false, true, "256", "4"},
+                         PCase{2, 2, 1, 64, 64, 8, kB, true, true, "256", "3"},
+                         PCase{4, 8, 1, 128, 64, 1, kB, true, false, nullptr, nullptr}}) {
+    const std::string label = "B=" + std::to_string(k.B) + " H=" + std::to_string(k.H) +
+                              " N=" + std::to_string(k.N) + " P=" + std::to_string(k.P) +
+                              " R=" + std::to_string(k.R) + " " + dtype_name(k.dtype) +
+                              " ctas=" + (k.ctas ? k.ctas : "default");
+    SCOPED_TRACE(label);
+    check::ProblemConfig cfg = check::default_config(k.B, 6, k.H, k.G, k.N, k.P, k.R, 90 + k.R);
+    cfg.has_states = true;
+    cfg.has_norm = k.norm;
+    cfg.dtype = k.dtype;
+    cfg.rope_pairing = k.interleaved ? RopePairing::kInterleaved : RopePairing::kHalved;
+    check::Problem p(cfg);
+    RunOptions o;
+    o.backward = false;
+    const Result pre = run(p, Eval::kReference, o);
+    const Result naive = run(p, Eval::kNaiveF32, o);
+    const ScopedEnv threads("MAMBA3_CUDA_STEP_THREADS", k.threads ? k.threads : "");
+    const ScopedEnv ctas("MAMBA3_CUDA_STEP_CTAS", k.ctas ? k.ctas : "");
+    auto steps = [&](const char* persistent) {
+      const ScopedEnv gate("MAMBA3_CUDA_STEP_PERSISTENT", persistent);
+      check::StateBuffers st = p.initial;
+      check::HostTensor out = p.make_out(DType::kF32);
+      for (int64_t t = 0; t < cfg.L; ++t) {
+        const Status r = cuda::step_staged(step_view(p, t, st.view(), out, Lane::kCuda));
+        EXPECT_TRUE(r.ok()) << r.ToString();
+      }
+      Result got{{"out", out.to_double()}};
+      put_states(&got, st);
+      return got;
+    };
+    const Result persistent = steps("1"), fast = steps("0");
+    expect_within_recipe(persistent, pre, naive, label + " persistent vs float64 prefill");
+    expect_within_recipe(persistent, fast, naive, label + " persistent vs fast kernel");
+  }
+}
+
 // A step captured in a CUDA graph and replayed equals the same steps launched directly.
 TEST(CudaStep, CapturableInGraph) {
   REQUIRE_GPU();
@@ -358,7 +414,9 @@ TEST(CudaStep, CapturableInGraph) {
   check::HostTensor direct(DType::kF32, p.initial.ssm.shape());
   ASSERT_EQ(cudaMemcpy(direct.data(), s.state.ssm.data, direct.numel() * 4, cudaMemcpyDeviceToHost),
             cudaSuccess);
-  // Graph: capture one step, replay 5 times.
+  // Graph: capture one step, replay 5 times; the persistent kernel (the default here) with 5
+  // CTAs for the 32 (batch, head) items, so the capture holds its grid-stride loop too.
+  const ScopedEnv ctas("MAMBA3_CUDA_STEP_CTAS", "5");
   s.state = fresh_states();
   cudaGraph_t graph;
   cudaGraphExec_t exec;

@@ -1,10 +1,11 @@
-// A CPU emulation of the small part of CUDA the backward kernels use, so the kernels in
-// src/cuda/chunk_bwd run (slowly) on a machine without a GPU: each CUDA thread of a block is a
-// std::thread, __syncthreads is a std::barrier over the block, warp shuffles exchange through a
-// per-warp buffer and barrier, and so do the tensor-core instructions of the bf16 kernels
-// (ldmatrix x4 / x4.trans and mma.sync m16n8k16 bf16 -> fp32, with the fragment layouts of
-// src/cuda/common/mma.cuh; ldmatrix checks that its row addresses are 16-byte aligned and inside
-// dynamic shared memory). Blocks run one after another; dynamic shared memory is a fresh
+// A CPU emulation of the small part of CUDA the backward and decode-step kernels use, so the
+// kernels in src/cuda/chunk_bwd and src/cuda/step run (slowly) on a machine without a GPU: each
+// CUDA thread of a block is a std::thread, __syncthreads is a std::barrier over the block, warp
+// shuffles exchange through a per-warp buffer and barrier, and so do the tensor-core
+// instructions of the bf16 kernels (ldmatrix x4 / x4.trans and mma.sync m16n8k16 bf16 -> fp32,
+// with the fragment layouts of src/cuda/common/mma.cuh; ldmatrix checks that its row addresses
+// are 16-byte aligned and inside dynamic shared memory); cp.async is a plain copy that completes
+// at once (checked the same way). Blocks run one after another; dynamic shared memory is a fresh
 // heap buffer per block filled with NaN bytes (so a read of an unwritten word shows up), which
 // lets AddressSanitizer see out-of-bounds shared and global accesses. Include before any kernel
 // header, with MAMBA3_CUDA_EMU defined.
@@ -207,4 +208,31 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ::m3emu::ldmatr
 inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   ::m3emu::mma_bf16(c, a, b0, b1);
 }
+
+// cp.async (src/cuda/common/async_copy.cuh) as a plain copy that completes at once, so commit
+// and wait have nothing to do; an invalid copy writes zeros. The destination must lie inside
+// dynamic shared memory and be aligned to the copy size, as on the device.
+template <size_t kBytes>
+inline void cp_async_emu(void* smem, const void* gmem, bool valid) {
+  auto* d = static_cast<unsigned char*>(smem);
+  if (reinterpret_cast<uintptr_t>(smem) % kBytes != 0 ||
+      reinterpret_cast<uintptr_t>(gmem) % kBytes != 0)
+    ::m3emu::fail("cp.async address not aligned to the copy size");
+  if (::m3emu::g_dynamic == nullptr || d < ::m3emu::g_dynamic ||
+      d + kBytes > ::m3emu::g_dynamic + ::m3emu::g_dynamic_bytes)
+    ::m3emu::fail("cp.async destination outside dynamic shared memory");
+  if (valid)
+    std::memcpy(smem, gmem, kBytes);
+  else
+    std::memset(smem, 0, kBytes);
+}
+inline void cp_async16(void* smem, const void* gmem, bool valid = true) {
+  cp_async_emu<16>(smem, gmem, valid);
+}
+inline void cp_async4(void* smem, const void* gmem, bool valid = true) {
+  cp_async_emu<4>(smem, gmem, valid);
+}
+inline void cp_async_commit() {}
+template <int kPending>
+inline void cp_async_wait() {}
 }  // namespace mamba3::cuda

@@ -8,6 +8,8 @@
 
 namespace mamba3::cuda {
 
+// The PTX versions; tests/emu/emu.h has CPU emulations (plain copies, completed at once).
+#ifndef MAMBA3_CUDA_EMU
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid = true) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
                "l"(gmem), "r"(valid ? 16 : 0)
@@ -28,6 +30,7 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
+#endif  // MAMBA3_CUDA_EMU
 
 __device__ __forceinline__ void cp_async_wait_all() {
   cp_async_commit();

@@ -41,8 +41,12 @@ __global__ void __launch_bounds__(kFastThreads, 2048 / kFastThreads / 2) step_fa
   constexpr int kCpr = N / 4;                           // float4 chunks per state row
   constexpr int kRowsPerPass = kFastThreads / kCpr;     // rows per pass of the CTA
   constexpr bool kRegK = R <= 2, kRegQ = R <= 4;        // see the register copies below
+#ifdef MAMBA3_CUDA_EMU
+  float* sm = ::m3emu::dynamic_smem();
+#else
   extern __shared__ float4 sm4[];
   float* sm = reinterpret_cast<float*>(sm4);
+#endif
   const int P = p.P, NA = p.NA;
   float* sst = sm;  // the state, (P, N) row-major
   float* qh = sst + P * N;

@@ -73,7 +73,11 @@ __device__ __forceinline__ void step_store_states_and_rstd(const CoreParams& p, 
 }
 
 __global__ void __launch_bounds__(kStepThreads, 2) step_kernel(CoreParams p) {
+#ifdef MAMBA3_CUDA_EMU
+  float* sm = ::m3emu::dynamic_smem();
+#else
   extern __shared__ float sm[];
+#endif
   const int N = p.N, P = p.P, R = p.R, NA = p.NA;
   // With float4 state rows, the state is copied into shared memory asynchronously at entry, so
   // its bytes are in flight while the prologue (angles, rotation, barriers) runs.
