@@ -231,19 +231,22 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
   // Interleaved pairs lie inside one group of 8 columns; halved pairs join slot 2j (columns
   // c*8..) and 2j + 1 (columns N/2 + c*8..).
+  // N, P and R are powers of two here: slots, tokens and ranks by shifts.
   constexpr int kSlots = kMaxRows * 128 / 8 / kT;  // >= rows * N / 8 / kT
   const bool inter = p.interleaved;
+  const int c_per = inter ? N / 8 : N / 16, lc = log2_pow2(c_per);
+  const int p8 = P / 8, lp8 = log2_pow2(p8), lr = log2_pow2(R);
   auto qk_slot = [&](int s, int* row, int* n0) {
-    const int j = inter ? s : s >> 1, c_per = inter ? N / 8 : N / 16;
+    const int j = inter ? s : s >> 1;
     const int i = tid + j * kT;
-    *row = i / c_per;
-    const int c = i % c_per;
+    *row = i >> lc;
+    const int c = i & (c_per - 1);
     *n0 = c * 8 + (!inter && (s & 1) ? half : 0);
     return i < rows * c_per;
   };
   auto v_slot = [&](int s, int* row, int* x) {
-    const int i = tid + s * kT, p8 = P / 8;
-    *row = i / p8, *x = (i % p8) * 8;
+    const int i = tid + s * kT;
+    *row = i >> lp8, *x = (i & (p8 - 1)) * 8;
     return i < rows * p8;
   };
   uint4 kraw[kSlots], qraw[kSlots], vraw[kSlots];
@@ -253,7 +256,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     int row, n0, x;
     kraw[sl] = qraw[sl] = vraw[sl] = zero4;
     if (qk_slot(sl, &row, &n0) && row < mr) {
-      const int t = row / R, r = row % R;
+      const int t = row >> lr, r = row & (R - 1);
       kraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.k.data) +
                                                       qk_off(p.k, b, l0 + t, r, ck.g, n0)));
       if (want_q)
@@ -263,7 +266,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     if (v_mode != kVNone && v_slot(sl, &row, &x) && row < mr)
       vraw[sl] = __ldg(reinterpret_cast<const uint4*>(
           static_cast<const bf16*>(p.v.data) + b * p.v.stride[0] +
-          static_cast<int64_t>(l0 + row / R) * p.v.stride[1] + h * p.v.stride[2] + x));
+          static_cast<int64_t>(l0 + (row >> lr)) * p.v.stride[1] + h * p.v.stride[2] + x));
   }
   __syncthreads();
   chunk_cumsum_and_increments<kT>(sc, th, m, NA, tid);
@@ -290,7 +293,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     for (int sl = 0; sl < kSlots; ++sl) {
       int row, n0;
       if (!qk_slot(sl, &row, &n0)) continue;
-      const int t = row / R, r = row % R;
+      const int t = row >> lr, r = row & (R - 1);
       if (row >= mr) {
         st8(K, row, n0, zero8);
         if (want_q) st8(Q, row, n0, zero8);
@@ -317,7 +320,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     for (int j = 0; j < kSlots / 2; ++j) {
       int row, n0;
       if (!qk_slot(2 * j, &row, &n0)) continue;
-      const int t = row / R, r = row % R;
+      const int t = row >> lr, r = row & (R - 1);
       if (row >= mr) {
         st8(K, row, n0, zero8), st8(K, row, half + n0, zero8);
         if (want_q) st8(Q, row, n0, zero8), st8(Q, row, half + n0, zero8);
@@ -348,7 +351,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
       if (!v_slot(sl, &row, &x)) continue;
       float f[8];
       if (row < mr) {
-        const int t = row / R, r = row % R;
+        const int t = row >> lr, r = row & (R - 1);
         bf16x8_to_float(vraw[sl], f);
         const float scale = v_mode == kVPsiFw ? fw[t] : 1.f;
 #pragma unroll
