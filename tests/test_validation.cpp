@@ -212,6 +212,25 @@ TEST(Gates, PsivCacheFailsClosedNamingTheGate) {
   EXPECT_TRUE(forward(x.f).ok());
 }
 
+// `mamba3 info` lists the cuda lane's gates with their current state; an invalid value is named.
+TEST(Gates, CudaGatesListedWithTheirState) {
+  auto find = [](const std::string& name) {
+    for (const GateInfo& g : gates())
+      if (g.env_var == name) return g;
+    ADD_FAILURE() << name << " not listed";
+    return GateInfo{};
+  };
+  ASSERT_EQ(unsetenv("MAMBA3_CUDA_STEP_PERSISTENT"), 0);
+  EXPECT_TRUE(find("MAMBA3_CUDA_STEP_PERSISTENT").set);
+  EXPECT_TRUE(find("MAMBA3_CUDA_BWD_MIMO_TC").set);
+  ASSERT_EQ(setenv("MAMBA3_CUDA_STEP_PERSISTENT", "0", 1), 0);
+  EXPECT_FALSE(find("MAMBA3_CUDA_STEP_PERSISTENT").set);
+  ASSERT_EQ(setenv("MAMBA3_CUDA_STEP_PERSISTENT", "yes", 1), 0);
+  EXPECT_NE(find("MAMBA3_CUDA_STEP_PERSISTENT").description.find("invalid: 'yes'"),
+            std::string::npos);
+  ASSERT_EQ(unsetenv("MAMBA3_CUDA_STEP_PERSISTENT"), 0);
+}
+
 // Without a cuda call (no GPU here, or none yet) there is no cached workspace: releasing it is
 // a no-op that reports 0 bytes.
 TEST(Lanes, ReleaseCachedMemoryWithoutCudaCalls) {

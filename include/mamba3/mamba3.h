@@ -220,7 +220,8 @@ Status release_cached_memory(size_t* released_bytes = nullptr);
 struct GateInfo {
   std::string env_var;      // e.g. "MAMBA3_PSIV_CACHE"
   std::string description;
-  bool set;                 // the environment variable is set to a truthy value now
+  bool set;                 // the gated path is on now (from the environment; default-on
+                            // gates are on while unset)
   std::string implemented;  // where this build implements it, e.g. "none"
 };
 

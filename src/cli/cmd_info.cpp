@@ -1,4 +1,5 @@
 // mamba3 info: what this build contains and what is usable on this machine now.
+#include <cstdlib>
 #include <fmt/core.h>
 
 #include <sstream>
@@ -22,14 +23,14 @@ int run_info() {
                lane.available ? "yes" : "no", lane.detail);
   }
 
-  // No CUDA kernel is compiled yet (issues 4/5); the list will come from the generated
-  // instantiation list once there is one.
   fmt::print("\nCUDA configurations served by this build:\n  {}\n", cuda::supported_configurations());
 
   fmt::print(
       "\ngates (unset = default path; set where not implemented = error naming the gate):\n");
   for (const GateInfo& gate : gates()) {
-    fmt::print("  {:<24} {}\n", gate.env_var, gate.set ? "set" : "unset");
+    const char* env = std::getenv(gate.env_var.c_str());
+    fmt::print("  {:<28} {} (environment: {})\n", gate.env_var, gate.set ? "on" : "off",
+               env ? fmt::format("'{}'", env) : std::string("unset"));
     fmt::print("      {}\n      implemented: {}\n", gate.description, gate.implemented);
   }
   return 0;

@@ -184,6 +184,20 @@ std::vector<GateInfo> gates() {
                  v != "0",
                  cuda::compiled() ? "cuda lane (bf16 q, k, v at N, P in {64, 128})"
                                   : "not in this build (no cuda lane)"});
+  // Parsed by the cuda lane (src/cuda/step/step_persist_launch.cuh), which rejects other values
+  // and a 1 where the persistent kernel does not apply.
+  const char* persist = std::getenv("MAMBA3_CUDA_STEP_PERSISTENT");
+  const std::string pv = persist ? persist : "";
+  const bool pvalid = pv.empty() || pv == "0" || pv == "1";
+  out.push_back({"MAMBA3_CUDA_STEP_PERSISTENT",
+                 "decode step on the persistent kernel that prefetches the next (batch, head) "
+                 "(unset or 1, the default where it applies); 0 takes one CTA per (batch, head)" +
+                     std::string(pvalid ? "" : " (current value invalid: '" + pv +
+                                                   "', expected 0 or 1)"),
+                 pv != "0",
+                 cuda::compiled()
+                     ? "cuda lane (q, k, v, z, trap of one dtype, fp32 state at N in {64, 128})"
+                     : "not in this build (no cuda lane)"});
   return out;
 }
 
