@@ -309,10 +309,20 @@ __device__ __forceinline__ void chunk_angles_and_decays(const BwdParams& bp, con
                                                         const float* cs, const float* w,
                                                         float* ex, float* fw, int tid) {
   if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
+    // The increments of 4 tokens are read before any of them is written back, so the loads do
+    // not queue behind the stores of the walk (the same additions in the same order; 8 spilled
+    // in the 64-register chunk_state_tc).
     double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * bp.p.H + h) * NA + tid];
-    for (int t = 0; t < m; ++t) {
-      a += static_cast<double>(th[t * NA + tid]);
-      th[t * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
+    for (int t0 = 0; t0 < m; t0 += 4) {
+      float inc[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) inc[u] = t0 + u < m ? th[(t0 + u) * NA + tid] : 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (t0 + u < m) {
+          a += static_cast<double>(inc[u]);
+          th[(t0 + u) * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
+        }
     }
   }
   if (tid >= 32 && tid - 32 < m) {
@@ -364,8 +374,20 @@ __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th
                                                             int tid) {
   float* cs = sc + kCs * kMaxRows;
   const float* dtv = sc + kDt * kMaxRows;
-  if (tid == 0)
-    for (int t = 1; t < m; ++t) cs[t] += cs[t - 1];
+  if (tid == 0 && m > 1) {  // 8 loads ahead of the running sum's stores (same additions)
+    float run = cs[0];
+    for (int t0 = 1; t0 < m; t0 += 8) {
+      float x[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) x[u] = t0 + u < m ? cs[t0 + u] : 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (t0 + u < m) {
+          run = x[u] + run;
+          cs[t0 + u] = run;
+        }
+    }
+  }
   for (int t = tid / 32; t < m; t += kT / 32)  // a warp per token (no index division)
     for (int a = tid % 32; a < NA; a += 32)
       th[t * NA + a] = static_cast<float>(angle_inc(th[t * NA + a], dtv[t]));
