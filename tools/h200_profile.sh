@@ -3,8 +3,10 @@
 # the full section set of one launch each, and the SASS instructions that collect the most
 # warp-stall samples (source counters). Binaries from .devbin/ (tools/h200_build.sh).
 #   usage: bash tools/h200_profile.sh [step|bwd|fwd ...]   (default: all three)
-# Writes $OUT/<name>.txt (details) and $OUT/<name>-hot.txt (hot instructions), and the .ncu-rep
-# files in $OUT/profiles.tgz.
+# Writes $OUT/<name>.txt (details), $OUT/<name>-hot.txt (hot instructions) and
+# $OUT/<name>-sass.csv.gz (the per-instruction table: with binaries built with
+# -DCMAKE_CUDA_FLAGS=-lineinfo, `tools/ncu_lines.py` turns it into totals per source line), and
+# the .ncu-rep files in $OUT/profiles.tgz.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-bench/results/raw}
@@ -23,7 +25,7 @@ profile() {  # profile NAME KERNEL_REGEX SKIP BENCH_ARGS...
   ncu -i "$OUT/$name.ncu-rep" --page details >"$OUT/$name.txt" 2>&1
   ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass >"$OUT/$name-sass.csv" 2>&1
   python3 tools/ncu_hot.py "$OUT/$name-sass.csv" 40 >"$OUT/$name-hot.txt" 2>&1
-  rm -f "$OUT/$name-sass.csv"
+  gzip -f "$OUT/$name-sass.csv"  # per-source-line totals: tools/ncu_lines.py (see there)
 }
 
 for t in $targets; do

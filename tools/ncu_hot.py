@@ -6,29 +6,20 @@ with the most samples (address, SASS, samples, executions).
     usage: ncu_hot.py SASS_CSV [N]
 """
 import collections
-import csv
 import sys
+
+from ncu_table import SassTable
 
 
 def main() -> int:
     path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40
-    with open(path, newline="") as f:
-        lines = f.read().splitlines()
-    start = next((i for i, l in enumerate(lines) if l.startswith('"Address"') or
-                  l.startswith('"#"')), None)
-    if start is None:
+    t = SassTable(path)
+    if not t.rows:
         print("no source table in", path)
-        print("\n".join(lines[:20]))
+        print("\n".join(t.head))
         return 1
-    rows = list(csv.DictReader(lines[start:]))
-    cols = list(rows[0].keys()) if rows else []
+    rows, cols, col = t.rows, t.cols, t.col
     print("columns:", " | ".join(cols))
-
-    def col(*keys):
-        for c in cols:
-            if all(k.lower() in c.lower() for k in keys):
-                return c
-        return None
 
     samp = col("Warp Stall Sampling", "All") or col("Sampling")
     execd = col("Instructions Executed")
@@ -37,12 +28,7 @@ def main() -> int:
     if samp is None or src is None:
         print("missing sampling or source column")
         return 1
-
-    def num(v):
-        try:
-            return float(str(v).replace(",", ""))
-        except ValueError:
-            return 0.0
+    num = t.num
 
     total = sum(num(r[samp]) for r in rows) or 1.0
     by_op = collections.Counter()

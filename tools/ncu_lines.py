@@ -8,11 +8,16 @@ offset from the kernel's first instruction, and prints the lines with the most e
 instructions: by innermost line and by the kernel-level line the code was inlined into.
 
     usage: ncu_lines.py SASS_CSV NVDISASM_TXT KERNEL_SUBSTRING [N]
+
+NVDISASM_TXT: `cuobjdump -xelf all OBJ.cu.o` then `nvdisasm -gi OBJ.sm_90a.cubin` (both from
+`pip download nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`), OBJ from the same -lineinfo build as
+the profiled binary (-lineinfo leaves the SASS unchanged).
 """
 import collections
-import csv
 import re
 import sys
+
+from ncu_table import SassTable
 
 LINE = re.compile(r'//## File "([^"]+)", line (\d+)(.*)')
 INLINED = re.compile(r'inlined at "([^"]+)", line (\d+)')
@@ -51,30 +56,16 @@ def disasm_lines(path: str, kernel: str):
 def main() -> int:
     csv_path, dis_path, kernel = sys.argv[1:4]
     n = int(sys.argv[4]) if len(sys.argv) > 4 else 40
-    with open(csv_path, newline="") as f:
-        lines = f.read().splitlines()
-    start = next((i for i, l in enumerate(lines) if l.startswith('"Address"') or
-                  l.startswith('"#"')), None)
-    if start is None:
+    t = SassTable(csv_path)
+    if not t.rows:
         print("no source table in", csv_path)
         return 1
-    rows = list(csv.DictReader(lines[start:]))
-    cols = list(rows[0].keys())
-
-    def col(*keys):
-        return next((c for c in cols if all(k.lower() in c.lower() for k in keys)), None)
-
-    addr_c, exec_c = col("Address"), col("Instructions Executed")
-    samp_c = col("Warp Stall Sampling", "All") or col("Sampling")
+    rows, num = t.rows, t.num
+    addr_c, exec_c = t.col("Address"), t.col("Instructions Executed")
+    samp_c = t.col("Warp Stall Sampling", "All") or t.col("Sampling")
     if addr_c is None or exec_c is None:
-        print("missing Address or Instructions Executed column; columns:", cols)
+        print("missing Address or Instructions Executed column; columns:", t.cols)
         return 1
-
-    def num(v):
-        try:
-            return float(str(v).replace(",", ""))
-        except ValueError:
-            return 0.0
 
     addrs = [int(r[addr_c], 16) for r in rows]
     base = min(addrs)

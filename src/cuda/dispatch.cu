@@ -14,6 +14,7 @@
 #include "cuda/chunk_fwd/fwd_kernel.cuh"
 #include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
 #include "cuda/common/check.cuh"
+#include "cuda/common/launch.cuh"
 #include "cuda/common/staging.cuh"
 #include "cuda/common/workspace.h"
 #include "cuda/cuda_lane.h"
@@ -67,16 +68,6 @@ Status segment_override(int64_t* seg_len) {
                                                "of 64 tokens, got '") + env + "'");
   *seg_len = v;
   return Status::Ok();
-}
-
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return sms;
 }
 
 // Tensor-core forward for bf16 q, k, v with aligned rows at the compiled (N, P). Splits

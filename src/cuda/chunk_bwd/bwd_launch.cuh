@@ -18,6 +18,7 @@
 #include "core/return_if_error.h"
 #include "core/validate.h"
 #include "cuda/chunk_bwd/bwd_tc.cuh"
+#include "cuda/common/launch.cuh"
 
 #ifndef MAMBA3_CUDA_EMU
 #include "cuda/common/check.cuh"
@@ -46,18 +47,6 @@ inline Status max_dynamic_smem(int* bytes) {
   int dev = 0;
   M3B_CHECK(cudaGetDevice(&dev));
   M3B_CHECK(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-#endif
-  return Status::Ok();
-}
-
-template <typename Kernel>
-inline Status allow_smem(Kernel kernel, size_t bytes) {
-#ifdef MAMBA3_CUDA_EMU
-  (void)kernel, (void)bytes;
-#else
-  if (bytes > 48 * 1024)
-    M3B_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(bytes)));
 #endif
   return Status::Ok();
 }

@@ -17,6 +17,7 @@
 
 #include "core/return_if_error.h"
 #include "core/validate.h"
+#include "cuda/common/launch.cuh"
 #include "cuda/step/step_persist_kernel.cuh"
 
 #ifndef MAMBA3_CUDA_EMU
@@ -139,20 +140,6 @@ inline bool step_persist_params(const StepArgs& a, const Dims& d, const CorePara
   return true;
 }
 
-inline int sm_count() {
-#ifdef MAMBA3_CUDA_EMU
-  return 132;
-#else
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return sms;
-#endif
-}
-
 // A positive integer from environment variable `name` (0 when unset); anything else is an error.
 inline Status env_positive(const char* name, int* value) {
   *value = 0;
@@ -201,18 +188,6 @@ inline Status step_threads(const CoreParams& p, const Dims& d, bool persistent, 
   }
   return Status::InvalidArgument(std::string("MAMBA3_CUDA_STEP_THREADS: expected 128 or 256, got '") +
                                  env + "'");
-}
-
-template <typename Kernel>
-inline Status allow_smem(Kernel kernel, size_t bytes) {
-#ifdef MAMBA3_CUDA_EMU
-  (void)kernel, (void)bytes;
-#else
-  if (bytes > 48 * 1024)
-    M3S_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(bytes)));
-#endif
-  return Status::Ok();
 }
 
 // Persistent kernel: grid = min(items, CTAs per SM x SMs), or MAMBA3_CUDA_STEP_CTAS.

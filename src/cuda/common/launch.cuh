@@ -1,0 +1,46 @@
+// Host helpers of the kernel launchers (forward, backward and decode dispatch). Also compiled as
+// plain C++ by the CPU emulation tests (MAMBA3_CUDA_EMU): there the device is an H200's 132 SMs
+// and kernel attributes are not set.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "mamba3/mamba3.h"
+
+#ifndef MAMBA3_CUDA_EMU
+#include "cuda/common/check.cuh"
+#endif
+
+namespace mamba3::cuda {
+
+// SMs of the current device (132, an H200's, where the query fails).
+inline int sm_count() {
+#ifdef MAMBA3_CUDA_EMU
+  return 132;
+#else
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 132;
+  }
+  return sms;
+#endif
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory where that is beyond the 48 KB default.
+template <typename Kernel>
+inline Status allow_smem(Kernel kernel, size_t bytes) {
+#ifdef MAMBA3_CUDA_EMU
+  (void)kernel, (void)bytes;
+#else
+  if (bytes > 48 * 1024)
+    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(bytes)));
+#endif
+  return Status::Ok();
+}
+
+}  // namespace mamba3::cuda
