@@ -54,7 +54,7 @@ if [[ $mode == all || $mode == bench ]]; then
   for f in "$OUT"/bench_*.log; do
     printf '%s: ' "$(basename "$f" .log)" >>"$summary"
     grep -hE "^  (fwd|bwd|step) " "$f" | head -2 >>"$summary"
-    grep -hE "floor|of copy" "$f" >>"$summary"
+    grep -hE "floor|of copy|L2 cache" "$f" >>"$summary"
   done
 fi
 # Optional: per-kernel times of the backward (NCU_BWD=1) at the shapes in NCU_BWD_SHAPES (default

@@ -119,6 +119,14 @@ Status measure_copy_bandwidth(double* bytes_per_s) {
   return Status::Ok();
 }
 
+Status l2_cache_bytes(double* bytes) {
+  int dev = 0, l2 = 0;
+  MAMBA3_CHECK_CUDA(cudaGetDevice(&dev));
+  MAMBA3_CHECK_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  *bytes = static_cast<double>(l2);
+  return Status::Ok();
+}
+
 Status measure_bf16_matmul(double* flops_per_s) {
   const int n = 8192;
   const size_t elems = size_t{n} * n;

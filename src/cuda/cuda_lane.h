@@ -55,5 +55,8 @@ Status time_step_staged(const StepArgs& host_args, int warmup, int iters, int st
 Status measure_copy_bandwidth(double* bytes_per_s);
 // Dense bf16 matrix-multiply rate (FLOP/s) of cuBLAS at 8192^3 on random data.
 Status measure_bf16_matmul(double* flops_per_s);
+// L2 cache size of the current device in bytes (benchmarks: a working set that fits there is
+// not timed against DRAM).
+Status l2_cache_bytes(double* bytes);
 
 }  // namespace mamba3::cuda

@@ -35,5 +35,6 @@ Status time_step_staged(const StepArgs&, int, int, int, bool, std::vector<double
 }
 Status measure_copy_bandwidth(double*) { return no_cuda(); }
 Status measure_bf16_matmul(double*) { return no_cuda(); }
+Status l2_cache_bytes(double*) { return no_cuda(); }
 
 }  // namespace mamba3::cuda
