@@ -164,6 +164,23 @@ Status release_cached_memory(size_t* released_bytes) {
   return cuda::release_workspace(released_bytes);
 }
 
+namespace {
+
+// A cuda-lane gate that is on unless its variable is "0" (unset or "1": on; the lane rejects any
+// other value, and the description then says so).
+GateInfo default_on_gate(const char* name, const std::string& description,
+                         const char* implemented) {
+  const char* env = std::getenv(name);
+  const std::string v = env ? env : "";
+  const bool valid = v.empty() || v == "0" || v == "1";
+  return {name,
+          description +
+              (valid ? "" : " (current value invalid: '" + v + "', expected 0 or 1)"),
+          v != "0", cuda::compiled() ? implemented : "not in this build (no cuda lane)"};
+}
+
+}  // namespace
+
 std::vector<GateInfo> gates() {
   bool on = false;
   Status st = read_gate(kPsivGate, &on);
@@ -173,31 +190,17 @@ std::vector<GateInfo> gates() {
            std::string(st.ok() ? "" : " (current value invalid: " + st.message() + ")"),
        on, "none (setting it makes every forward/backward call fail with an error naming it)"}};
   // Parsed by the cuda lane (src/cuda/chunk_bwd/bwd_launch.cuh), which rejects other values.
-  const char* mimo_tc = std::getenv("MAMBA3_CUDA_BWD_MIMO_TC");
-  const std::string v = mimo_tc ? mimo_tc : "";
-  const bool valid = v.empty() || v == "0" || v == "1";
-  out.push_back({"MAMBA3_CUDA_BWD_MIMO_TC",
-                 "bf16 MIMO backward on the tensor-core kernels (unset or 1, the default); 0 "
-                 "runs the fp32 SIMT kernels instead" +
-                     std::string(valid ? "" : " (current value invalid: '" + v +
-                                                  "', expected 0 or 1)"),
-                 v != "0",
-                 cuda::compiled() ? "cuda lane (bf16 q, k, v at N, P in {64, 128})"
-                                  : "not in this build (no cuda lane)"});
+  out.push_back(default_on_gate("MAMBA3_CUDA_BWD_MIMO_TC",
+                                "bf16 MIMO backward on the tensor-core kernels (unset or 1, the "
+                                "default); 0 runs the fp32 SIMT kernels instead",
+                                "cuda lane (bf16 q, k, v at N, P in {64, 128})"));
   // Parsed by the cuda lane (src/cuda/step/step_persist_launch.cuh), which rejects other values
   // and a 1 where the persistent kernel does not apply.
-  const char* persist = std::getenv("MAMBA3_CUDA_STEP_PERSISTENT");
-  const std::string pv = persist ? persist : "";
-  const bool pvalid = pv.empty() || pv == "0" || pv == "1";
-  out.push_back({"MAMBA3_CUDA_STEP_PERSISTENT",
-                 "decode step on the persistent kernel that prefetches the next (batch, head) "
-                 "(unset or 1, the default where it applies); 0 takes one CTA per (batch, head)" +
-                     std::string(pvalid ? "" : " (current value invalid: '" + pv +
-                                                   "', expected 0 or 1)"),
-                 pv != "0",
-                 cuda::compiled()
-                     ? "cuda lane (q, k, v, z, trap of one dtype, fp32 state at N in {64, 128})"
-                     : "not in this build (no cuda lane)"});
+  out.push_back(default_on_gate(
+      "MAMBA3_CUDA_STEP_PERSISTENT",
+      "decode step on the persistent kernel that prefetches the next (batch, head) (unset or 1, "
+      "the default where it applies); 0 takes one CTA per (batch, head)",
+      "cuda lane (q, k, v, z, trap of one dtype, fp32 state at N in {64, 128})"));
   return out;
 }
 
