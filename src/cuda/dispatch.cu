@@ -96,11 +96,7 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
     sp.seg_len = static_cast<int>(seg_len);
   }
   const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
-  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P, false>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P, false>,
-                                         cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         cudaSharedmemCarveoutMaxShared));
+  M3_RETURN_IF_ERROR(allow_smem_max_carveout(fwd_tc_kernel<N, P, false>, bytes));
   if (sp.nseg == 1) {
     fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp);
     MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
@@ -121,8 +117,7 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
   sp.start_state = f + slots * pn;
   sp.end_decay = f + 2 * slots * pn;
   Status st = [&]() -> Status {
-    MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(fwd_tc_kernel<N, P, true>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    M3_RETURN_IF_ERROR(allow_smem(fwd_tc_kernel<N, P, true>, bytes));
     fwd_tc_kernel<N, P, true><<<grid, kTcThreads, bytes, stream>>>(p, sp);
     MAMBA3_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
     const size_t th_bytes = sizeof(double) * sp.nseg * std::max(p.NA, 1);
@@ -158,8 +153,7 @@ Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
   }
   const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);
   const size_t bytes = sizeof(float) * lay.total_floats;
-  MAMBA3_CHECK_CUDA(
-      cudaFuncSetAttribute(fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  M3_RETURN_IF_ERROR(allow_smem(fwd_kernel, bytes));
   fwd_kernel<<<static_cast<unsigned>(d.S * d.H), kFwdThreads, bytes,
                static_cast<cudaStream_t>(a.stream)>>>(p, lay);
   MAMBA3_CHECK_LAUNCH("fwd_kernel");

@@ -51,18 +51,6 @@ inline Status max_dynamic_smem(int* bytes) {
   return Status::Ok();
 }
 
-// As allow_smem, and the largest shared-memory carveout, so that the tensor-core chunk kernels
-// sized for two CTAs per SM get them.
-template <typename Kernel>
-inline Status allow_smem_max_carveout(Kernel kernel, size_t bytes) {
-  M3_RETURN_IF_ERROR(allow_smem(kernel, bytes));
-#ifndef MAMBA3_CUDA_EMU
-  M3B_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared));
-#endif
-  return Status::Ok();
-}
-
 // The workspace of one call, released (stream-ordered) when it goes out of scope.
 class WorkspaceBuffer {
  public:

@@ -43,4 +43,17 @@ inline Status allow_smem(Kernel kernel, size_t bytes) {
   return Status::Ok();
 }
 
+// As allow_smem, and the largest shared-memory carveout, so that kernels sized for several CTAs
+// per SM by their shared memory get them.
+template <typename Kernel>
+inline Status allow_smem_max_carveout(Kernel kernel, size_t bytes) {
+  Status st = allow_smem(kernel, bytes);
+  if (!st.ok()) return st;
+#ifndef MAMBA3_CUDA_EMU
+  MAMBA3_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared));
+#endif
+  return Status::Ok();
+}
+
 }  // namespace mamba3::cuda

@@ -195,7 +195,7 @@ template <typename T, int R, int N, int kThreads>
 Status launch_persist_rnt(const StepPersistParams& sp, cudaStream_t stream) {
   auto kernel = step_persist_kernel<T, R, N, kThreads>;
   const size_t bytes = step_persist_smem_bytes(N, sp.P, R);
-  M3_RETURN_IF_ERROR(allow_smem(kernel, bytes));
+  M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
   int ctas = 0;
   M3_RETURN_IF_ERROR(env_positive("MAMBA3_CUDA_STEP_CTAS", &ctas));
   if (ctas == 0) {
@@ -203,8 +203,6 @@ Status launch_persist_rnt(const StepPersistParams& sp, cudaStream_t stream) {
 #ifdef MAMBA3_CUDA_EMU
     per_sm = std::max<int>(1, static_cast<int>(227 * 1024 / (bytes + 1024)));
 #else
-    M3S_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                   cudaSharedmemCarveoutMaxShared));
     M3S_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
     per_sm = std::max(per_sm, 1);
 #endif
