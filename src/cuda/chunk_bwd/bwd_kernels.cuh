@@ -106,8 +106,32 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_state_kernel(BwdParams 
   if (tid == 0) bp.ws.decay[cell] = sm[lay.scal + kE * kMaxRows + ck.m - 1];
 }
 
-// grid (S * H, ceil(P * N / kThreads)): chunk-start states, in place over the increments:
-// S_0 = S0 + sg0 sum_r (v0 psi_r) k0_r^T; S_{c+1} = decay_c S_c + increment_c.
+// kV consecutive floats of a state (kV = 4: one 16-byte access; the address is 16-byte aligned).
+template <int kV>
+__device__ __forceinline__ void ld_state(const float* src, float (&x)[kV]) {
+  if constexpr (kV == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(src);
+    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
+  } else {
+#pragma unroll
+    for (int v = 0; v < kV; ++v) x[v] = src[v];
+  }
+}
+template <int kV>
+__device__ __forceinline__ void st_state(float* dst, const float (&x)[kV]) {
+  if constexpr (kV == 4) {
+    *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < kV; ++v) dst[v] = x[v];
+  }
+}
+
+// grid (S * H, ceil(P * N / (kV kThreads))): chunk-start states, in place over the increments:
+// S_0 = S0 + sg0 sum_r (v0 psi_r) k0_r^T; S_{c+1} = decay_c S_c + increment_c. Each thread
+// scans kV consecutive elements (kV = 4 where N % 4 == 0: 16-byte accesses, four times the bytes
+// in flight per thread; the same operations per element).
+template <int kV>
 __global__ void __launch_bounds__(kThreads) bwd_state_scan_kernel(BwdParams bp) {
   M3B_DYNAMIC_SMEM(sm);
   const CoreParams& p = bp.p;
@@ -115,27 +139,32 @@ __global__ void __launch_bounds__(kThreads) bwd_state_scan_kernel(BwdParams bp) 
   const int R = p.R, P = p.P, N = p.N;
   load_head_params(p, h, sm, sm + R * P, sm + 2 * R * P, sm + 3 * R * P, tid, kThreads);
   __syncthreads();
-  const int e = blockIdx.y * kThreads + tid;
+  const int e = (blockIdx.y * kThreads + tid) * kV;
   if (e >= P * N) return;
   const SeqInfo q = seq_info(p, s);
   const float sg0 = q.n > 0 && p.init_ssm.defined()
                         ? (1.f - sigmoidf_(in_bhl(p.trap, q.b, h, q.begin))) * in_bhl(p.dt, q.b, h, q.begin)
                         : 0.f;
-  float st = initial_state_elem(p, s, h, e / N, e % N, sg0, sm);
+  float st[kV];
+#pragma unroll
+  for (int v = 0; v < kV; ++v) st[v] = initial_state_elem(p, s, h, (e + v) / N, (e + v) % N, sg0, sm);
   const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
   for (int cb = c0; cb < c1; cb += kScanBatch) {  // loads of a batch in flight together
-    float inc[kScanBatch], dec[kScanBatch];
+    float inc[kScanBatch][kV], dec[kScanBatch];
 #pragma unroll
     for (int u = 0; u < kScanBatch; ++u) {
       const int64_t cell = static_cast<int64_t>(cb + u) * p.H + h;
-      inc[u] = cb + u < c1 ? bp.ws.s_prev[cell * P * N + e] : 0.f;
-      dec[u] = cb + u < c1 ? bp.ws.decay[cell] : 0.f;
+      if (cb + u < c1) {
+        ld_state<kV>(bp.ws.s_prev + cell * P * N + e, inc[u]);
+        dec[u] = bp.ws.decay[cell];
+      }
     }
 #pragma unroll
     for (int u = 0; u < kScanBatch; ++u)
       if (cb + u < c1) {
-        bp.ws.s_prev[(static_cast<int64_t>(cb + u) * p.H + h) * P * N + e] = st;
-        st = dec[u] * st + inc[u];
+        st_state<kV>(bp.ws.s_prev + (static_cast<int64_t>(cb + u) * p.H + h) * P * N + e, st);
+#pragma unroll
+        for (int v = 0; v < kV; ++v) st[v] = dec[u] * st[v] + inc[u][v];
       }
   }
 }
@@ -434,40 +463,53 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_out_kernel(BwdParams bp
       [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, tid);
 }
 
-// grid (S * H, ceil(P * N / kThreads)): the state cotangent at each chunk end, in place over the
-// increments (dS_end_last = d final ssm; dS_end_{c-1} = decay_c dS_end_c + increment_c); the
-// cotangent of the effective initial state goes to grad.initial.ssm and the workspace.
+// grid (S * H, ceil(P * N / (kV kThreads))): the state cotangent at each chunk end, in place
+// over the increments (dS_end_last = d final ssm; dS_end_{c-1} = decay_c dS_end_c +
+// increment_c); the cotangent of the effective initial state goes to grad.initial.ssm and the
+// workspace. kV consecutive elements per thread, as bwd_state_scan_kernel.
+template <int kV>
 __global__ void __launch_bounds__(kThreads) bwd_dstate_scan_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const int P = p.P, N = p.N, e = blockIdx.y * kThreads + threadIdx.x;
+  const int P = p.P, N = p.N, e = (blockIdx.y * kThreads + threadIdx.x) * kV;
   if (e >= P * N) return;
-  const int x = e / N, n = e % N;
-  float ds = bp.df_ssm.defined()
-                 ? dload(bp.df_ssm, s * bp.df_ssm.stride[0] + h * bp.df_ssm.stride[1] +
-                                        x * bp.df_ssm.stride[2] + n * bp.df_ssm.stride[3])
-                 : 0.f;
+  float ds[kV];
+#pragma unroll
+  for (int v = 0; v < kV; ++v) {
+    const int x = (e + v) / N, n = (e + v) % N;
+    ds[v] = bp.df_ssm.defined()
+                ? dload(bp.df_ssm, s * bp.df_ssm.stride[0] + h * bp.df_ssm.stride[1] +
+                                       x * bp.df_ssm.stride[2] + n * bp.df_ssm.stride[3])
+                : 0.f;
+  }
   const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
   for (int cb = c1 - 1; cb >= c0; cb -= kScanBatch) {  // chunks cb, cb - 1, ... (batched loads)
-    float inc[kScanBatch], dec[kScanBatch];
+    float inc[kScanBatch][kV], dec[kScanBatch];
 #pragma unroll
     for (int u = 0; u < kScanBatch; ++u) {
       const int64_t cell = static_cast<int64_t>(cb - u) * p.H + h;
-      inc[u] = cb - u >= c0 ? bp.ws.ds_end[cell * P * N + e] : 0.f;
-      dec[u] = cb - u >= c0 ? bp.ws.decay[cell] : 0.f;
+      if (cb - u >= c0) {
+        ld_state<kV>(bp.ws.ds_end + cell * P * N + e, inc[u]);
+        dec[u] = bp.ws.decay[cell];
+      }
     }
 #pragma unroll
     for (int u = 0; u < kScanBatch; ++u)
       if (cb - u >= c0) {
-        bp.ws.ds_end[(static_cast<int64_t>(cb - u) * p.H + h) * P * N + e] = ds;
-        ds = dec[u] * ds + inc[u];
+        st_state<kV>(bp.ws.ds_end + (static_cast<int64_t>(cb - u) * p.H + h) * P * N + e, ds);
+#pragma unroll
+        for (int v = 0; v < kV; ++v) ds[v] = dec[u] * ds[v] + inc[u][v];
       }
   }
-  if (bp.gi_ssm.defined())
-    dstore(bp.gi_ssm, s * bp.gi_ssm.stride[0] + h * bp.gi_ssm.stride[1] + x * bp.gi_ssm.stride[2] +
-                          n * bp.gi_ssm.stride[3],
-           ds);
-  if (bp.ws.ds0) bp.ws.ds0[(static_cast<int64_t>(s) * p.H + h) * P * N + e] = ds;
+#pragma unroll
+  for (int v = 0; v < kV; ++v) {
+    const int x = (e + v) / N, n = (e + v) % N;
+    if (bp.gi_ssm.defined())
+      dstore(bp.gi_ssm, s * bp.gi_ssm.stride[0] + h * bp.gi_ssm.stride[1] +
+                            x * bp.gi_ssm.stride[2] + n * bp.gi_ssm.stride[3],
+             ds[v]);
+    if (bp.ws.ds0) bp.ws.ds0[(static_cast<int64_t>(s) * p.H + h) * P * N + e + v] = ds[v];
+  }
 }
 
 // Rotation adjoint of the rows of token t, pair i: d(rotated) in D (pitch dp) becomes d(unrotated)

@@ -93,7 +93,7 @@ class WorkspaceBuffer {
   cudaStream_t stream_;
   void* base_ = nullptr;
   size_t bytes_ = 0;
-  Slot slots_[16] = {};
+  Slot slots_[24] = {};
   int n_slots_ = 0;
 };
 
@@ -273,10 +273,17 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     buf.reserve(&ws.ds0, S * H * PN);
     buf.reserve(&ws.initp, S * H * (R * P + 1));
   }
+  if (tc) {  // the chunk loader's output, once per chunk (bwd_tc.cuh, tc_chunk_tiles)
+    bp.tr = tile_record(N, P, rows, bp.C, NA);
+    buf.reserve(&ws.tiles, cells * bp.tr.bytes);
+  }
   M3_RETURN_IF_ERROR(buf.allocate());
 
   const unsigned grid_ch = static_cast<unsigned>(ncu), seq_heads = static_cast<unsigned>(S * H);
-  const unsigned pn_blocks = static_cast<unsigned>((PN + kThreads - 1) / kThreads);
+  // The state scans take 4 consecutive elements per thread where they share a row (N % 4 == 0).
+  const bool scan4 = N % 4 == 0;
+  const int64_t scan_threads = scan4 ? PN / 4 : PN;
+  const unsigned pn_blocks = static_cast<unsigned>((scan_threads + kThreads - 1) / kThreads);
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
@@ -311,7 +318,12 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
       M3B_LAUNCH(bwd_chunk_state_kernel, (grid_ch, H), (kThreads), smem_bytes(l3), stream, bp, l3);
       M3B_CHECK_LAUNCH("bwd_chunk_state_kernel");
     }
-    M3B_LAUNCH(bwd_state_scan_kernel, (seq_heads, pn_blocks), (kThreads), par_bytes, stream, bp);
+    if (scan4)
+      M3B_LAUNCH(bwd_state_scan_kernel<4>, (seq_heads, pn_blocks), (kThreads), par_bytes, stream,
+                 bp);
+    else
+      M3B_LAUNCH(bwd_state_scan_kernel<1>, (seq_heads, pn_blocks), (kThreads), par_bytes, stream,
+                 bp);
     M3B_CHECK_LAUNCH("bwd_state_scan_kernel");
     if (tc) {
       M3B_LAUNCH(bwd_chunk_out_tc_kernel, (grid_ch, H), (kThreads), static_cast<size_t>(lo.bytes),
@@ -322,7 +334,10 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
       M3B_CHECK_LAUNCH("bwd_chunk_out_kernel");
     }
   }
-  M3B_LAUNCH(bwd_dstate_scan_kernel, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
+  if (scan4)
+    M3B_LAUNCH(bwd_dstate_scan_kernel<4>, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
+  else
+    M3B_LAUNCH(bwd_dstate_scan_kernel<1>, (seq_heads, pn_blocks), (kThreads), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");
   if (ncu > 0) {
     if (tc) {

@@ -59,7 +59,32 @@ struct Workspace {
   float* par = nullptr;          // (ncu, H, F): per-chunk partial parameter gradients
   float* ds0 = nullptr;          // (S, H, P, N): cotangent of the effective initial state
   float* initp = nullptr;        // (S, H, R*P + 1): initial-pair parts of d psi, and d sg0
+  unsigned char* tiles = nullptr;  // (ncu, H) records of TileRecord::bytes (tensor-core path):
+                                   // the chunk loader's output, written once by chunk_state_tc
+                                   // and copied back by chunk_out_tc and chunk_grad_tc
 };
+
+// The loader's scalar arrays (kCs .. kDt) kept in a tile record.
+inline constexpr int kLoaderScalars = kDt + 1;
+
+// One chunk's record in Workspace::tiles, byte offsets (16-byte aligned): the rotated biased q
+// and k rows and the v * psi rows as the tensor-core loader rounds them (bf16, rows x N | P,
+// dense), the wrapped angles (C x NA fp32) and the loader's scalar arrays (kLoaderScalars x
+// kMaxRows fp32). 50 KB at N = 128, P = 64, R = 1, NA = 32, 64-row chunks.
+struct TileRecord {
+  int q, k, v, th, sc, bytes;
+};
+__host__ __device__ inline TileRecord tile_record(int N, int P, int rows, int C, int NA) {
+  auto up16 = [](int x) { return (x + 15) & ~15; };
+  TileRecord r;
+  r.q = 0;
+  r.k = r.q + rows * N * 2;
+  r.v = r.k + rows * N * 2;
+  r.th = r.v + rows * P * 2;
+  r.sc = r.th + up16(C * NA * 4);
+  r.bytes = r.sc + kLoaderScalars * kMaxRows * 4;
+  return r;
+}
 
 // Fields of one per-chunk partial record (Workspace::par), offsets in floats.
 struct ParFields {
@@ -89,6 +114,7 @@ struct BwdParams {
   int rows = kMaxRows, C = kMaxRows;  // rows per chunk, tokens per chunk (rows / R)
   int64_t L_tot = 0;
   ParFields pf;
+  TileRecord tr{};  // layout of Workspace::tiles (tensor-core path)
 };
 
 // Shared-memory layout of the chunk kernels; offsets in floats (-1: not allocated). Pitches pad

@@ -6,7 +6,12 @@
 // pick_rows_tc in bwd_launch.cuh; always 64-row chunks on the H200); everything else runs the
 // fp32 SIMT kernels.
 //
-// Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 41 KB, chunk_out
+// The loader runs once per chunk: chunk_state_tc keeps its output (rotated q and k, v * psi,
+// angles, scalars) in a tile record of the workspace, and chunk_out_tc and chunk_grad_tc copy it
+// back with cp.async (tc_chunk_tiles) instead of repeating the loader's serial angle walk,
+// cumulative sum and rotations.
+//
+// Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB, chunk_out
 // 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share one region),
 // chunk_grad 145 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide latency instead.
 // Two CTAs would need about 32 KB less: the fp32 scores and staging tile (33 KB) held in
@@ -30,6 +35,7 @@
 #pragma once
 
 #include "cuda/chunk_bwd/bwd_kernels.cuh"
+#include "cuda/common/async_copy.cuh"
 #include "cuda/common/mma.cuh"
 
 namespace mamba3::cuda::bwd {
@@ -60,7 +66,8 @@ struct TcSmem {
   int rows, C;
   int qp, vp, ap;  // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
   int fap, sp, yp;  // fp32 pitches: raw scores (rows + 1), staging (max(N, P) + 1), y rows (P + 1)
-  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi (chunk_state: * fw); dy
+  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy
+  int vf;           // chunk_state: (rows, P) bf16 v * psi * fw
   int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
   int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M; first the
                     // fp32 (C, C) T)
@@ -88,7 +95,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     return at;
   };
   const bool grad = kind == kTcGrad, out = kind == kTcOut;
-  l.q = take(grad || out, rows * l.qp * 2);
+  l.q = take(true, rows * l.qp * 2);  // chunk_state loads it for the tile record
   if (out) {
     // chunk_out: y lives throughout; k, the state operand, the scores and v are dead once y is
     // complete, and the cotangent of out, z and e dy take their place (two CTAs per SM at
@@ -110,6 +117,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     l.k = take(true, rows * l.qp * 2);
     l.v = take(true, rows * l.vp * 2);
     l.dy = take(grad, rows * l.vp * 2);
+    l.vf = take(!grad, rows * l.vp * 2);
     l.s = take(grad, P * l.qp * 2);
     const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
     l.am = take(grad, am > t ? am : t);
@@ -117,6 +125,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     l.ra = take(grad, ra > st ? ra : st);
     l.y = l.go = l.z = -1;
   }
+  if (out) l.vf = -1;
   l.th = take(true, l.C * (NA > 0 ? NA : 1) * 4);
   l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
@@ -203,9 +212,10 @@ __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, 
 
 // Chunk loader of the tensor-core kernels: the scalars of load_chunk (cs, e, w, fw, gamma,
 // lambda, dt), the wrapped angle of every (token, rope pair) in th, then rotated biased q and k
-// rows and v * psi rows (v_mode kVPsiFw: v * psi * fw) rounded to bf16 (rows past the chunk
-// zero). psi must already be in shared memory (par). Ends with a barrier.
-enum TcVMode { kVNone, kVPsi, kVPsiFw };
+// rows and v * psi rows rounded to bf16 (rows past the chunk zero; v_mode kVPsiAndFw also
+// v * psi * fw into VF, chunk_state's operand). psi must already be in shared memory (par).
+// Ends with a barrier.
+enum TcVMode { kVNone, kVPsi, kVPsiAndFw };
 
 template <int kT = kThreads>
 __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem& lay,
@@ -225,6 +235,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   bf16* Q = reinterpret_cast<bf16*>(sm + lay.q);
   bf16* K = reinterpret_cast<bf16*>(sm + lay.k);
   bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
+  bf16* VF = v_mode == kVPsiAndFw ? reinterpret_cast<bf16*>(sm + lay.vf) : nullptr;
   load_chunk_inputs<kT>(bp, ck, sc, th, qb, kb, tid);
   // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
   // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
@@ -349,21 +360,69 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     for (int sl = 0; sl < kSlots; ++sl) {
       int row, x;
       if (!v_slot(sl, &row, &x)) continue;
-      float f[8];
+      float f[8], g[8];
       if (row < mr) {
         const int t = row >> lr, r = row & (R - 1);
         bf16x8_to_float(vraw[sl], f);
-        const float scale = v_mode == kVPsiFw ? fw[t] : 1.f;
+        const float scale = VF ? fw[t] : 1.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] *= psi[r * P + x + e] * scale;
+        for (int e = 0; e < 8; ++e) {
+          g[e] = f[e] * (psi[r * P + x + e] * scale);
+          f[e] *= psi[r * P + x + e];
+        }
       } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = 0.f;
+        for (int e = 0; e < 8; ++e) f[e] = g[e] = 0.f;
       }
       *reinterpret_cast<uint4*>(V + row * lay.vp + x) = float8_to_bf16x8(f);
+      if (VF) *reinterpret_cast<uint4*>(VF + row * lay.vp + x) = float8_to_bf16x8(g);
     }
   }
   __syncthreads();
+}
+
+// The chunk's tile record (Workspace::tiles, TileRecord): kFetch false stores what
+// tc_load_chunk(want_q, kVPsi) left in shared memory (after its barrier); kFetch true issues
+// cp.async copies that put the same bytes back in place of running the loader again. The
+// caller then waits (cp_async_wait_all) and synchronizes before reading them.
+template <bool kFetch, int kT = kThreads>
+__device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk& ck,
+                                               const TcSmem& lay, unsigned char* sm, int tid) {
+  const int N = bp.p.N, P = bp.p.P, rows = lay.rows;
+  const TileRecord& tr = bp.tr;
+  unsigned char* rec = bp.ws.tiles + (static_cast<int64_t>(ck.cid) * bp.p.H + ck.h) * tr.bytes;
+  auto move16 = [&](unsigned char* s, unsigned char* g) {
+    if constexpr (kFetch)
+      cp_async16(s, g);
+    else
+      *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(s);
+  };
+  // bf16 tiles: dense rows in the record, pitch `pitch` elements in shared memory (N and P are
+  // powers of two here).
+  auto tile = [&](int s_off, int g_off, int cols, int pitch) {
+    const int c8 = cols / 8, lc = log2_pow2(c8);
+    for (int i = tid; i < rows * c8; i += kT) {
+      const int row = i >> lc, c = i & (c8 - 1);
+      move16(sm + s_off + (row * pitch + c * 8) * 2, rec + g_off + i * 16);
+    }
+  };
+  tile(lay.q, tr.q, N, lay.qp);
+  tile(lay.k, tr.k, N, lay.qp);
+  tile(lay.v, tr.v, P, lay.vp);
+  // fp32 arrays, dense in both places: the wrapped angles and the loader's scalar arrays.
+  auto flat = [&](int s_off, int g_off, int floats) {
+    for (int i = tid; i < floats / 4; i += kT) move16(sm + s_off + i * 16, rec + g_off + i * 16);
+    for (int i = (floats & ~3) + tid; i < floats; i += kT) {
+      unsigned char* s = sm + s_off + i * 4;
+      unsigned char* g = rec + g_off + i * 4;
+      if constexpr (kFetch)
+        cp_async4(s, g);
+      else
+        *reinterpret_cast<float*>(g) = *reinterpret_cast<const float*>(s);
+    }
+  };
+  flat(lay.th, tr.th, lay.C * bp.p.NA);
+  flat(lay.scal, tr.sc, kLoaderScalars * kMaxRows);
 }
 
 // Rotation adjoint of the rows of token t, pair i, as rope_adjoint_rows with bf16 rotated rows X.
@@ -439,9 +498,8 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
   const int lr = log2_pow2(R);      // R, P, N and the chunk rows are powers of two here
   float* psi = reinterpret_cast<float*>(sm + lay.par);
+  tc_chunk_tiles<true, kT>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
   load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
-  __syncthreads();
-  tc_load_chunk<kT>(bp, ck, lay, sm, true, kVPsi, tid);
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;
@@ -489,6 +547,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
       *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
     }
   }
+  cp_async_wait_all();
   __syncthreads();
 
   // raw = Q K^T and dA = dY V^T (unmasked, fp32) on the tiles that hold causal entries.
@@ -693,7 +752,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
 
 // grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
 // sum_j (fw_j v_j psi)^T k_j (P, N, fp32 accumulation of bf16 operands) and its decay.
-__global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
+__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -704,9 +763,10 @@ __global__ void __launch_bounds__(kThreads) bwd_chunk_state_tc_kernel(BwdParams 
   float* par = reinterpret_cast<float*>(sm + lay.par);
   load_head_params(p, ck.h, par, par + R * P, par + 2 * R * P, par + 3 * R * P, tid, kThreads);
   __syncthreads();
-  tc_load_chunk(bp, ck, lay, sm, false, kVPsiFw, tid);
+  tc_load_chunk(bp, ck, lay, sm, true, kVPsiAndFw, tid);
+  tc_chunk_tiles<false>(bp, ck, lay, sm, tid);  // for chunk_out_tc and chunk_grad_tc
   const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
-  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.vf);
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + ck.h;
   float* out = bp.ws.s_prev + cell * P * N;
   tc_gemm<true, true, 2>(
@@ -803,10 +863,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
   const float* sprev = bp.ws.s_prev + cell * P * N;
   bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  tc_chunk_tiles<true>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
   load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
   stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
+  cp_async_wait_all();
   __syncthreads();
-  tc_load_chunk(bp, ck, lay, sm, true, kVPsi, tid);
   const float* sc = reinterpret_cast<const float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;
