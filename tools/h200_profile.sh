@@ -35,6 +35,8 @@ for t in $targets; do
     bwd) profile bwd_chunk_grad 'bwd_chunk_grad_tc' 0 --shape train --dtype bf16 --what bwd \
            --warmup 0 --iters 1
          profile bwd_chunk_out 'bwd_chunk_out_tc' 0 --shape train --dtype bf16 --what bwd \
+           --warmup 0 --iters 1
+         profile bwd_chunk_state 'bwd_chunk_state_tc' 0 --shape train --dtype bf16 --what bwd \
            --warmup 0 --iters 1 ;;
     fwd) profile fwd_train 'fwd_tc_kernel' 0 --shape train --dtype bf16 --what fwd --warmup 0 \
            --iters 1 ;;

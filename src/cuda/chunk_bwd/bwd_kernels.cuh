@@ -205,9 +205,29 @@ __device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, floa
 // cotangent of out (per token, or per row for per-rank output) and z are fp32 rows of pitch yp
 // in shared memory, zeta, phi and wn the head's parameters.
 
+// Rows row0, row0 + step, ... < rows of one column: st(row, ld(off(row))), the loads of up to 16
+// rows issued before any of their stores (they would otherwise wait one by one).
+template <typename LD, typename OFF, typename ST>
+__device__ __forceinline__ void column_rows_batched(int row0, int rows, int step, LD ld, OFF off,
+                                                    ST st) {
+  constexpr int kB = 16;
+  for (int r0 = row0; r0 < rows; r0 += kB * step) {
+    float v[kB];
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      const int row = r0 + u * step;
+      v[u] = row < rows ? ld(off(row)) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kB; ++u)
+      if (r0 + u * step < rows) st(r0 + u * step, v[u]);
+  }
+}
+
 // Stages the cotangent of out (GO) and z (Z) of the chunk. Ends with a barrier. Where P and R
 // are powers of two (P <= kThreads) each thread keeps one column and steps over rows, the
-// offsets advanced per row and the dtype switch taken once; otherwise per element.
+// offsets advanced per row, the dtype switch taken once and the loads batched; otherwise per
+// element.
 __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const Chunk& ck,
                                                      float* GO, float* Z, int yp, int tid) {
   const CoreParams& p = bp.p;
@@ -218,24 +238,32 @@ __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const 
   const int64_t l0 = ck.begin + ck.t0;
   if (is_pow2(P) && P <= kThreads && is_pow2(R)) {
     const int lp = log2_pow2(P), x = tid & (P - 1), lr = log2_pow2(R), step = kThreads >> lp;
+    auto to_go = [&](int row, float v) { GO[row * yp + x] = v; };
     with_load_ro(go, [&](auto ld) {
       if (reduce) {
         const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[2] +
                              x * go.stride[3];
-        for (int row = tid >> lp; row < go_rows; row += step)
-          GO[row * yp + x] = ld(base + row * go.stride[1]);
+        column_rows_batched(
+            tid >> lp, go_rows, step, ld, [&](int row) { return base + row * go.stride[1]; },
+            to_go);
       } else {
         const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[3] +
                              x * go.stride[4];
-        for (int row = tid >> lp; row < go_rows; row += step)
-          GO[row * yp + x] = ld(base + (row >> lr) * go.stride[1] + (row & (R - 1)) * go.stride[2]);
+        column_rows_batched(
+            tid >> lp, go_rows, step, ld,
+            [&](int row) {
+              return base + (row >> lr) * go.stride[1] + (row & (R - 1)) * go.stride[2];
+            },
+            to_go);
       }
     });
     if (p.z.defined()) {
       const int64_t base = ck.b * p.z.stride[0] + l0 * p.z.stride[1] + h * p.z.stride[2] +
                            x * p.z.stride[3];
       with_load_ro(p.z, [&](auto ld) {
-        for (int t = tid >> lp; t < ck.m; t += step) Z[t * yp + x] = ld(base + t * p.z.stride[1]);
+        column_rows_batched(
+            tid >> lp, ck.m, step, ld, [&](int t) { return base + t * p.z.stride[1]; },
+            [&](int t, float v) { Z[t * yp + x] = v; });
       });
     }
     __syncthreads();

@@ -68,6 +68,8 @@ struct TcSmem {
   int fap, sp, yp;  // fp32 pitches: raw scores (rows + 1), staging (max(N, P) + 1), y rows (P + 1)
   int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy
   int vf;           // chunk_state: (rows, P) bf16 v * psi * fw
+  int vr;           // chunk_out, chunk_grad: (C, P) raw bf16 v of the chunk's tokens, pitch vp
+                    // (the exact v psi of the D skip and of the d psi sums)
   int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
   int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M; first the
                     // fp32 (C, C) T)
@@ -101,6 +103,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     // complete, and the cotangent of out, z and e dy take their place (two CTAs per SM at
     // N = 128, P = 64).
     l.y = take(true, rows * l.yp * 4);
+    l.vr = take(true, l.C * l.vp * 2);
     const int x0 = o;
     l.k = take(true, rows * l.qp * 2);
     l.s = take(true, P * l.qp * 2);
@@ -118,6 +121,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     l.v = take(true, rows * l.vp * 2);
     l.dy = take(grad, rows * l.vp * 2);
     l.vf = take(!grad, rows * l.vp * 2);
+    l.vr = take(grad, l.C * l.vp * 2);
     l.s = take(grad, P * l.qp * 2);
     const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
     l.am = take(grad, am > t ? am : t);
@@ -126,6 +130,7 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     l.y = l.go = l.z = -1;
   }
   if (out) l.vf = -1;
+  if (!grad && !out) l.vr = -1;
   l.th = take(true, l.C * (NA > 0 ? NA : 1) * 4);
   l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
@@ -425,6 +430,23 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
   flat(lay.scal, tr.sc, kLoaderScalars * kMaxRows);
 }
 
+// cp.async of the chunk's raw bf16 v rows (contiguous, 16-byte aligned on the tensor-core path)
+// into the (C, P) tile lay.vr, pitch lay.vp; rows past the chunk zero. The caller waits.
+template <int kT = kThreads>
+__device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk& ck,
+                                               const TcSmem& lay, unsigned char* sm, int tid) {
+  const DTensor& v = bp.p.v;
+  const int p8 = bp.p.P / 8, lp8 = log2_pow2(p8);
+  const bf16* v0 = static_cast<const bf16*>(v.data) + ck.b * v.stride[0] +
+                   static_cast<int64_t>(ck.begin + ck.t0) * v.stride[1] + ck.h * v.stride[2];
+  bf16* VR = reinterpret_cast<bf16*>(sm + lay.vr);
+  for (int i = tid; i < lay.C * p8; i += kT) {
+    const int t = i >> lp8, c = (i & (p8 - 1)) * 8;
+    const bool valid = t < ck.m;
+    cp_async16(VR + t * lay.vp + c, valid ? v0 + t * v.stride[1] + c : v0, valid);
+  }
+}
+
 // Rotation adjoint of the rows of token t, pair i, as rope_adjoint_rows with bf16 rotated rows X.
 __device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const bf16* X, int xp,
                                                         int t, int i, int R, int N,
@@ -499,6 +521,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
   const int lr = log2_pow2(R);      // R, P, N and the chunk rows are powers of two here
   float* psi = reinterpret_cast<float*>(sm + lay.par);
   tc_chunk_tiles<true, kT>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
+  tc_fetch_raw_v<kT>(bp, ck, lay, sm, tid);
   load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
@@ -639,17 +662,15 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     dcs[m - 1] += last;
   }
   {
-    // dv, then the d psi partial (v: bf16, contiguous rows on this path).
+    // dv, then the d psi partial (v: the raw bf16 rows in lay.vr).
     store_dv<kT>(bp, ck, ST, sp, psi, tid);
     const int lp = log2_pow2(P);
-    const int64_t v_t = p.v.stride[1];
-    const unsigned short* v0 = static_cast<const unsigned short*>(p.v.data) +
-                               ck.b * p.v.stride[0] + (ck.begin + ck.t0) * v_t + h * p.v.stride[2];
+    const unsigned short* VR = reinterpret_cast<const unsigned short*>(sm + lay.vr);
     token_sums2<kT>(
         R * P, m,
         [&](int t, int i) {
           const int r = i >> lp, x = i & (P - 1);
-          const float v = __uint_as_float(static_cast<unsigned int>(__ldg(v0 + t * v_t + x)) << 16);
+          const float v = __uint_as_float(static_cast<unsigned int>(VR[t * vp + x]) << 16);
           return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
         },
         [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
@@ -752,7 +773,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
 
 // grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
 // sum_j (fw_j v_j psi)^T k_j (P, N, fp32 accumulation of bf16 operands) and its decay.
-__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
+__global__ void __launch_bounds__(kThreads, 3) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
@@ -864,6 +885,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   const float* sprev = bp.ws.s_prev + cell * P * N;
   bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
   tc_chunk_tiles<true>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
+  tc_fetch_raw_v(bp, ck, lay, sm, tid);
   load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
   stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
   cp_async_wait_all();
@@ -883,13 +905,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   float* Y = reinterpret_cast<float*>(sm + lay.y);
   const int qp = lay.qp, vp = lay.vp, ap = lay.ap, yp = lay.yp;
   const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  // v psi in fp32 from the raw input (the D skip and its gradient stay exact); v is bf16 with
-  // contiguous rows on this path.
-  const int64_t v_t = p.v.stride[1];
-  const unsigned short* v0 = static_cast<const unsigned short*>(p.v.data) + ck.b * p.v.stride[0] +
-                             (ck.begin + ck.t0) * v_t + h * p.v.stride[2];
+  // v psi in fp32 from the raw bf16 input rows (lay.vr): the D skip and its gradient stay exact.
+  const unsigned short* VRu = reinterpret_cast<const unsigned short*>(sm + lay.vr);
   auto vpsi = [&](int row, int x) {
-    return __uint_as_float(static_cast<unsigned int>(__ldg(v0 + (row >> lr) * v_t + x)) << 16) *
+    return __uint_as_float(static_cast<unsigned int>(VRu[(row >> lr) * vp + x]) << 16) *
            psi[(row & (R - 1)) * P + x];
   };
 
