@@ -73,11 +73,19 @@ __global__ void __launch_bounds__(64) bwd_angle_scan_kernel(BwdParams bp) {
   if (i >= p.NA) return;
   double th =
       p.init_angle.defined() ? dload_f64(p.init_angle, shx_off(p.init_angle, s, h, i)) : 0.0;
-  for (int c = bp.ws.chunk_off[s]; c < bp.ws.chunk_off[s + 1]; ++c) {
-    double* slot = bp.ws.theta + (static_cast<int64_t>(c) * p.H + h) * p.NA + i;
-    const double inc = *slot;
-    *slot = th;
-    th += inc;
+  const int c0 = bp.ws.chunk_off[s], c1 = bp.ws.chunk_off[s + 1];
+  auto slot = [&](int c) { return bp.ws.theta + (static_cast<int64_t>(c) * p.H + h) * p.NA + i; };
+  for (int cb = c0; cb < c1; cb += kScanBatch) {  // the loads of a batch in flight together
+    double inc[kScanBatch];
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb + u < c1) inc[u] = *slot(cb + u);
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb + u < c1) {
+        *slot(cb + u) = th;
+        th += inc[u];
+      }
   }
 }
 
@@ -977,12 +985,22 @@ __global__ void __launch_bounds__(64) bwd_dtheta_scan_kernel(BwdParams bp) {
     carry += sum;
   }
   const float anchor = c1 > c0 ? carry - *at(bp.ws.bnd, c1 - 1) : 0.f;
-  for (int c = c1 - 1; c >= c0; --c) {
-    float* slot = at(bp.ws.dthc, c);
-    const float sum = *slot;
-    if (c < c1 - 1) carry = anchor + *at(bp.ws.bnd, c);
-    *slot = carry;
-    carry += sum;
+  for (int cb = c1 - 1; cb >= c0; cb -= kScanBatch) {  // chunks cb, cb - 1, ... (batched loads)
+    float sum[kScanBatch], bnd[kScanBatch];
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u)
+      if (cb - u >= c0) {
+        sum[u] = *at(bp.ws.dthc, cb - u);
+        bnd[u] = cb - u < c1 - 1 ? *at(bp.ws.bnd, cb - u) : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < kScanBatch; ++u) {
+      const int c = cb - u;
+      if (c < c0) break;
+      if (c < c1 - 1) carry = anchor + bnd[u];
+      *at(bp.ws.dthc, c) = carry;
+      carry += sum[u];
+    }
   }
   if (bp.gi_angle.defined()) dstore(bp.gi_angle, shx_off(bp.gi_angle, s, h, i), carry);
 }
@@ -1140,16 +1158,27 @@ __global__ void __launch_bounds__(kThreads) bwd_reduce_qk_kernel(BwdParams bp, c
   }
 }
 
-// grid H: parameter gradients of head h = sum over every chunk of the call (in chunk order) of
-// the partials, plus the initial pairs' d psi (in sequence order).
+// grid (H, ceil(fields / kThreads)): parameter gradients of head h = sum over every chunk of the
+// call (in chunk order) of the partials, plus the initial pairs' d psi (in sequence order).
 __global__ void __launch_bounds__(kThreads) bwd_reduce_par_kernel(BwdParams bp) {
   const CoreParams& p = bp.p;
   const int h = blockIdx.x, R = p.R, P = p.P, N = p.N;
   const ParFields& f = bp.pf;
   const int chunks = bp.ws.chunk_off[p.S];
-  for (int k = threadIdx.x; k < f.count; k += kThreads) {
+  for (int k = blockIdx.y * kThreads + threadIdx.x; k < f.count; k += gridDim.y * kThreads) {
     float acc = 0.f;
-    for (int c = 0; c < chunks; ++c) acc += bp.ws.par[(static_cast<int64_t>(c) * p.H + h) * f.count + k];
+    const float* src = bp.ws.par + static_cast<int64_t>(h) * f.count + k;
+    const int64_t stride = static_cast<int64_t>(p.H) * f.count;  // one chunk
+    constexpr int kB = 16;  // loads in flight; the additions stay in chunk order
+    for (int cb = 0; cb < chunks; cb += kB) {
+      float v[kB];
+#pragma unroll
+      for (int u = 0; u < kB; ++u)
+        if (cb + u < chunks) v[u] = src[(cb + u) * stride];
+#pragma unroll
+      for (int u = 0; u < kB; ++u)
+        if (cb + u < chunks) acc += v[u];
+    }
     if (k >= f.psi && k < f.psi + R * P && bp.ws.initp)
       for (int s = 0; s < p.S; ++s)
         acc += bp.ws.initp[(static_cast<int64_t>(s) * p.H + h) * (R * P + 1) + (k - f.psi)];

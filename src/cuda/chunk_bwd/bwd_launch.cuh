@@ -379,7 +379,9 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
       M3B_CHECK_LAUNCH("bwd_reduce_qk_kernel");
     }
   }
-  M3B_LAUNCH(bwd_reduce_par_kernel, (static_cast<unsigned>(H)), (kThreads), 0, stream, bp);
+  M3B_LAUNCH(bwd_reduce_par_kernel,
+             (static_cast<unsigned>(H), static_cast<unsigned>((bp.pf.count + kThreads - 1) / kThreads)),
+             (kThreads), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_reduce_par_kernel");
   return Status::Ok();
 }
