@@ -11,12 +11,12 @@
 // back with cp.async (tc_chunk_tiles) instead of repeating the loader's serial angle walk,
 // cumulative sum and rotations.
 //
-// Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB, chunk_out
-// 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share one region),
-// chunk_grad 145 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide latency instead.
-// Two CTAs would need about 32 KB less: the fp32 scores and staging tile (33 KB) held in
-// registers instead, which the bf16 operand tiles alone (q, k, v, dy, the state, the masked
-// scores: 105 KB with the angle buffers) leave no room for.
+// Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB (three CTAs
+// per SM), chunk_out 109 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share
+// one region), chunk_grad 154 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide
+// latency instead. Two CTAs would need about 40 KB less: the fp32 scores and staging tile
+// (33 KB) held in registers instead, which the bf16 operand tiles alone (q, k, v, raw v, dy,
+// the state, the masked scores: 114 KB with the angle buffers) leave no room for.
 //
 // Angles: the wrapped angles lie in [0, 2 pi), where __sincosf is accurate to ~1e-6 (the forward
 // uses it too), far below the bf16 rounding of the tiles; it keeps the slow-path stack frame and
