@@ -183,7 +183,12 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"tc_varlen", 1, 110, 2, 1, 64, 64, 1, 16, true, false, false, {30, 0, 1, 64, 15}, kI, kB},
         // N = P = 128: 64-row chunks on the tensor cores (the SIMT layouts need 32 rows).
         Case{"tc_n128_p128", 1, 70, 1, 1, 128, 128, 1, 64, true, true, false, {}, kI, kB},
-        Case{"tc_mimo_r8_per_rank", 1, 20, 2, 1, 64, 64, 8, 16, false, false, false, {}, kH, kB}),
+        Case{"tc_mimo_r8_per_rank", 1, 20, 2, 1, 64, 64, 8, 16, false, false, false, {}, kH, kB},
+        // R P = 256 threads: chunk_out_tc's fused output stage for MIMO (R = 4, P = 64 as at
+        // `train` and `megacpp`; R = 2, P = 128 with per-rank output).
+        Case{"tc_mimo_r4_gqa_norm", 1, 40, 4, 2, 64, 64, 4, 16, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_r2_p128_per_rank", 1, 36, 2, 1, 64, 128, 2, 16, true, false, false, {}, kI,
+             kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 // Issue 5's MIMO angle gradient on the tensor cores: the peers parity case (R = 4, N = 128,
