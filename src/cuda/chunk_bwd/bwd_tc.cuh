@@ -12,8 +12,8 @@
 // cumulative sum and rotations.
 //
 // Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB (three CTAs
-// per SM), chunk_out 109 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share
-// one region), chunk_grad 154 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide
+// per SM), chunk_out 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share
+// one region), chunk_grad 153 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide
 // latency instead. Two CTAs would need about 40 KB less: the fp32 scores and staging tile
 // (33 KB) held in registers instead, which the bf16 operand tiles alone (q, k, v, raw v, dy,
 // the state, the masked scores: 114 KB with the angle buffers) leave no room for.
@@ -131,12 +131,12 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
   }
   if (out) l.vf = -1;
   if (!grad && !out) l.vr = -1;
-  l.th = take(true, l.C * (NA > 0 ? NA : 1) * 4);
+  l.th = take(!out, l.C * (NA > 0 ? NA : 1) * 4);  // chunk_out has no rope adjoint
   l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
   l.par = take(true, (3 * R * P + P) * 4);
   l.red = take(true, 2 * (grad ? kGradThreads : kThreads) * 4);
-  l.bias = take(true, 2 * R * N * 4);
+  l.bias = take(kind == kTcState, 2 * R * N * 4);  // the loader's biases (chunk_state only)
   l.bytes = o;
   return l;
 }
@@ -426,7 +426,7 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
         *reinterpret_cast<float*>(g) = *reinterpret_cast<const float*>(s);
     }
   };
-  flat(lay.th, tr.th, lay.C * bp.p.NA);
+  if (lay.th >= 0) flat(lay.th, tr.th, lay.C * bp.p.NA);  // chunk_out reads no angles
   flat(lay.scal, tr.sc, kLoaderScalars * kMaxRows);
 }
 
