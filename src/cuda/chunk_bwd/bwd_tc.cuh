@@ -797,23 +797,26 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_chunk_state_tc_kernel(BwdPara
     bp.ws.decay[cell] = reinterpret_cast<const float*>(sm + lay.scal)[kE * kMaxRows + ck.m - 1];
 }
 
-// chunk_out_tc's output-stage adjoint for R = 1 in one pass (after out_norm_stats): per
-// (row, x) of the chunk one evaluation of the adjoint gives the d zeta / d phi / d norm_weight
-// partials (reduced over the row groups as token_sums2 does), grad.z, dy (in place of y and to
-// the workspace), the D partial (*dd, this thread's) and the bf16 operand e dy (zero past the
-// chunk). Thread tid owns column x = tid mod P of rows tid / P + k kThreads / P: the element and
-// summation order of token_sums2, store_out_dz and the dy loop, so the values are theirs. Ends
-// with a barrier.
+// chunk_out_tc's output-stage adjoint in one pass (after out_norm_stats) where R = 1 or
+// R = kThreads / P (R P = kThreads: each thread then owns one (rank, column)): per (row, x) of
+// the chunk one evaluation of the adjoint gives the d zeta / d phi / d norm_weight partials
+// (reduced as token_sums2 does), grad.z (R = 1 only: for R > 1 it sums the ranks of a token,
+// which other threads own, and store_out_dz writes it before this pass), dy (in place of y and
+// to the workspace), the D partial (*dd, this thread's) and the bf16 operand e dy (zero past
+// the chunk). Thread tid owns column x = tid mod P of rows tid / P + k kThreads / P (for R > 1
+// rank tid / P of every token): the element and summation order of token_sums2, store_out_dz
+// and the dy loop, so the values are theirs. Ends with a barrier.
 template <typename FA, typename FV>
-__device__ __forceinline__ void chunk_out_adjoint_siso(
+__device__ __forceinline__ void chunk_out_adjoint_fused(
     const BwdParams& bp, const Chunk& ck, FA adjoint, float* Y, const float* Z, int yp,
     const float* zeta, const float* rstd, const float* xr, const float* wn, const float* ex,
     FV vpsi, bf16* DYb, int vp, int rows, float* par, float* red, int lp, float* dd, int tid) {
   const CoreParams& p = bp.p;
-  const int P = p.P, m = ck.m, x = tid & (P - 1), groups = kThreads >> lp;
+  const int P = p.P, R = p.R, lr = log2_pow2(R), mr = ck.mr, x = tid & (P - 1);
+  const int groups = kThreads >> lp;  // row groups (== R for R > 1)
   const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
-  const DTensor& gz = bp.g_z;
-  const int64_t gz0 = gz.defined() ? ck.b * gz.stride[0] +
+  const DTensor& gz = bp.g_z;  // written here for R = 1 only
+  const int64_t gz0 = gz.defined() && R == 1 ? ck.b * gz.stride[0] +
                                          static_cast<int64_t>(ck.begin + ck.t0) * gz.stride[1] +
                                          ck.h * gz.stride[2] + x * gz.stride[3]
                                    : 0;
@@ -823,34 +826,38 @@ __device__ __forceinline__ void chunk_out_adjoint_siso(
   auto pass = [&](auto store_dz) {
     for (int row = tid >> lp; row < rows; row += groups) {
       float edy = 0.f;
-      if (row < m) {
+      if (row < mr) {
+        const int t = row >> lr;
         const float rs = norm ? rstd[row] : 1.f;
         const EpiAdjoint e = adjoint(row, x, rs);
-        acc.x += e.du * (has_z ? Z[row * yp + x] : 0.f);
+        acc.x += e.du * (has_z ? Z[t * yp + x] : 0.f);
         acc.y += e.dphi;
         if (norm) acc_w += e.dyn * Y[row * yp + x] * rstd[row];
-        float dz = 0.f;
-        dz += e.du * zeta[x];
-        store_dz(row, dz);
+        store_dz(row, e.du);
         const float dy = store_dy<true>(bp, ck, row, x, e.dyn, Y, yp, rstd, xr, wn);
         d += dy * vpsi(row, x);
-        edy = ex[row] * dy;
+        edy = ex[t] * dy;
       }
       DYb[row * vp + x] = __float2bfloat16_rn(edy);
     }
   };
-  if (gz.defined())
+  if (gz.defined() && R == 1)
     with_store(gz, [&](auto store) {
-      pass([&](int t, float v) { store(gz0 + t * gz.stride[1], v); });
+      pass([&](int t, float du) {
+        float dz = 0.f;
+        dz += du * zeta[x];
+        store(gz0 + t * gz.stride[1], dz);
+      });
     });
   else
     pass([](int, float) {});
   *dd = d;
   red[tid] = acc.x, red[kThreads + tid] = acc.y;
   __syncthreads();
-  if (tid < P) {
+  const int n = P << lr, gn = kThreads / n;  // the R P (rank, column) partials: gn groups each
+  if (tid < n) {
     float2 sum = make_float2(0.f, 0.f);
-    for (int k = 0; k < groups; ++k) sum.x += red[k * P + tid], sum.y += red[kThreads + k * P + tid];
+    for (int k = 0; k < gn; ++k) sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
     par[bp.pf.zeta + tid] = sum.x, par[bp.pf.phi + tid] = sum.y;
   }
   __syncthreads();
@@ -945,13 +952,17 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams
   float* red = reinterpret_cast<float*>(sm + lay.red);
   const int lp = log2_pow2(P);
   float dd = 0.f;
-  if (R == 1) {
-    // SISO: the passes below fused into one, each (row, x) owned by one thread (x = tid mod P,
-    // rows tid / P + k kThreads / P, the element and summation order of token_sums2 and of the
-    // passes), so the output stage's adjoint is evaluated once per element instead of three
-    // times; the same values result.
-    chunk_out_adjoint_siso(bp, ck, adjoint, Y, Z, yp, zeta, rstd, xr, wn, ex, vpsi, DYb, vp,
-                           lay.rows, par, red, lp, &dd, tid);
+  if (R == 1 || (kThreads >> lp) == R) {
+    // The passes below fused into one, each (row, x) owned by one thread (x = tid mod P, rows
+    // tid / P + k kThreads / P, the element and summation order of token_sums2 and of the
+    // passes), so the output stage's adjoint is evaluated once per element (MIMO: twice, with
+    // store_out_dz's) instead of three or four times; the same values result.
+    if (R > 1) {
+      store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
+      __syncthreads();  // its reads of y before the pass overwrites y with dy
+    }
+    chunk_out_adjoint_fused(bp, ck, adjoint, Y, Z, yp, zeta, rstd, xr, wn, ex, vpsi, DYb, vp,
+                            lay.rows, par, red, lp, &dd, tid);
   } else {
     token_sums2(  // d zeta, d phi: sums over the chunk's tokens
         R * P, m,
