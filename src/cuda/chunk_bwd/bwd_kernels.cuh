@@ -1166,6 +1166,8 @@ __global__ void __launch_bounds__(kThreads) bwd_reduce_par_kernel(BwdParams bp) 
   const ParFields& f = bp.pf;
   const int chunks = bp.ws.chunk_off[p.S];
   for (int k = blockIdx.y * kThreads + threadIdx.x; k < f.count; k += gridDim.y * kThreads) {
+    // d psi partials exist only where grad.mimo_v is asked for (chunk_grad_tc skips them).
+    if (k >= f.psi && k < f.qb && !bp.g_psi.defined()) continue;
     float acc = 0.f;
     const float* src = bp.ws.par + static_cast<int64_t>(h) * f.count + k;
     const int64_t stride = static_cast<int64_t>(p.H) * f.count;  // one chunk

@@ -662,19 +662,23 @@ __global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdP
     dcs[m - 1] += last;
   }
   {
-    // dv, then the d psi partial (v: the raw bf16 rows in lay.vr).
+    // dv, then the d psi partial (v: the raw bf16 rows in lay.vr) where grad.mimo_v is asked
+    // for (reduce_par skips the field otherwise; SISO never has it).
     store_dv<kT>(bp, ck, ST, sp, psi, tid);
     const int lp = log2_pow2(P);
     const unsigned short* VR = reinterpret_cast<const unsigned short*>(sm + lay.vr);
-    token_sums2<kT>(
-        R * P, m,
-        [&](int t, int i) {
-          const int r = i >> lp, x = i & (P - 1);
-          const float v = __uint_as_float(static_cast<unsigned int>(VR[t * vp + x]) << 16);
-          return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
-        },
-        [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
-        reinterpret_cast<float*>(sm + lay.red), tid);
+    if (bp.g_psi.defined())
+      token_sums2<kT>(
+          R * P, m,
+          [&](int t, int i) {
+            const int r = i >> lp, x = i & (P - 1);
+            const float v = __uint_as_float(static_cast<unsigned int>(VR[t * vp + x]) << 16);
+            return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
+          },
+          [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
+          reinterpret_cast<float*>(sm + lay.red), tid);
+    else
+      __syncthreads();  // store_dv's reads of ST before V dS overwrites it
   }
 
   // dK. First V dS (mr, N), for MIMO with dS split in two bf16 terms (hi, then lo in the same
