@@ -2,7 +2,8 @@
 # Nsight Compute profiles of the cuda lane's hot kernels on the lent H200 (no clock control):
 # the full section set of one launch each, and the SASS instructions that collect the most
 # warp-stall samples (source counters). Binaries from .devbin/ (tools/h200_build.sh).
-#   usage: bash tools/h200_profile.sh [step|bwd|fwd ...]   (default: all three)
+#   usage: [BIN=.devbin/mamba3] bash tools/h200_profile.sh [step|bwd|grad|fwd ...]   (default: step bwd fwd;
+#   grad: chunk_grad_tc alone, at train and megacpp)
 # Writes $OUT/<name>.txt (details), $OUT/<name>-hot.txt (hot instructions) and
 # $OUT/<name>-sass.csv.gz (the per-instruction table: with binaries built with
 # -DCMAKE_CUDA_FLAGS=-lineinfo, `tools/ncu_lines.py` turns it into totals per source line), and
@@ -12,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-bench/results/raw}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$PWD/.devbin/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-bin=.devbin/mamba3
+bin=${BIN:-.devbin/mamba3}  # BIN: another build, e.g. one with -lineinfo
 targets=${*:-step bwd fwd}
 
 profile() {  # profile NAME KERNEL_REGEX SKIP BENCH_ARGS...
@@ -38,6 +39,10 @@ for t in $targets; do
            --warmup 0 --iters 1
          profile bwd_chunk_state 'bwd_chunk_state_tc' 0 --shape train --dtype bf16 --what bwd \
            --warmup 0 --iters 1 ;;
+    grad) profile bwd_chunk_grad 'bwd_chunk_grad_tc' 0 --shape train --dtype bf16 --what bwd \
+            --warmup 0 --iters 1
+          profile bwd_chunk_grad_megacpp 'bwd_chunk_grad_tc' 0 --shape megacpp --dtype bf16 \
+            --what bwd --warmup 0 --iters 1 ;;
     fwd) profile fwd_train 'fwd_tc_kernel' 0 --shape train --dtype bf16 --what fwd --warmup 0 \
            --iters 1 ;;
     *) echo "unknown target $t" >&2 ;;
