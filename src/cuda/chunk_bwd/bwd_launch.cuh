@@ -17,7 +17,7 @@
 
 #include "core/return_if_error.h"
 #include "core/validate.h"
-#include "cuda/chunk_bwd/bwd_tc.cuh"
+#include "cuda/chunk_bwd/bwd_tc_grad.cuh"
 #include "cuda/common/launch.cuh"
 
 #ifndef MAMBA3_CUDA_EMU
@@ -157,19 +157,22 @@ inline bool tensor_core_inputs(const BackwardArgs& a, const Dims& d, const CoreP
          is_pow2(static_cast<int>(d.R)) && (d.R == 1 || mimo_tc);
 }
 
-// Chunk rows of the tensor-core kernels: the largest whole number of 16-row tiles (64, 32, 16)
-// whose three layouts fit `smem_limit` (0: none fits). Their layouts are smaller than the SIMT
-// ones, so N = P = 128 keeps 64-row chunks here (half the chunk states of 32-row chunks).
+// Chunk rows of the tensor-core kernels: 64 (kMaxRows; chunk_grad_tc's warp tiling assumes it)
+// where the three layouts fit `smem_limit`, else 0 (the SIMT kernels).
 inline int pick_rows_tc(const Dims& d, int smem_limit) {
   const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
-  const int NA = static_cast<int>(d.NA);
-  for (int rows = kMaxRows; rows >= 16 && rows >= R; rows /= 2) {
-    const int need = std::max({tc_layout(kTcGrad, N, P, R, NA, rows).bytes,
-                               tc_layout(kTcOut, N, P, R, NA, rows).bytes,
-                               tc_layout(kTcState, N, P, R, NA, rows).bytes});
-    if (need <= smem_limit) return rows;
-  }
-  return 0;
+  const int NA = static_cast<int>(d.NA), rows = kMaxRows;
+  const int need = std::max({tc_layout(kTcGrad, N, P, R, NA, rows).bytes,
+                             tc_layout(kTcOut, N, P, R, NA, rows).bytes,
+                             tc_layout(kTcState, N, P, R, NA, rows).bytes});
+  return need <= smem_limit ? rows : 0;
+}
+
+// chunk_grad_tc's instance for (N, P) in {64, 128}^2 (tensor_core_inputs).
+using GradTcKernel = void (*)(BwdParams, TcSmem);
+inline GradTcKernel grad_tc_kernel(int N, int P) {
+  if (N == 64) return P == 64 ? bwd_chunk_grad_tc_kernel<64, 64> : bwd_chunk_grad_tc_kernel<64, 128>;
+  return P == 64 ? bwd_chunk_grad_tc_kernel<128, 64> : bwd_chunk_grad_tc_kernel<128, 128>;
 }
 
 inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
@@ -249,7 +252,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const int64_t cells = ncu * H, PN = static_cast<int64_t>(P) * N;
   const bool has_init = a.in.initial.all();
   const bool shared_qk = d.heads_per_group() > 1;
-  const TcSmem lt = tc_layout(kTcGrad, N, P, R, NA, rows);
+  const TcSmem lt = tc_layout(kTcGrad, N, P, R, NA, rows, bp.g_psi.defined());
   const TcSmem lo = tc_layout(kTcOut, N, P, R, NA, rows);
   const TcSmem ls = tc_layout(kTcState, N, P, R, NA, rows);
 
@@ -287,13 +290,13 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
+  GradTcKernel grad_tc = tc ? grad_tc_kernel(N, P) : nullptr;
   if (tc) {
     M3_RETURN_IF_ERROR(
         allow_smem_max_carveout(bwd_chunk_state_tc_kernel, static_cast<size_t>(ls.bytes)));
     M3_RETURN_IF_ERROR(
         allow_smem_max_carveout(bwd_chunk_out_tc_kernel, static_cast<size_t>(lo.bytes)));
-    M3_RETURN_IF_ERROR(
-        allow_smem_max_carveout(bwd_chunk_grad_tc_kernel, static_cast<size_t>(lt.bytes)));
+    M3_RETURN_IF_ERROR(allow_smem_max_carveout(grad_tc, static_cast<size_t>(lt.bytes)));
   } else {
     M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
     M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_out_kernel, smem_bytes(l5)));
@@ -341,8 +344,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3B_CHECK_LAUNCH("bwd_dstate_scan_kernel");
   if (ncu > 0) {
     if (tc) {
-      M3B_LAUNCH(bwd_chunk_grad_tc_kernel, (grid_ch, H), (kGradThreads),
-                 static_cast<size_t>(lt.bytes), stream, bp, lt);
+      M3B_LAUNCH(grad_tc, (grid_ch, H), (kThreads), static_cast<size_t>(lt.bytes), stream, bp, lt);
       M3B_CHECK_LAUNCH("bwd_chunk_grad_tc_kernel");
     } else {
       M3B_LAUNCH(bwd_chunk_grad_kernel, (grid_ch, H), (kThreads), smem_bytes(l7), stream, bp, l7);

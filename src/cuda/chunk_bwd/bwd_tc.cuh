@@ -13,10 +13,7 @@
 //
 // Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB (three CTAs
 // per SM), chunk_out 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share
-// one region), chunk_grad 153 KB, one CTA per SM, so it runs 16 warps (kGradThreads) to hide
-// latency instead. Two CTAs would need about 40 KB less: the fp32 scores and staging tile
-// (33 KB) held in registers instead, which the bf16 operand tiles alone (q, k, v, raw v, dy,
-// the state, the masked scores: 114 KB with the angle buffers) leave no room for.
+// one region), chunk_grad ~104 KB (two CTAs per SM; bwd_tc_grad.cuh).
 //
 // Angles: the wrapped angles lie in [0, 2 pi), where __sincosf is accurate to ~1e-6 (the forward
 // uses it too), far below the bf16 rounding of the tiles; it keeps the slow-path stack frame and
@@ -52,10 +49,6 @@ namespace mamba3::cuda::bwd {
 
 using bf16 = __nv_bfloat16;
 
-// Threads of the tensor-core chunk_grad kernel: one CTA per SM fits its shared memory, so it
-// runs 16 warps (chunk_out and chunk_state: kThreads, two or more CTAs per SM).
-inline constexpr int kGradThreads = 512;
-
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 
@@ -65,17 +58,16 @@ __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 struct TcSmem {
   int rows, C;
   int qp, vp, ap;  // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
-  int fap, sp, yp;  // fp32 pitches: raw scores (rows + 1), staging (max(N, P) + 1), y rows (P + 1)
+  int yp;           // fp32 pitch of chunk_out's y rows (P + 1)
   int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy
   int vf;           // chunk_state: (rows, P) bf16 v * psi * fw
-  int vr;           // chunk_out, chunk_grad: (C, P) raw bf16 v of the chunk's tokens, pitch vp
-                    // (the exact v psi of the D skip and of the d psi sums)
+  int vr;           // chunk_out: (C, P) raw bf16 v of the chunk's tokens, pitch vp (the exact
+                    // v psi of the D skip)
   int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
-  int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M; first the
-                    // fp32 (C, C) T)
-  int ra;           // chunk_grad: (rows, fap) fp32 Q K^T and dY V^T; later the (rows, sp) staging
+  int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M)
   int y, go, z;     // chunk_out: (rows, yp) fp32 y then dy; cotangent of out; z
-  int th, dth;      // (C, NA) fp32 wrapped angles, d theta
+  int th, dth;      // (C, NA) fp32 wrapped angles, d theta (chunk_grad: in A o M's space where
+                    // it fits, written once the dV product no longer reads A o M)
   int scal, par, red, bias;
   int bytes;
 };
@@ -84,10 +76,26 @@ inline int tc_up16(int x) { return (x + 15) & ~15; }
 
 enum TcKernel { kTcState, kTcOut, kTcGrad };
 
-inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
+// Partial-sum slots of chunk_grad_tc in lay.red (floats): rows of the score pass (per column
+// half: d cs terms, d gamma terms), columns of the score pass (per row tile: d w terms), the
+// x row sums of the dV and dQ phases (per column half), per-warp d cs_last terms, a copy of the
+// block's Chunk (read back by the later phases instead of keeping it in registers); then the
+// d psi partials (4 row tiles x R x P, where grad.mimo_v is asked for) and the bias partials
+// (4 x R x N).
+enum GradRed : int {
+  kRedRowA = 0, kRedDiag = 128, kRedColB = 256, kRedX = 512, kRedX2 = 640, kRedDs = 768,
+  kRedChunk = 784, kRedFixed = 800,
+};
+inline int grad_red_floats(int R, int P, int N, bool psi_sums) {
+  return kRedFixed + (psi_sums ? 4 * R * P : 0) + 4 * R * N;
+}
+
+// psi_sums: chunk_grad's d psi partials (grad.mimo_v asked for).
+inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
+                        bool psi_sums = true) {
   TcSmem l{};
   l.rows = rows, l.C = rows / R;
-  l.qp = N + 8, l.vp = P + 8, l.ap = rows + 8, l.fap = rows + 1, l.sp = (N > P ? N : P) + 1;
+  l.qp = N + 8, l.vp = P + 8, l.ap = rows + 8;
   l.yp = P + 1;
   int o = 0;
   auto take = [&](bool want, int bytes) {
@@ -115,27 +123,23 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows) {
     l.z = take(true, rows * l.yp * 4);
     l.dy = take(true, rows * l.vp * 2);
     if (o < x1) o = x1;
-    l.ra = -1;
   } else {
     l.k = take(true, rows * l.qp * 2);
     l.v = take(true, rows * l.vp * 2);
     l.dy = take(grad, rows * l.vp * 2);
     l.vf = take(!grad, rows * l.vp * 2);
-    l.vr = take(grad, l.C * l.vp * 2);
     l.s = take(grad, P * l.qp * 2);
-    const int am = 2 * rows * l.ap * 2, t = l.C * l.C * 4;
-    l.am = take(grad, am > t ? am : t);
-    const int ra = 2 * rows * l.fap * 4, st = rows * l.sp * 4;
-    l.ra = take(grad, ra > st ? ra : st);
+    l.am = take(grad, 2 * rows * l.ap * 2);
     l.y = l.go = l.z = -1;
   }
   if (out) l.vf = -1;
-  if (!grad && !out) l.vr = -1;
-  l.th = take(!out, l.C * (NA > 0 ? NA : 1) * 4);  // chunk_out has no rope adjoint
-  l.dth = take(grad, l.C * (NA > 0 ? NA : 1) * 4);
+  if (!out) l.vr = -1;
+  const int th_bytes = l.C * (NA > 0 ? NA : 1) * 4;
+  l.th = take(!out, th_bytes);  // chunk_out has no rope adjoint
+  l.dth = grad && th_bytes <= rows * l.ap * 2 ? l.am : take(grad, th_bytes);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
   l.par = take(true, (3 * R * P + P) * 4);
-  l.red = take(true, 2 * (grad ? kGradThreads : kThreads) * 4);
+  l.red = take(true, grad ? grad_red_floats(R, P, N, psi_sums) * 4 : 2 * kThreads * 4);
   l.bias = take(kind == kTcState, 2 * R * N * 4);  // the loader's biases (chunk_state only)
   l.bytes = o;
   return l;
@@ -447,25 +451,6 @@ __device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk&
   }
 }
 
-// Rotation adjoint of the rows of token t, pair i, as rope_adjoint_rows with bf16 rotated rows X.
-__device__ __forceinline__ float rope_adjoint_rows_bf16(float* D, int dp, const bf16* X, int xp,
-                                                        int t, int i, int R, int N,
-                                                        bool interleaved, float theta) {
-  int ia, ib;
-  pair_members(interleaved, N, i, &ia, &ib);
-  float sn, cn;
-  __sincosf(theta, &sn, &cn);
-  float acc = 0.f;
-  for (int r = 0; r < R; ++r) {
-    const int row = t * R + r;
-    const float da = D[row * dp + ia], db = D[row * dp + ib];
-    acc += -da * to_f(X[row * xp + ib]) + db * to_f(X[row * xp + ia]);
-    D[row * dp + ia] = da * cn + db * sn;
-    D[row * dp + ib] = -da * sn + db * cn;
-  }
-  return acc;
-}
-
 // out(i, sum over tokens t < m of f(t, i)) for i < n, f returning two values (float2), using
 // every thread of a kT-thread block: when n divides kT (n a power of two), kT / n groups of
 // threads take tokens g, g + groups, ... and the group partials are added in group order through
@@ -501,278 +486,6 @@ __device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* re
     }
   }
   __syncthreads();
-}
-
-// grid (chunks, H): bwd_chunk_grad_kernel's gradients with its eight chunk products on the
-// tensor cores (see there for the math):
-//   raw = Q K^T, dA = dY V^T (fp32, lower-triangular tiles)   -> d gamma, d w, d cs; A o M, dA o M
-//   K dS^T, dV = (A o M)^T dY + fw (K dS^T) + D dy             -> dv, d psi partial
-//   V dS, dK = (dA o M)^T Q + fw (V dS) (+ d final k)          -> rope adjoint -> dk
-//   dY S_prev, dQ = (dA o M) K + e (dY S_prev)                 -> rope adjoint -> dq
-__global__ void __launch_bounds__(kGradThreads, 1) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
-  M3B_DYNAMIC_SMEM_TC(sm);
-  Chunk ck;
-  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
-  const CoreParams& p = bp.p;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int kT = kGradThreads, kWarps = kT / 32;
-  const int N = p.N, P = p.P, R = p.R, NA = p.NA, m = ck.m, mr = ck.mr, h = ck.h;
-  const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
-  const int lr = log2_pow2(R);      // R, P, N and the chunk rows are powers of two here
-  float* psi = reinterpret_cast<float*>(sm + lay.par);
-  tc_chunk_tiles<true, kT>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
-  tc_fetch_raw_v<kT>(bp, ck, lay, sm, tid);
-  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
-  float* sc = reinterpret_cast<float*>(sm + lay.scal);
-  const float* cs = sc + kCs * kMaxRows;
-  const float* ex = sc + kE * kMaxRows;
-  const float* w = sc + kW * kMaxRows;
-  const float* fw = sc + kFw * kMaxRows;
-  const float* gam = sc + kGam * kMaxRows;
-  float* dcs = sc + kDcs * kMaxRows;
-  float* dwt = sc + kDw * kMaxRows;
-  float* dgam = sc + kDgam * kMaxRows;
-  float* xr = sc + kXr * kMaxRows;
-  float* fwx = sc + kRstd * kMaxRows;  // fw_t x_t (the norm's slot is free here)
-  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
-  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
-  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
-  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
-  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
-  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
-  bf16* DAM = AM + lay.rows * lay.ap;
-  float* T = reinterpret_cast<float*>(sm + lay.am);  // (m, m) before the masked scores
-  float* RA = reinterpret_cast<float*>(sm + lay.ra);
-  float* DA = RA + lay.rows * lay.fap;
-  float* ST = reinterpret_cast<float*>(sm + lay.ra);  // after the masked scores
-  const float* TH = reinterpret_cast<const float*>(sm + lay.th);
-  float* DTH = reinterpret_cast<float*>(sm + lay.dth);
-  const int qp = lay.qp, vp = lay.vp, ap = lay.ap, fap = lay.fap, sp = lay.sp;
-  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
-  const float* sprev = bp.ws.s_prev + cell * P * N;
-  const float* dsend = bp.ws.ds_end + cell * P * N;
-  float* par = bp.ws.par + cell * bp.pf.count;
-  const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
-  const float* dyg = bp.ws.dy + (ck.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
-  auto dy_at = [&](int row, int x) { return dyg[(row >> lr) * dy_row + (row & (R - 1)) * P + x]; };
-
-  {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
-    const int p4 = P / 4, lp4 = log2_pow2(p4);
-    for (int i = tid; i < lay.rows * p4; i += kT) {
-      const int row = i >> lp4, x = (i & (p4 - 1)) * 4;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row < mr)
-        v = *reinterpret_cast<const float4*>(dyg + (row >> lr) * dy_row + (row & (R - 1)) * P + x);
-      uint2 u;
-      u.x = pack_bf16(v.x, v.y);
-      u.y = pack_bf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
-    }
-  }
-  cp_async_wait_all();
-  __syncthreads();
-
-  // raw = Q K^T and dA = dY V^T (unmasked, fp32) on the tiles that hold causal entries.
-  auto lower = [&](int kext) {
-    return [kext](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? kext : 0; };
-  };
-  tc_gemm<false, false, 1, kT>(
-      mr, mr, Q, qp, K, qp, lower(N), [&](int i, int j, float acc) { RA[i * fap + j] = acc; }, warp,
-      lane);
-  tc_gemm<false, false, 1, kT>(
-      mr, mr, DYb, vp, V, vp, lower(P), [&](int i, int j, float acc) { DA[i * fap + j] = acc; },
-      warp, lane);
-  __syncthreads();
-  time_level_scores<kT>(DA, RA, fap, m, R, T, tid);
-  __syncthreads();
-  {
-    // Four lanes per token (m <= 64), each every fourth term, added by a fixed shuffle tree.
-    const int t = tid >> 2, q = tid & 3;
-    float dw_acc = 0.f, dc = 0.f;
-    if (t < m) {
-      for (int i = t + 1 + q; i < m; i += 4) {  // t as the key token j of later query tokens i
-        const float e = expf(cs[i] - cs[t]);
-        dw_acc += T[i * m + t] * e;
-        dc -= T[i * m + t] * e * w[t];
-      }
-      for (int j = q; j < t; j += 4) dc += T[t * m + j] * expf(cs[t] - cs[j]) * w[j];
-    }
-    dw_acc += __shfl_xor_sync(0xffffffffu, dw_acc, 1);
-    dw_acc += __shfl_xor_sync(0xffffffffu, dw_acc, 2);
-    dc += __shfl_xor_sync(0xffffffffu, dc, 1);
-    dc += __shfl_xor_sync(0xffffffffu, dc, 2);
-    if (t < m && q == 0) {
-      dgam[t] = T[t * m + t];
-      dwt[t] = dw_acc;
-      dcs[t] = dc;
-    }
-  }
-  __syncthreads();
-  // Masked bf16 operands A o M and dA o M (zero above the diagonal and past the chunk); one
-  // warp per row.
-  for (int row = warp; row < lay.rows; row += kWarps) {
-    const int ti = row >> lr;
-    for (int col = lane; col < lay.rows; col += 32) {
-      float a = 0.f, da = 0.f;
-      if (row < mr && col < mr && (col >> lr) <= ti) {
-        const float coef = mask_coef(cs, w, gam, ti, col >> lr);
-        a = RA[row * fap + col] * coef;
-        da = DA[row * fap + col] * coef;
-      }
-      AM[row * ap + col] = __float2bfloat16_rn(a);
-      DAM[row * ap + col] = __float2bfloat16_rn(da);
-    }
-  }
-  stage_state_bf16<kT>(dsend, Sb, P, N, qp, tid);
-  __syncthreads();
-
-  // dV. First K dS^T (mr, P) into ST, then x_t = sum v o (K dS^T).
-  auto full = [](int kext) { return [kext](int, int, int* kb, int* ke) { *kb = 0, *ke = kext; }; };
-  tc_gemm<false, false, 2, kT>(
-      mr, P, K, qp, Sb, qp, full(N), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
-      lane);
-  __syncthreads();
-  for (int row = warp; row < mr; row += kWarps) {
-    float acc = 0.f;
-    for (int x = lane; x < P; x += 32) acc += to_f(V[row * vp + x]) * ST[row * sp + x];
-    acc = warp_sum(acc);
-    if (lane == 0) xr[row] = acc;
-  }
-  __syncthreads();
-  if (tid < m) {  // the decay term of each key token; its sum goes to d cs_last below
-    const int t = tid;
-    float xt = 0.f;
-    for (int r = 0; r < R; ++r) xt += xr[t * R + r];
-    dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
-    dcs[t] -= fw[t] * xt;
-    fwx[t] = fw[t] * xt;
-  }
-  // (A o M)^T dY: key rows k >= i only (time level), so k from the row tile on.
-  tc_gemm<true, true, 2, kT>(
-      mr, P, AM, ap, DYb, vp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
-      [&](int i, int j, float acc) {
-        ST[i * sp + j] = acc + fw[i >> lr] * ST[i * sp + j] + dskip * dy_at(i, j);
-      },
-      warp, lane);
-  __syncthreads();
-  if (tid == 0) {
-    float last = 0.f;
-    for (int t = 0; t < m; ++t) last += fwx[t];
-    dcs[m - 1] += last;
-  }
-  {
-    // dv, then the d psi partial (v: the raw bf16 rows in lay.vr) where grad.mimo_v is asked
-    // for (reduce_par skips the field otherwise; SISO never has it).
-    store_dv<kT>(bp, ck, ST, sp, psi, tid);
-    const int lp = log2_pow2(P);
-    const unsigned short* VR = reinterpret_cast<const unsigned short*>(sm + lay.vr);
-    if (bp.g_psi.defined())
-      token_sums2<kT>(
-          R * P, m,
-          [&](int t, int i) {
-            const int r = i >> lp, x = i & (P - 1);
-            const float v = __uint_as_float(static_cast<unsigned int>(VR[t * vp + x]) << 16);
-            return make_float2(ST[(t * R + r) * sp + x] * v, 0.f);
-          },
-          [&](int i, float2 sum) { par[bp.pf.psi + i] = sum.x; },
-          reinterpret_cast<float*>(sm + lay.red), tid);
-    else
-      __syncthreads();  // store_dv's reads of ST before V dS overwrites it
-  }
-
-  // dK. First V dS (mr, N), for MIMO with dS split in two bf16 terms (hi, then lo in the same
-  // tile), then the intra-chunk part (key rows k >= i). The split: V dS and dY S_prev below
-  // carry the cross-chunk pairs into the rotation gradients, whose other side went through the
-  // fp32 state scans; with one bf16 term the mismatch left 5.1e-3 on grad.angles (emulated,
-  // R = 4, L = 512), with two 3.7e-3. Cost: two more (mr, N, P) products and two staging passes,
-  // so MIMO only: its 64 / R-token chunks make most interacting pairs cross a chunk boundary
-  // (SISO: 4.1e-3 on the H200 without either fix).
-  // ST (mr, N) = A (mr, P) state with Sb holding the state's bf16 rounding (MIMO: plus the
-  // product with its low term, staged into Sb). Ends with a barrier.
-  const bool split_states = R > 1;
-  auto rows_times_state = [&](const bf16* A, const float* state) {
-    tc_gemm<false, true, 2, kT>(
-        mr, N, A, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] = acc; }, warp,
-        lane);
-    __syncthreads();
-    if (split_states) {
-      stage_state_bf16<kT, true>(state, Sb, P, N, qp, tid);
-      __syncthreads();
-      tc_gemm<false, true, 2, kT>(
-          mr, N, A, vp, Sb, qp, full(P), [&](int i, int j, float acc) { ST[i * sp + j] += acc; },
-          warp, lane);
-      __syncthreads();
-    }
-  };
-  rows_times_state(V, dsend);
-  const bool dfk = ck.last && bp.df_k.defined();
-  tc_gemm<true, true, 2, kT>(
-      mr, N, DAM, ap, Q, qp, [&](int i0, int, int* kb, int* ke) { *kb = i0, *ke = kr; },
-      [&](int i, int j, float acc) {
-        float v = acc + fw[i >> lr] * ST[i * sp + j];
-        if (dfk && (i >> lr) == m - 1) v += dload(bp.df_k, sk_off(bp.df_k, ck.s, i & (R - 1), h, j));
-        ST[i * sp + j] = v;
-      },
-      warp, lane);
-  __syncthreads();
-  for (int t = warp; t < m; t += kWarps)  // a warp per token (no index division)
-    for (int a = lane; a < NA; a += 32)
-      DTH[t * NA + a] =
-          rope_adjoint_rows_bf16(ST, sp, K, qp, t, a, R, N, p.interleaved, TH[t * NA + a]);
-  __syncthreads();
-  store_qk_grad<kT>(bp, ck, sp, ST, bp.g_k, bp.ws.dk, par + bp.pf.kb, tid);
-  __syncthreads();
-
-  // dQ. First T1 = dY S_prev (mr, N), d cs from e, then the intra part (key rows k <= i).
-  // S_prev as the operand; on the way the partial sums of dS o S_prev (fp32) for d cs_last.
-  float dsum = 0.f;
-  {
-    const int n4 = N / 4, ln4 = log2_pow2(n4);
-#pragma unroll 4
-    for (int i = tid; i < P * n4; i += kT) {
-      const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
-      const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
-      const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
-      dsum += d.x * v.x + d.y * v.y + d.z * v.z + d.w * v.w;
-      uint2 u;
-      u.x = pack_bf16(v.x, v.y);
-      u.y = pack_bf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(Sb + x * qp + n) = u;
-    }
-  }
-  __syncthreads();
-  rows_times_state(DYb, sprev);
-  for (int row = warp; row < mr; row += kWarps) {
-    float acc = 0.f;
-    for (int n = lane; n < N; n += 32) acc += ST[row * sp + n] * to_f(Q[row * qp + n]);
-    acc = warp_sum(acc);
-    if (lane == 0) xr[row] = acc;
-  }
-  __syncthreads();
-  if (tid < m) {
-    float acc = 0.f;
-    for (int r = 0; r < R; ++r) acc += xr[tid * R + r];
-    dcs[tid] += ex[tid] * acc;
-  }
-  tc_gemm<false, true, 2, kT>(
-      mr, N, DAM, ap, K, qp,
-      [&](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
-      [&](int i, int j, float acc) { ST[i * sp + j] = acc + ex[i >> lr] * ST[i * sp + j]; }, warp,
-      lane);
-  __syncthreads();
-  for (int t = warp; t < m; t += kWarps)
-    for (int a = lane; a < NA; a += 32)
-      DTH[t * NA + a] +=
-          rope_adjoint_rows_bf16(ST, sp, Q, qp, t, a, R, N, p.interleaved, TH[t * NA + a]);
-  __syncthreads();
-  store_qk_grad<kT>(bp, ck, sp, ST, bp.g_q, bp.ws.dq, par + bp.pf.qb, tid);
-
-  // d cs_last from the chunk decay: exp(cs_last) sum dS o S_prev (fp32 states).
-  dsum = block_sum<kT>(dsum, reinterpret_cast<float*>(sm + lay.red), tid);
-  if (tid == 0) dcs[m - 1] += ex[m - 1] * dsum;
-  __syncthreads();
-  chunk_token_outputs<kT>(bp, ck, dcs, dgam, dwt, DTH, tid);
 }
 
 // grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment

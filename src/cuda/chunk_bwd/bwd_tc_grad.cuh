@@ -1,0 +1,557 @@
+// The tensor-core chunk_grad kernel: every gradient of a chunk from its tile record, the chunk's
+// start state S_prev, the cotangent dS of its end state and dy (the math of
+// bwd_chunk_grad_kernel in bwd_kernels.cuh), with the products' results kept in the mma
+// accumulators instead of an fp32 staging tile.
+//
+// Warp tiling: 8 warps; warp w owns rows [16 (w >> 1), + 16) of each (64, X) product and half
+// of its columns, two blocks of X / 4 columns X / 2 apart (grad_col0): products that share an
+// output shape accumulate in the same registers (dV = fw (K dS^T) + (A o M)^T dY + D dy, dK =
+// fw (V dS) + (dA o M)^T Q, dQ = e (dY S_prev) + (dA o M) K: the first product's rows are
+// scaled in registers, then the k loop continues), and a rope pair is always inside one
+// thread's fragment (interleaved pairs: columns 2 tq, 2 tq + 1 of an n-tile; halved pairs
+// (a, a + N / 2): the same element of n-tiles j and j + X / 32), so the rotation adjoint runs on
+// the accumulators. Sums over a token's R rows are shuffles across the fragment's row lanes
+// (g = lane / 4; R divides 8), row sums shuffles across tq, column sums over the 16 rows of a
+// warp shuffles across g; what crosses warps goes through shared memory and is combined in a
+// fixed order by one thread per output. Deterministic; no atomics.
+//
+// The mask gradients need no (C, C) matrix: the score pass computes Q K^T and dY V^T for the
+// same fragment, and its epilogue writes the masked bf16 operands A o M, dA o M and adds the
+// per-element terms of d gamma, d w and d cs (T = sum over a token pair's R x R block of
+// dA o raw) to row and column partials.
+//
+// Shared memory at N = 128, P = 64, R = 1, NA = 32: ~104 KB (q, k and the state operand 17 KB
+// each, v, dy, A o M, dA o M 9 KB each, angles 8 KB, d theta in the space of A o M once the dV
+// product is done, partial sums): two CTAs per SM.
+#pragma once
+
+#include "cuda/chunk_bwd/bwd_tc.cuh"
+
+namespace mamba3::cuda::bwd {
+
+// First column of 16-column group u (of X / 32) of column half cg of a (64, X) product.
+template <int X>
+__device__ __forceinline__ int grad_col0(int cg, int u) {
+  constexpr int kG = X / 32;
+  return (u < kG / 2 ? 0 : X / 2) + cg * (X / 4) + 16 * (u % (kG / 2));
+}
+
+// Column of element e of n-tile j of the fragment (lane's tq).
+template <int X>
+__device__ __forceinline__ int grad_col(int cg, int j, int e, int tq) {
+  return grad_col0<X>(cg, j >> 1) + 8 * (j & 1) + 2 * tq + (e & 1);
+}
+
+// c += A (rows i0.., k in [kb, ke)) x B (k, the warp's X / 2 columns) on the tensor cores; A
+// row-major [i][k] (kATrans: stored [k][i]), B stored [j][k] (kBKn: [k][j]); groups whose bit is
+// clear in `live` are skipped. k tiles in increasing order.
+template <int X, bool kATrans, bool kBKn>
+__device__ __forceinline__ void grad_mma(float (&c)[X / 16][4], const bf16* A, int ap,
+                                         const bf16* B, int bpitch, int i0, int cg, int kb, int ke,
+                                         unsigned live, int lane) {
+  constexpr int kG = X / 32;
+  for (int k0 = kb; k0 < ke; k0 += 16) {
+    uint32_t a[4];
+    if constexpr (kATrans)
+      load_a_trans(a, A, ap, i0, k0, lane);
+    else
+      load_a(a, A, ap, i0, k0, lane);
+#pragma unroll
+    for (int u = 0; u < kG; ++u) {
+      if (!((live >> u) & 1u)) continue;
+      uint32_t b[4];
+      if constexpr (kBKn)
+        load_b_kn(b, B, bpitch, grad_col0<X>(cg, u), k0, lane);
+      else
+        load_b_nk(b, B, bpitch, grad_col0<X>(cg, u), k0, lane);
+      mma_bf16(c[2 * u], a, b[0], b[1]);
+      mma_bf16(c[2 * u + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Sum of v over the R rows of a token: the lanes whose g differ in the low log2(R) bits.
+__device__ __forceinline__ float token_rows_sum(float v, int R) {
+  for (int s = 1; s < R; s <<= 1) v += __shfl_xor_sync(0xffffffffu, v, 4 * s);
+  return v;
+}
+
+// Sum of v over the lanes of a warp whose g agree modulo R (rows of the same rank r).
+__device__ __forceinline__ float rank_rows_sum(float v, int R) {
+  for (int s = R; s < 8; s <<= 1) v += __shfl_xor_sync(0xffffffffu, v, 4 * s);
+  return v;
+}
+
+// The rotation adjoint on a (64, N) fragment of q or k gradient rows: each pair with a < NA of a
+// valid row is rotated back by its token's angle (TH), and the token's d theta term, summed over
+// its R rows, goes to out(t, a, value) from one lane. X: the rotated bf16 rows (q or k).
+template <int N, typename FO>
+__device__ __forceinline__ void grad_rope_adjoint(float (&c)[N / 16][4], const bf16* X, int xp,
+                                                  const float* TH, int NA, bool interleaved,
+                                                  int i0, int cg, int lane, int R, int lr, int mr,
+                                                  FO out) {
+  constexpr int kNT = N / 16, kG = N / 32;
+  const int g = lane >> 2, tq = lane & 3;
+  auto rotate = [&](float& da, float& db, int i, int ia, int ib, int a, float* d) {
+    float sn, cn;
+    __sincosf(TH[(i >> lr) * NA + a], &sn, &cn);
+    *d = -da * __bfloat162float(X[i * xp + ib]) + db * __bfloat162float(X[i * xp + ia]);
+    const float na = da * cn + db * sn, nb = -da * sn + db * cn;
+    da = na, db = nb;
+  };
+  if (interleaved) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      if (grad_col<N>(cg, j, 0, 0) / 2 >= NA) continue;  // warp-uniform
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = i0 + g + 8 * hr, ia = grad_col<N>(cg, j, 0, tq), a = ia >> 1;
+        const bool ok = a < NA && i < mr;
+        float d = 0.f;
+        if (ok) rotate(c[j][2 * hr], c[j][2 * hr + 1], i, ia, ia + 1, a, &d);
+        d = token_rows_sum(d, R);
+        if (ok && (g & (R - 1)) == 0) out(i >> lr, a, d);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kNT / 2; ++j) {  // block 0 holds a = ia; its partner is n-tile j + kG
+      if (grad_col<N>(cg, j, 0, 0) >= NA) continue;  // warp-uniform
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1), ia = grad_col<N>(cg, j, e, tq);
+        const bool ok = ia < NA && i < mr;
+        float d = 0.f;
+        if (ok) rotate(c[j][e], c[j + kG][e], i, ia, ia + N / 2, ia, &d);
+        d = token_rows_sum(d, R);
+        if (ok && (g & (R - 1)) == 0) out(i >> lr, ia, d);
+      }
+    }
+  }
+}
+
+// Stores the unrotated q or k gradient rows of a fragment as store_qk_grad does: to the per-head
+// workspace when the head shares its group, else to the gradient.
+template <int N>
+__device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& ck,
+                                              const float (&c)[N / 16][4], const DTensor& grad,
+                                              float* ws, int i0, int cg, int lane, int lr, int R) {
+  const CoreParams& p = bp.p;
+  constexpr int kNT = N / 16;
+  const int g = lane >> 2, tq = lane & 3, mr = ck.mr;
+  if (ws) {
+    const int64_t t_stride = static_cast<int64_t>(p.H) * R * N;
+    float* base = ws + (ck.l_abs0 * p.H + ck.h) * static_cast<int64_t>(R * N);
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = i0 + g + 8 * hr;
+        if (i < mr)
+          *reinterpret_cast<float2*>(base + (i >> lr) * t_stride + (i & (R - 1)) * N +
+                                     grad_col<N>(cg, j, 0, tq)) =
+              make_float2(c[j][2 * hr], c[j][2 * hr + 1]);
+      }
+  } else if (grad.defined()) {
+    const int64_t base = qk_off(grad, ck.b, ck.begin + ck.t0, 0, ck.g, 0);
+    const int64_t s_t = grad.stride[1], s_r = grad.ndim == 4 ? 0 : grad.stride[2];
+    const int64_t s_n = grad.stride[grad.ndim - 1];
+    with_store(grad, [&](auto store) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e >> 1);
+          if (i < mr)
+            store(base + (i >> lr) * s_t + (i & (R - 1)) * s_r + grad_col<N>(cg, j, e, tq) * s_n,
+                  c[j][e]);
+        }
+    });
+  }
+}
+
+// Column sums of a fragment over the warp's 16 rows by rank (rows past the chunk hold zero),
+// into part (kNT x 2 floats): lanes g < R hold rank g's sums afterwards.
+template <int N>
+__device__ __forceinline__ void grad_rank_column_sums(const float (&c)[N / 16][4],
+                                                      float (&part)[N / 16][2], int R) {
+#pragma unroll
+  for (int j = 0; j < N / 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) part[j][e] = rank_rows_sum(c[j][e] + c[j][e + 2], R);
+}
+
+// grid (chunks, H), kThreads: see the top of this file.
+template <int kN, int kP>
+__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck0;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck0)) return;
+  const CoreParams& p = bp.p;
+  constexpr int kT = kThreads, N = kN, P = kP, kRows = kMaxRows;
+  float* red = reinterpret_cast<float*>(sm + lay.red);
+  // The chunk as read back from shared memory after the first barrier: its fields are needed
+  // again only by the stores of the last phases (128 registers leave no room to keep them).
+  static_assert(sizeof(Chunk) <= 4 * (kRedFixed - kRedChunk), "Chunk slot of lay.red");
+  if (threadIdx.x == 0) *reinterpret_cast<Chunk*>(red + kRedChunk) = ck0;
+  const Chunk& ck = *reinterpret_cast<const Chunk*>(red + kRedChunk);
+  constexpr int kNTn = N / 16, kNTp = P / 16, kNTs = kRows / 16;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3, cg = warp & 1, rt = warp >> 1, i0 = 16 * rt;
+  const int R = p.R, NA = p.NA, m = ck0.m, mr = ck0.mr, h = ck0.h;
+  const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
+  const int lr = log2_pow2(R);
+  const bool rows_live = i0 < kr;
+  float* psi = reinterpret_cast<float*>(sm + lay.par);
+  tc_chunk_tiles<true, kT>(bp, ck0, lay, sm, tid);  // chunk_state_tc's loader output
+  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
+  float* sc = reinterpret_cast<float*>(sm + lay.scal);
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* fw = sc + kFw * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  float* dcs = sc + kDcs * kMaxRows;
+  float* dwt = sc + kDw * kMaxRows;
+  float* dgam = sc + kDgam * kMaxRows;
+  float* fwx = sc + kXr * kMaxRows;  // fw_t x_t
+  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
+  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
+  bf16* DAM = AM + lay.rows * lay.ap;
+  const float* TH = reinterpret_cast<const float*>(sm + lay.th);
+  float* DTH = reinterpret_cast<float*>(sm + lay.dth);  // may share A o M's space (after dV)
+  const bool psi_sums = bp.g_psi.defined();
+  float* red_psi = red + kRedFixed;
+  float* red_bias = red_psi + (psi_sums ? 4 * R * P : 0);
+  const int qp = lay.qp, vp = lay.vp, ap = lay.ap;
+  const bool has_d = p.d.defined();
+  const float dskip = has_d ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  const int64_t cell = static_cast<int64_t>(ck0.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  const float* dsend = bp.ws.ds_end + cell * P * N;
+  float* par = bp.ws.par + cell * bp.pf.count;
+  const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
+  const float* dyg = bp.ws.dy + (ck0.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
+  auto dy_at = [&](int row, int x) { return dyg[(row >> lr) * dy_row + (row & (R - 1)) * P + x]; };
+  // Rows g and g + 8 of the warp's tile: their tokens' factors, zero past the chunk.
+  const int row0 = i0 + g, row1 = i0 + g + 8;
+  const bool split_states = R > 1;  // see the dK phase
+
+  {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
+    constexpr int p4 = P / 4, lp4 = p4 == 16 ? 4 : 5;
+    for (int i = tid; i < kRows * p4; i += kT) {
+      const int row = i >> lp4, x = (i & (p4 - 1)) * 4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < mr)
+        v = *reinterpret_cast<const float4*>(dyg + (row >> lr) * dy_row + (row & (R - 1)) * P + x);
+      uint2 u;
+      u.x = pack_bf16(v.x, v.y);
+      u.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
+    }
+  }
+  stage_state_bf16<kT>(dsend, Sb, P, N, qp, tid);
+  cp_async_wait_all();
+  __syncthreads();
+
+  // Scores: raw = Q K^T and dA = dY V^T (fp32, causal 16-column groups only), then A o M and
+  // dA o M (bf16, zero above the diagonal and past the chunk; every element has one owner) and
+  // the terms of d cs (row sums of T o coef), d w (column sums of T o exp(cs_i - cs_j)) and
+  // d gamma (T on the diagonal).
+  {
+    float ra[kNTs][4] = {}, da[kNTs][4] = {};
+    unsigned live = 0;
+#pragma unroll
+    for (int u = 0; u < kNTs / 2; ++u)
+      if (rows_live && grad_col0<kRows>(cg, u) < i0 + 16) live |= 1u << u;
+    grad_mma<kRows, false, false>(ra, Q, qp, K, qp, i0, cg, 0, N, live, lane);
+    grad_mma<kRows, false, false>(da, DYb, vp, V, vp, i0, cg, 0, P, live, lane);
+    float rowa[2] = {0.f, 0.f}, diag[2] = {0.f, 0.f}, colb[kNTs][2] = {};
+#pragma unroll
+    for (int j = 0; j < kNTs; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1), col = grad_col<kRows>(cg, j, e, tq);
+        const int ti = i >> lr, tj = col >> lr;
+        float a = 0.f, d = 0.f;
+        if (i < mr && col < mr && tj <= ti) {
+          const float rv = ra[j][e], dv = da[j][e], prod = dv * rv;
+          if (tj < ti) {
+            const float ez = expf(cs[ti] - cs[tj]), coef = ez * w[tj];
+            a = rv * coef, d = dv * coef;
+            rowa[e >> 1] += prod * coef;
+            colb[j][e & 1] += prod * ez;
+          } else {
+            a = rv * gam[ti], d = dv * gam[ti];
+            diag[e >> 1] += prod;
+          }
+        }
+        AM[i * ap + col] = __float2bfloat16_rn(a);
+        DAM[i * ap + col] = __float2bfloat16_rn(d);
+      }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float a = rowa[hr], d = diag[hr];
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      d += __shfl_xor_sync(0xffffffffu, d, 1);
+      d += __shfl_xor_sync(0xffffffffu, d, 2);
+      if (tq == 0) {
+        red[kRedRowA + cg * 64 + i0 + g + 8 * hr] = a;
+        red[kRedDiag + cg * 64 + i0 + g + 8 * hr] = d;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kNTs; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = colb[j][e];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        if (g == 0) red[kRedColB + rt * 64 + grad_col<kRows>(cg, j, e, tq)] = v;
+      }
+  }
+  __syncthreads();
+  if (tid < m) {  // d gamma, d w and the mask's part of d cs per token
+    float dg = 0.f, dwv = 0.f, dc = 0.f;
+    for (int r = 0; r < R; ++r) {
+      const int i = tid * R + r;
+      dg += red[kRedDiag + i] + red[kRedDiag + 64 + i];
+      dc += red[kRedRowA + i] + red[kRedRowA + 64 + i];
+      dwv += red[kRedColB + i] + red[kRedColB + 64 + i] + red[kRedColB + 128 + i] +
+             red[kRedColB + 192 + i];
+    }
+    dgam[tid] = dg;
+    dwt[tid] = dwv;
+    dcs[tid] = dc - w[tid] * dwv;
+  }
+
+  // dV = fw (K dS^T) + (A o M)^T dY + D dy (key rows k >= i for the intra part); on the way the
+  // row sums x = sum v o (K dS^T) for d cs and d w. Then dv = sum_r dV_r psi_r and the d psi
+  // partial sum_t dV o v.
+  {
+    float c[kNTp][4] = {};
+    const unsigned all = (1u << (P / 32)) - 1;
+    grad_mma<P, false, false>(c, K, qp, Sb, qp, i0, cg, 0, rows_live ? N : 0, all, lane);
+    float xs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1);
+        xs[e >> 1] += __bfloat162float(V[i * vp + grad_col<P>(cg, j, e, tq)]) * c[j][e];
+      }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float x = xs[hr];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      if (tq == 0) red[kRedX + cg * 64 + i0 + g + 8 * hr] = x;
+    }
+    const float f0 = row0 < mr ? fw[row0 >> lr] : 0.f, f1 = row1 < mr ? fw[row1 >> lr] : 0.f;
+#pragma unroll
+    for (int j = 0; j < kNTp; ++j) c[j][0] *= f0, c[j][1] *= f0, c[j][2] *= f1, c[j][3] *= f1;
+    grad_mma<P, true, true>(c, AM, ap, DYb, vp, i0, cg, i0, kr, all, lane);
+    if (has_d)
+#pragma unroll
+      for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e >> 1);
+          if (i < mr) c[j][e] += dskip * dy_at(i, grad_col<P>(cg, j, e, tq));
+        }
+    const DTensor& gv = bp.g_v;
+    if (gv.defined()) {
+      const bool dfv = ck.last && bp.df_v.defined();
+      const int64_t vrow0 = ck.b * gv.stride[0] +
+                            static_cast<int64_t>(ck.begin + ck.t0) * gv.stride[1] + h * gv.stride[2];
+      with_store(gv, [&](auto store) {
+#pragma unroll
+        for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + g + 8 * (e >> 1), x = grad_col<P>(cg, j, e, tq);
+            float v = token_rows_sum(c[j][e] * psi[(i & (R - 1)) * P + x], R);
+            if (i < mr && (g & (R - 1)) == 0) {
+              const int t = i >> lr;
+              if (dfv && t == m - 1) v += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
+              store(vrow0 + t * gv.stride[1] + x * gv.stride[3], v);
+            }
+          }
+      });
+    }
+    if (psi_sums) {  // sum over tokens of dV_r o v (raw bf16 v, read from global)
+      const DTensor& vt = p.v;
+      const unsigned short* v0 = static_cast<const unsigned short*>(vt.data) + ck.b * vt.stride[0] +
+                                 static_cast<int64_t>(ck.begin + ck.t0) * vt.stride[1] +
+                                 h * vt.stride[2];
+      float pv[kNTp][2];
+#pragma unroll
+      for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int x = grad_col<P>(cg, j, e, tq);
+          float s = 0.f;
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int i = i0 + g + 8 * hr;
+            if (i < mr)
+              s += c[j][2 * hr + e] *
+                   __uint_as_float(static_cast<unsigned int>(__ldg(v0 + (i >> lr) * vt.stride[1] + x))
+                                   << 16);
+          }
+          pv[j][e] = rank_rows_sum(s, R);
+        }
+      if (g < R)
+#pragma unroll
+        for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            red_psi[(rt * R + g) * P + grad_col<P>(cg, j, e, tq)] = pv[j][e];
+    }
+  }
+  __syncthreads();
+  if (tid < m) {  // the decay term of each key token; its sum goes to d cs_last below
+    const int t = tid;
+    float xt = 0.f;
+    for (int r = 0; r < R; ++r) xt += red[kRedX + t * R + r] + red[kRedX + 64 + t * R + r];
+    dwt[t] += expf(cs[m - 1] - cs[t]) * xt;
+    dcs[t] -= fw[t] * xt;
+    fwx[t] = fw[t] * xt;
+  }
+  if (psi_sums)
+    for (int i = tid; i < R * P; i += kT)
+      par[bp.pf.psi + i] = red_psi[i] + red_psi[R * P + i] + red_psi[2 * R * P + i] +
+                           red_psi[3 * R * P + i];
+
+  // dK = fw (V dS) + (dA o M)^T Q (key rows k >= i) (+ d final k), then the rotation adjoint.
+  // For MIMO V dS takes dS as two bf16 terms (hi, then lo in the same tile), and so does
+  // dY S_prev below: these products carry the cross-chunk pairs into the rotation gradients,
+  // whose other side went through the fp32 state scans; with one bf16 term the mismatch left
+  // 5.1e-3 on grad.angles (emulated, R = 4, L = 512), with two 3.7e-3. MIMO only: its
+  // 64 / R-token chunks make most interacting pairs cross a chunk boundary (SISO: 4.1e-3 on
+  // the H200 without either fix).
+  const unsigned all_n = (1u << (N / 32)) - 1;
+  {
+    float c[kNTn][4] = {};
+    grad_mma<N, false, true>(c, V, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
+    if (split_states) {
+      __syncthreads();
+      stage_state_bf16<kT, true>(dsend, Sb, P, N, qp, tid);
+      __syncthreads();
+      grad_mma<N, false, true>(c, V, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
+    }
+    const float f0 = row0 < mr ? fw[row0 >> lr] : 0.f, f1 = row1 < mr ? fw[row1 >> lr] : 0.f;
+#pragma unroll
+    for (int j = 0; j < kNTn; ++j) c[j][0] *= f0, c[j][1] *= f0, c[j][2] *= f1, c[j][3] *= f1;
+    grad_mma<N, true, true>(c, DAM, ap, Q, qp, i0, cg, i0, kr, all_n, lane);
+    if (ck.last && bp.df_k.defined())
+#pragma unroll
+      for (int j = 0; j < kNTn; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e >> 1);
+          if (i < mr && (i >> lr) == m - 1)
+            c[j][e] += dload(bp.df_k, sk_off(bp.df_k, ck.s, i & (R - 1), h, grad_col<N>(cg, j, e, tq)));
+        }
+    grad_rope_adjoint<N>(c, K, qp, TH, NA, p.interleaved, i0, cg, lane, R, lr, mr,
+                         [&](int t, int a, float v) { DTH[t * NA + a] = v; });
+    grad_store_qk<N>(bp, ck, c, bp.g_k, bp.ws.dk, i0, cg, lane, lr, R);
+    float part[kNTn][2];
+    grad_rank_column_sums<N>(c, part, R);
+    if (g < R)
+#pragma unroll
+      for (int j = 0; j < kNTn; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) red_bias[(rt * R + g) * N + grad_col<N>(cg, j, e, tq)] = part[j][e];
+  }
+  __syncthreads();
+  {  // S_prev as the operand; on the way the sum of dS o S_prev (fp32) for d cs_last.
+    float dsum = 0.f;
+    const int n4 = N / 4, ln4 = log2_pow2(n4);
+#pragma unroll 4
+    for (int i = tid; i < P * n4; i += kT) {
+      const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
+      const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
+      const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
+      dsum += d.x * v.x + d.y * v.y + d.z * v.z + d.w * v.w;
+      uint2 u;
+      u.x = pack_bf16(v.x, v.y);
+      u.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(Sb + x * qp + n) = u;
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0) red[kRedDs + warp] = dsum;
+  }
+  __syncthreads();
+  for (int i = tid; i < R * N; i += kT)
+    par[bp.pf.kb + i] = red_bias[i] + red_bias[R * N + i] + red_bias[2 * R * N + i] +
+                        red_bias[3 * R * N + i];
+  if (tid == 0) {  // d cs_last: the decay terms of dV and exp(cs_last) sum dS o S_prev
+    float last = 0.f, ds = 0.f;
+    for (int t = 0; t < ck.m; ++t) last += fwx[t];
+    for (int v = 0; v < kT / 32; ++v) ds += red[kRedDs + v];
+    dcs[ck.m - 1] += last + ex[ck.m - 1] * ds;
+  }
+
+  // dQ = e (dY S_prev) + (dA o M) K (key rows k <= i), then the rotation adjoint; on the way
+  // the row sums of (dY S_prev) o Q for d cs.
+  float qpart[kNTn][2];
+  {
+    float c[kNTn][4] = {};
+    grad_mma<N, false, true>(c, DYb, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
+    if (split_states) {
+      __syncthreads();
+      stage_state_bf16<kT, true>(sprev, Sb, P, N, qp, tid);
+      __syncthreads();
+      grad_mma<N, false, true>(c, DYb, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
+    }
+    float xs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kNTn; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1);
+        xs[e >> 1] += c[j][e] * __bfloat162float(Q[i * qp + grad_col<N>(cg, j, e, tq)]);
+      }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float x = xs[hr];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      if (tq == 0) red[kRedX2 + cg * 64 + i0 + g + 8 * hr] = x;
+    }
+    const float e0 = row0 < mr ? ex[row0 >> lr] : 0.f, e1 = row1 < mr ? ex[row1 >> lr] : 0.f;
+#pragma unroll
+    for (int j = 0; j < kNTn; ++j) c[j][0] *= e0, c[j][1] *= e0, c[j][2] *= e1, c[j][3] *= e1;
+    grad_mma<N, false, true>(c, DAM, ap, K, qp, i0, cg, 0, rows_live ? imin(i0 + 16, kr) : 0,
+                             all_n, lane);
+    grad_rope_adjoint<N>(c, Q, qp, TH, NA, p.interleaved, i0, cg, lane, R, lr, mr,
+                         [&](int t, int a, float v) { DTH[t * NA + a] += v; });
+    grad_store_qk<N>(bp, ck, c, bp.g_q, bp.ws.dq, i0, cg, lane, lr, R);
+    grad_rank_column_sums<N>(c, qpart, R);
+  }
+  __syncthreads();
+  if (tid < ck.m) {
+    float acc = 0.f;
+    for (int r = 0; r < R; ++r) acc += red[kRedX2 + tid * R + r] + red[kRedX2 + 64 + tid * R + r];
+    dcs[tid] += ex[tid] * acc;
+  }
+  if (g < R)
+#pragma unroll
+    for (int j = 0; j < kNTn; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) red_bias[(rt * R + g) * N + grad_col<N>(cg, j, e, tq)] = qpart[j][e];
+  __syncthreads();
+  for (int i = tid; i < R * N; i += kT)
+    par[bp.pf.qb + i] = red_bias[i] + red_bias[R * N + i] + red_bias[2 * R * N + i] +
+                        red_bias[3 * R * N + i];
+  chunk_token_outputs<kT>(bp, ck, dcs, dgam, dwt, DTH, tid);
+}
+
+}  // namespace mamba3::cuda::bwd
