@@ -168,11 +168,20 @@ inline int pick_rows_tc(const Dims& d, int smem_limit) {
   return need <= smem_limit ? rows : 0;
 }
 
-// chunk_grad_tc's instance for (N, P) in {64, 128}^2 (tensor_core_inputs).
+// chunk_grad_tc's instance for (N, P) in {64, 128}^2 and R in {1, 2, 4, 8} (tensor_core_inputs).
 using GradTcKernel = void (*)(BwdParams, TcSmem);
-inline GradTcKernel grad_tc_kernel(int N, int P) {
-  if (N == 64) return P == 64 ? bwd_chunk_grad_tc_kernel<64, 64> : bwd_chunk_grad_tc_kernel<64, 128>;
-  return P == 64 ? bwd_chunk_grad_tc_kernel<128, 64> : bwd_chunk_grad_tc_kernel<128, 128>;
+template <int kN, int kP>
+inline GradTcKernel grad_tc_kernel_r(int R) {
+  switch (R) {
+    case 1: return bwd_chunk_grad_tc_kernel<kN, kP, 1>;
+    case 2: return bwd_chunk_grad_tc_kernel<kN, kP, 2>;
+    case 4: return bwd_chunk_grad_tc_kernel<kN, kP, 4>;
+    default: return bwd_chunk_grad_tc_kernel<kN, kP, 8>;
+  }
+}
+inline GradTcKernel grad_tc_kernel(int N, int P, int R) {
+  if (N == 64) return P == 64 ? grad_tc_kernel_r<64, 64>(R) : grad_tc_kernel_r<64, 128>(R);
+  return P == 64 ? grad_tc_kernel_r<128, 64>(R) : grad_tc_kernel_r<128, 128>(R);
 }
 
 inline BwdParams make_bwd_params(const BackwardArgs& a, const Dims& d) {
@@ -290,7 +299,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t par_bytes = sizeof(float) * (3 * R * P + P);
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
-  GradTcKernel grad_tc = tc ? grad_tc_kernel(N, P) : nullptr;
+  GradTcKernel grad_tc = tc ? grad_tc_kernel(N, P, R) : nullptr;
   if (tc) {
     M3_RETURN_IF_ERROR(
         allow_smem_max_carveout(bwd_chunk_state_tc_kernel, static_cast<size_t>(ls.bytes)));

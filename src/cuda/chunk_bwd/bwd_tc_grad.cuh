@@ -70,27 +70,48 @@ __device__ __forceinline__ void grad_mma(float (&c)[X / 16][4], const bf16* A, i
   }
 }
 
-// Sum of v over the R rows of a token: the lanes whose g differ in the low log2(R) bits.
-__device__ __forceinline__ float token_rows_sum(float v, int R) {
-  for (int s = 1; s < R; s <<= 1) v += __shfl_xor_sync(0xffffffffu, v, 4 * s);
+__host__ __device__ constexpr int log2_const(int x) { return x <= 1 ? 0 : 1 + log2_const(x / 2); }
+
+// Sum of v over the kR rows of a token: the lanes whose g differ in the low log2(kR) bits.
+template <int kR>
+__device__ __forceinline__ float token_rows_sum(float v) {
+#pragma unroll
+  for (int s = 1; s < kR; s <<= 1) v += __shfl_xor_sync(0xffffffffu, v, 4 * s);
   return v;
 }
 
-// Sum of v over the lanes of a warp whose g agree modulo R (rows of the same rank r).
-__device__ __forceinline__ float rank_rows_sum(float v, int R) {
-  for (int s = R; s < 8; s <<= 1) v += __shfl_xor_sync(0xffffffffu, v, 4 * s);
-  return v;
+// Sums of the first kCur of kV values per lane over the lanes whose g agree modulo kR (rows of
+// the same rank), as a reduce-scatter over the lane bits kMask, 2 kMask, ... 16 (above the rank
+// bits): at each bit the two partners each keep one half of the values and add the partner's
+// copy of that half, so a lane ends with kCur >> levels sums; out(k, sum) gets them with k the
+// index into the original values (off: the lane's offset so far). Fixed pairing: deterministic.
+template <int kMask, int kCur, int kV, typename FO>
+__device__ __forceinline__ void rank_rows_reduce_scatter(float (&v)[kV], int lane, int off,
+                                                         FO& out) {
+  if constexpr (kMask > 16) {
+#pragma unroll
+    for (int k = 0; k < kCur; ++k) out(k + off, v[k]);
+  } else {
+    static_assert(kCur >= 2, "rank_rows_reduce_scatter: too few values");
+    constexpr int kHalf = kCur / 2;
+    const bool upper = (lane & kMask) != 0;
+#pragma unroll
+    for (int k = 0; k < kHalf; ++k) {
+      const float keep = upper ? v[k + kHalf] : v[k], send = upper ? v[k] : v[k + kHalf];
+      v[k] = keep + __shfl_xor_sync(0xffffffffu, send, kMask);
+    }
+    rank_rows_reduce_scatter<2 * kMask, kHalf>(v, lane, upper ? off + kHalf : off, out);
+  }
 }
 
 // The rotation adjoint on a (64, N) fragment of q or k gradient rows: each pair with a < NA of a
 // valid row is rotated back by its token's angle (TH), and the token's d theta term, summed over
 // its R rows, goes to out(t, a, value) from one lane. X: the rotated bf16 rows (q or k).
-template <int N, typename FO>
+template <int N, int kR, typename FO>
 __device__ __forceinline__ void grad_rope_adjoint(float (&c)[N / 16][4], const bf16* X, int xp,
                                                   const float* TH, int NA, bool interleaved,
-                                                  int i0, int cg, int lane, int R, int lr, int mr,
-                                                  FO out) {
-  constexpr int kNT = N / 16, kG = N / 32;
+                                                  int i0, int cg, int lane, int mr, FO out) {
+  constexpr int kNT = N / 16, kG = N / 32, R = kR, lr = log2_const(kR);
   const int g = lane >> 2, tq = lane & 3;
   auto rotate = [&](float& da, float& db, int i, int ia, int ib, int a, float* d) {
     float sn, cn;
@@ -109,7 +130,7 @@ __device__ __forceinline__ void grad_rope_adjoint(float (&c)[N / 16][4], const b
         const bool ok = a < NA && i < mr;
         float d = 0.f;
         if (ok) rotate(c[j][2 * hr], c[j][2 * hr + 1], i, ia, ia + 1, a, &d);
-        d = token_rows_sum(d, R);
+        d = token_rows_sum<kR>(d);
         if (ok && (g & (R - 1)) == 0) out(i >> lr, a, d);
       }
     }
@@ -123,21 +144,30 @@ __device__ __forceinline__ void grad_rope_adjoint(float (&c)[N / 16][4], const b
         const bool ok = ia < NA && i < mr;
         float d = 0.f;
         if (ok) rotate(c[j][e], c[j + kG][e], i, ia, ia + N / 2, ia, &d);
-        d = token_rows_sum(d, R);
+        d = token_rows_sum<kR>(d);
         if (ok && (g & (R - 1)) == 0) out(i >> lr, ia, d);
       }
     }
   }
 }
 
+// Whether a gradient takes bf16 pairs: bf16, unit column stride, and every row start (base plus
+// multiples of the token and rank strides) at an even element, so that columns 2 tq, 2 tq + 1
+// form one aligned 4-byte store.
+__device__ __forceinline__ bool bf16_pairs(const DTensor& t, int64_t base, int64_t s_a,
+                                           int64_t s_b) {
+  return t.dtype == DType::kBF16 && t.stride[t.ndim - 1] == 1 && ((base | s_a | s_b) & 1) == 0 &&
+         (reinterpret_cast<uintptr_t>(t.data) & 3) == 0;
+}
+
 // Stores the unrotated q or k gradient rows of a fragment as store_qk_grad does: to the per-head
 // workspace when the head shares its group, else to the gradient.
-template <int N>
+template <int N, int kR>
 __device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& ck,
                                               const float (&c)[N / 16][4], const DTensor& grad,
-                                              float* ws, int i0, int cg, int lane, int lr, int R) {
+                                              float* ws, int i0, int cg, int lane) {
   const CoreParams& p = bp.p;
-  constexpr int kNT = N / 16;
+  constexpr int kNT = N / 16, R = kR, lr = log2_const(kR);
   const int g = lane >> 2, tq = lane & 3, mr = ck.mr;
   if (ws) {
     const int64_t t_stride = static_cast<int64_t>(p.H) * R * N;
@@ -156,6 +186,19 @@ __device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& 
     const int64_t base = qk_off(grad, ck.b, ck.begin + ck.t0, 0, ck.g, 0);
     const int64_t s_t = grad.stride[1], s_r = grad.ndim == 4 ? 0 : grad.stride[2];
     const int64_t s_n = grad.stride[grad.ndim - 1];
+    if (bf16_pairs(grad, base, s_t, s_r)) {
+      __nv_bfloat162* d = static_cast<__nv_bfloat162*>(grad.data);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int i = i0 + g + 8 * hr;
+          if (i < mr)
+            d[(base + (i >> lr) * s_t + (i & (R - 1)) * s_r + grad_col<N>(cg, j, 0, tq)) / 2] =
+                __floats2bfloat162_rn(c[j][2 * hr], c[j][2 * hr + 1]);
+        }
+      return;
+    }
     with_store(grad, [&](auto store) {
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
@@ -170,20 +213,32 @@ __device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& 
   }
 }
 
-// Column sums of a fragment over the warp's 16 rows by rank (rows past the chunk hold zero),
-// into part (kNT x 2 floats): lanes g < R hold rank g's sums afterwards.
-template <int N>
-__device__ __forceinline__ void grad_rank_column_sums(const float (&c)[N / 16][4],
-                                                      float (&part)[N / 16][2], int R) {
+// Column sums of a (64, X) fragment over the warp's 16 rows by rank (rows past the chunk hold
+// zero), written as dst[(rt kR + r) ld + column] for the 4 row tiles rt to combine.
+template <int X, int kR>
+__device__ __forceinline__ void grad_rank_column_sums(const float (&c)[X / 16][4], float* dst,
+                                                      int ld, int rt, int cg, int lane) {
+  constexpr int kNT = X / 16;
+  const int tq = lane & 3, r = (lane >> 2) & (kR - 1);
+  float v[2 * kNT];
 #pragma unroll
-  for (int j = 0; j < N / 16; ++j)
+  for (int j = 0; j < kNT; ++j)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) part[j][e] = rank_rows_sum(c[j][e] + c[j][e + 2], R);
+    for (int e = 0; e < 2; ++e) v[2 * j + e] = c[j][e] + c[j][e + 2];
+  auto out = [&](int k, float sum) {
+    dst[(rt * kR + r) * ld + grad_col<X>(cg, k >> 1, k & 1, tq)] = sum;
+  };
+  rank_rows_reduce_scatter<4 * kR, 2 * kNT>(v, lane, 0, out);
 }
 
 // grid (chunks, H), kThreads: see the top of this file.
-template <int kN, int kP>
-__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
+// Two CTAs per SM (128 registers) except at N = 64, P = 128, R >= 4, where 128 registers spilled
+// one value (ptxas, 2026-11-29): one CTA there.
+__host__ __device__ constexpr int grad_tc_min_blocks(int N, int P, int R) { return N == 64 && P == 128 && R >= 4 ? 1 : 2; }
+
+template <int kN, int kP, int kR>
+__global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
+    bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck0;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck0)) return;
@@ -198,9 +253,9 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParam
   constexpr int kNTn = N / 16, kNTp = P / 16, kNTs = kRows / 16;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3, cg = warp & 1, rt = warp >> 1, i0 = 16 * rt;
-  const int R = p.R, NA = p.NA, m = ck0.m, mr = ck0.mr, h = ck0.h;
+  constexpr int R = kR, lr = log2_const(kR);  // p.R
+  const int NA = p.NA, m = ck0.m, mr = ck0.mr, h = ck0.h;
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
-  const int lr = log2_pow2(R);
   const bool rows_live = i0 < kr;
   float* psi = reinterpret_cast<float*>(sm + lay.par);
   tc_chunk_tiles<true, kT>(bp, ck0, lay, sm, tid);  // chunk_state_tc's loader output
@@ -370,49 +425,53 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParam
       const bool dfv = ck.last && bp.df_v.defined();
       const int64_t vrow0 = ck.b * gv.stride[0] +
                             static_cast<int64_t>(ck.begin + ck.t0) * gv.stride[1] + h * gv.stride[2];
-      with_store(gv, [&](auto store) {
+      // dv of column x of row i's token (valid on the lanes with g % R == 0).
+      auto dv_of = [&](float dvr, int i, int x) {
+        float v = token_rows_sum<kR>(dvr * psi[(i & (R - 1)) * P + x]);
+        if (dfv && (i >> lr) == m - 1) v += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
+        return v;
+      };
+      if (bf16_pairs(gv, vrow0, gv.stride[1], 0)) {
+        __nv_bfloat162* d = static_cast<__nv_bfloat162*>(gv.data);
 #pragma unroll
         for (int j = 0; j < kNTp; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = i0 + g + 8 * (e >> 1), x = grad_col<P>(cg, j, e, tq);
-            float v = token_rows_sum(c[j][e] * psi[(i & (R - 1)) * P + x], R);
-            if (i < mr && (g & (R - 1)) == 0) {
-              const int t = i >> lr;
-              if (dfv && t == m - 1) v += dload(bp.df_v, shx_off(bp.df_v, ck.s, h, x));
-              store(vrow0 + t * gv.stride[1] + x * gv.stride[3], v);
-            }
+          for (int hr = 0; hr < 2; ++hr) {
+            const int i = i0 + g + 8 * hr, x = grad_col<P>(cg, j, 0, tq);
+            const float v0 = dv_of(c[j][2 * hr], i, x), v1 = dv_of(c[j][2 * hr + 1], i, x + 1);
+            if (i < mr && (g & (R - 1)) == 0)
+              d[(vrow0 + (i >> lr) * gv.stride[1] + x) / 2] = __floats2bfloat162_rn(v0, v1);
           }
-      });
+      } else {
+        with_store(gv, [&](auto store) {
+#pragma unroll
+          for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = i0 + g + 8 * (e >> 1), x = grad_col<P>(cg, j, e, tq);
+              const float v = dv_of(c[j][e], i, x);
+              if (i < mr && (g & (R - 1)) == 0)
+                store(vrow0 + (i >> lr) * gv.stride[1] + x * gv.stride[3], v);
+            }
+        });
+      }
     }
     if (psi_sums) {  // sum over tokens of dV_r o v (raw bf16 v, read from global)
       const DTensor& vt = p.v;
       const unsigned short* v0 = static_cast<const unsigned short*>(vt.data) + ck.b * vt.stride[0] +
                                  static_cast<int64_t>(ck.begin + ck.t0) * vt.stride[1] +
                                  h * vt.stride[2];
-      float pv[kNTp][2];
 #pragma unroll
       for (int j = 0; j < kNTp; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int x = grad_col<P>(cg, j, e, tq);
-          float s = 0.f;
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int i = i0 + g + 8 * hr;
-            if (i < mr)
-              s += c[j][2 * hr + e] *
-                   __uint_as_float(static_cast<unsigned int>(__ldg(v0 + (i >> lr) * vt.stride[1] + x))
-                                   << 16);
-          }
-          pv[j][e] = rank_rows_sum(s, R);
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e >> 1);
+          c[j][e] = i < mr ? c[j][e] * __uint_as_float(static_cast<unsigned int>(__ldg(
+                                            v0 + (i >> lr) * vt.stride[1] + grad_col<P>(cg, j, e, tq)))
+                                        << 16)
+                           : 0.f;
         }
-      if (g < R)
-#pragma unroll
-        for (int j = 0; j < kNTp; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            red_psi[(rt * R + g) * P + grad_col<P>(cg, j, e, tq)] = pv[j][e];
+      grad_rank_column_sums<P, kR>(c, red_psi, P, rt, cg, lane);
     }
   }
   __syncthreads();
@@ -459,16 +518,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParam
           if (i < mr && (i >> lr) == m - 1)
             c[j][e] += dload(bp.df_k, sk_off(bp.df_k, ck.s, i & (R - 1), h, grad_col<N>(cg, j, e, tq)));
         }
-    grad_rope_adjoint<N>(c, K, qp, TH, NA, p.interleaved, i0, cg, lane, R, lr, mr,
-                         [&](int t, int a, float v) { DTH[t * NA + a] = v; });
-    grad_store_qk<N>(bp, ck, c, bp.g_k, bp.ws.dk, i0, cg, lane, lr, R);
-    float part[kNTn][2];
-    grad_rank_column_sums<N>(c, part, R);
-    if (g < R)
-#pragma unroll
-      for (int j = 0; j < kNTn; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) red_bias[(rt * R + g) * N + grad_col<N>(cg, j, e, tq)] = part[j][e];
+    grad_rope_adjoint<N, kR>(c, K, qp, TH, NA, p.interleaved, i0, cg, lane, mr,
+                             [&](int t, int a, float v) { DTH[t * NA + a] = v; });
+    grad_store_qk<N, kR>(bp, ck, c, bp.g_k, bp.ws.dk, i0, cg, lane);
+    grad_rank_column_sums<N, kR>(c, red_bias, N, rt, cg, lane);
   }
   __syncthreads();
   {  // S_prev as the operand; on the way the sum of dS o S_prev (fp32) for d cs_last.
@@ -501,9 +554,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParam
 
   // dQ = e (dY S_prev) + (dA o M) K (key rows k <= i), then the rotation adjoint; on the way
   // the row sums of (dY S_prev) o Q for d cs.
-  float qpart[kNTn][2];
+  float c[kNTn][4] = {};  // dQ; its bias partials are written after the next barrier
   {
-    float c[kNTn][4] = {};
     grad_mma<N, false, true>(c, DYb, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     if (split_states) {
       __syncthreads();
@@ -531,10 +583,9 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParam
     for (int j = 0; j < kNTn; ++j) c[j][0] *= e0, c[j][1] *= e0, c[j][2] *= e1, c[j][3] *= e1;
     grad_mma<N, false, true>(c, DAM, ap, K, qp, i0, cg, 0, rows_live ? imin(i0 + 16, kr) : 0,
                              all_n, lane);
-    grad_rope_adjoint<N>(c, Q, qp, TH, NA, p.interleaved, i0, cg, lane, R, lr, mr,
-                         [&](int t, int a, float v) { DTH[t * NA + a] += v; });
-    grad_store_qk<N>(bp, ck, c, bp.g_q, bp.ws.dq, i0, cg, lane, lr, R);
-    grad_rank_column_sums<N>(c, qpart, R);
+    grad_rope_adjoint<N, kR>(c, Q, qp, TH, NA, p.interleaved, i0, cg, lane, mr,
+                             [&](int t, int a, float v) { DTH[t * NA + a] += v; });
+    grad_store_qk<N, kR>(bp, ck, c, bp.g_q, bp.ws.dq, i0, cg, lane);
   }
   __syncthreads();
   if (tid < ck.m) {
@@ -542,11 +593,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_chunk_grad_tc_kernel(BwdParam
     for (int r = 0; r < R; ++r) acc += red[kRedX2 + tid * R + r] + red[kRedX2 + 64 + tid * R + r];
     dcs[tid] += ex[tid] * acc;
   }
-  if (g < R)
-#pragma unroll
-    for (int j = 0; j < kNTn; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) red_bias[(rt * R + g) * N + grad_col<N>(cg, j, e, tq)] = qpart[j][e];
+  grad_rank_column_sums<N, kR>(c, red_bias, N, rt, cg, lane);
   __syncthreads();
   for (int i = tid; i < R * N; i += kT)
     par[bp.pf.qb + i] = red_bias[i] + red_bias[R * N + i] + red_bias[2 * R * N + i] +
