@@ -188,7 +188,16 @@ INSTANTIATE_TEST_SUITE_P(
         // `train` and `megacpp`; R = 2, P = 128 with per-rank output).
         Case{"tc_mimo_r4_gqa_norm", 1, 40, 4, 2, 64, 64, 4, 16, true, true, true, {}, kH, kB},
         Case{"tc_mimo_r2_p128_per_rank", 1, 36, 2, 1, 64, 128, 2, 16, true, false, false, {}, kI,
-             kB}),
+             kB},
+        // chunk_grad_tc is instantiated per (N, P, R): the cases above and EmuBackwardTcLong
+        // (128, 64, 4) take 9 of the 16; these take the other 7 (small L, 2 to 4 chunks).
+        Case{"tc_n128_r2_gqa", 1, 40, 2, 1, 128, 64, 2, 32, true, false, true, {}, kH, kB},
+        Case{"tc_n128_r8", 1, 20, 1, 1, 128, 64, 8, 32, true, true, true, {}, kI, kB},
+        Case{"tc_n128_p128_r2", 1, 40, 1, 1, 128, 128, 2, 16, true, false, true, {}, kI, kB},
+        Case{"tc_n128_p128_r4_halved", 1, 24, 1, 1, 128, 128, 4, 64, false, true, true, {}, kH, kB},
+        Case{"tc_n128_p128_r8", 1, 12, 1, 1, 128, 128, 8, 32, true, false, false, {}, kH, kB},
+        Case{"tc_p128_siso", 1, 90, 2, 1, 64, 128, 1, 32, true, true, false, {}, kH, kB},
+        Case{"tc_p128_r8", 1, 20, 1, 1, 64, 128, 8, 16, true, false, true, {}, kI, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 // Issue 5's MIMO angle gradient on the tensor cores: the peers parity case (R = 4, N = 128,
