@@ -145,6 +145,32 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
   return l;
 }
 
+// One k-step of 16 of a 16-row output tile on the tensor cores: the A fragment at (i0, k0) of
+// a row-major [i][k] operand (kATrans: stored [k][i]), then for each 16-column group u < kNT
+// starting at j0(u) the B fragments of a [j][k] operand (kBKn: [k][j]) and two mma.sync into
+// c[2 u], c[2 u + 1]; groups whose bit is clear in `live` are skipped.
+template <bool kATrans, bool kBKn, int kNT, typename FJ>
+__device__ __forceinline__ void tc_kstep(float (&c)[2 * kNT][4], const bf16* A, int ap, int i0,
+                                         const bf16* B, int bp, FJ j0, int k0, unsigned live,
+                                         int lane) {
+  uint32_t a[4];
+  if constexpr (kATrans)
+    load_a_trans(a, A, ap, i0, k0, lane);
+  else
+    load_a(a, A, ap, i0, k0, lane);
+#pragma unroll
+  for (int u = 0; u < kNT; ++u) {
+    if (!((live >> u) & 1u)) continue;
+    uint32_t b[4];
+    if constexpr (kBKn)
+      load_b_kn(b, B, bp, j0(u), k0, lane);
+    else
+      load_b_nk(b, B, bp, j0(u), k0, lane);
+    mma_bf16(c[2 * u], a, b[0], b[1]);
+    mma_bf16(c[2 * u + 1], a, b[2], b[3]);
+  }
+}
+
 // C(i, j) = sum_k A(i, k) B(k, j) for i < M, j < Nc on the tensor cores, one 16 x (16 kNT)
 // output tile per warp at a time (kNT = 2 halves the A fragment loads where Nc is a multiple of
 // 32). A is row-major [i][k] (kATrans: stored [k][i]); B is stored [j][k] (kBKn: [k][j]); both
@@ -167,23 +193,9 @@ __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, co
     float c[2 * kNT][4];
 #pragma unroll
     for (int j = 0; j < 2 * kNT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-    for (int k0 = kb; k0 < ke; k0 += 16) {
-      uint32_t a[4];
-      if constexpr (kATrans)
-        load_a_trans(a, A, ap, i0, k0, lane);
-      else
-        load_a(a, A, ap, i0, k0, lane);
-#pragma unroll
-      for (int u = 0; u < kNT; ++u) {
-        uint32_t b[4];
-        if constexpr (kBKn)
-          load_b_kn(b, B, bp, j0 + 16 * u, k0, lane);
-        else
-          load_b_nk(b, B, bp, j0 + 16 * u, k0, lane);
-        mma_bf16(c[2 * u], a, b[0], b[1]);
-        mma_bf16(c[2 * u + 1], a, b[2], b[3]);
-      }
-    }
+    for (int k0 = kb; k0 < ke; k0 += 16)
+      tc_kstep<kATrans, kBKn, kNT>(
+          c, A, ap, i0, B, bp, [j0](int u) { return j0 + 16 * u; }, k0, ~0u, lane);
 #pragma unroll
     for (int j = 0; j < 2 * kNT; ++j)
 #pragma unroll

@@ -50,24 +50,9 @@ __device__ __forceinline__ void grad_mma(float (&c)[X / 16][4], const bf16* A, i
                                          const bf16* B, int bpitch, int i0, int cg, int kb, int ke,
                                          unsigned live, int lane) {
   constexpr int kG = X / 32;
-  for (int k0 = kb; k0 < ke; k0 += 16) {
-    uint32_t a[4];
-    if constexpr (kATrans)
-      load_a_trans(a, A, ap, i0, k0, lane);
-    else
-      load_a(a, A, ap, i0, k0, lane);
-#pragma unroll
-    for (int u = 0; u < kG; ++u) {
-      if (!((live >> u) & 1u)) continue;
-      uint32_t b[4];
-      if constexpr (kBKn)
-        load_b_kn(b, B, bpitch, grad_col0<X>(cg, u), k0, lane);
-      else
-        load_b_nk(b, B, bpitch, grad_col0<X>(cg, u), k0, lane);
-      mma_bf16(c[2 * u], a, b[0], b[1]);
-      mma_bf16(c[2 * u + 1], a, b[2], b[3]);
-    }
-  }
+  for (int k0 = kb; k0 < ke; k0 += 16)
+    tc_kstep<kATrans, kBKn, kG>(
+        c, A, ap, i0, B, bpitch, [cg](int u) { return grad_col0<X>(cg, u); }, k0, live, lane);
 }
 
 __host__ __device__ constexpr int log2_const(int x) { return x <= 1 ? 0 : 1 + log2_const(x / 2); }
@@ -102,6 +87,37 @@ __device__ __forceinline__ void rank_rows_reduce_scatter(float (&v)[kV], int lan
     }
     rank_rows_reduce_scatter<2 * kMask, kHalf>(v, lane, upper ? off + kHalf : off, out);
   }
+}
+
+// Row sums over the warp's X / 2 columns of a (64, X) fragment times the bf16 tile T (pitch tp),
+// added across tq and written by lanes tq == 0 to slot[cg * 64 + row] (the two column halves
+// are combined later).
+template <int X>
+__device__ __forceinline__ void grad_row_dots(const float (&c)[X / 16][4], const bf16* T, int tp,
+                                              float* slot, int i0, int cg, int lane) {
+  const int g = lane >> 2, tq = lane & 3;
+  float xs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < X / 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = i0 + g + 8 * (e >> 1);
+      xs[e >> 1] += c[j][e] * __bfloat162float(T[i * tp + grad_col<X>(cg, j, e, tq)]);
+    }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float x = xs[hr];
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    if (tq == 0) slot[cg * 64 + i0 + g + 8 * hr] = x;
+  }
+}
+
+// Scales the fragment's rows g and g + 8 by f0 and f1.
+template <int X>
+__device__ __forceinline__ void grad_scale_rows(float (&c)[X / 16][4], float f0, float f1) {
+#pragma unroll
+  for (int j = 0; j < X / 16; ++j) c[j][0] *= f0, c[j][1] *= f0, c[j][2] *= f1, c[j][3] *= f1;
 }
 
 // The rotation adjoint on a (64, N) fragment of q or k gradient rows: each pair with a < NA of a
@@ -393,24 +409,8 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
     float c[kNTp][4] = {};
     const unsigned all = (1u << (P / 32)) - 1;
     grad_mma<P, false, false>(c, K, qp, Sb, qp, i0, cg, 0, rows_live ? N : 0, all, lane);
-    float xs[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < kNTp; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + g + 8 * (e >> 1);
-        xs[e >> 1] += __bfloat162float(V[i * vp + grad_col<P>(cg, j, e, tq)]) * c[j][e];
-      }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float x = xs[hr];
-      x += __shfl_xor_sync(0xffffffffu, x, 1);
-      x += __shfl_xor_sync(0xffffffffu, x, 2);
-      if (tq == 0) red[kRedX + cg * 64 + i0 + g + 8 * hr] = x;
-    }
-    const float f0 = row0 < mr ? fw[row0 >> lr] : 0.f, f1 = row1 < mr ? fw[row1 >> lr] : 0.f;
-#pragma unroll
-    for (int j = 0; j < kNTp; ++j) c[j][0] *= f0, c[j][1] *= f0, c[j][2] *= f1, c[j][3] *= f1;
+    grad_row_dots<P>(c, V, vp, red + kRedX, i0, cg, lane);
+    grad_scale_rows<P>(c, row0 < mr ? fw[row0 >> lr] : 0.f, row1 < mr ? fw[row1 >> lr] : 0.f);
     grad_mma<P, true, true>(c, AM, ap, DYb, vp, i0, cg, i0, kr, all, lane);
     if (has_d)
 #pragma unroll
@@ -505,9 +505,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
       __syncthreads();
       grad_mma<N, false, true>(c, V, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     }
-    const float f0 = row0 < mr ? fw[row0 >> lr] : 0.f, f1 = row1 < mr ? fw[row1 >> lr] : 0.f;
-#pragma unroll
-    for (int j = 0; j < kNTn; ++j) c[j][0] *= f0, c[j][1] *= f0, c[j][2] *= f1, c[j][3] *= f1;
+    grad_scale_rows<N>(c, row0 < mr ? fw[row0 >> lr] : 0.f, row1 < mr ? fw[row1 >> lr] : 0.f);
     grad_mma<N, true, true>(c, DAM, ap, Q, qp, i0, cg, i0, kr, all_n, lane);
     if (ck.last && bp.df_k.defined())
 #pragma unroll
@@ -563,24 +561,8 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
       __syncthreads();
       grad_mma<N, false, true>(c, DYb, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     }
-    float xs[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < kNTn; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + g + 8 * (e >> 1);
-        xs[e >> 1] += c[j][e] * __bfloat162float(Q[i * qp + grad_col<N>(cg, j, e, tq)]);
-      }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float x = xs[hr];
-      x += __shfl_xor_sync(0xffffffffu, x, 1);
-      x += __shfl_xor_sync(0xffffffffu, x, 2);
-      if (tq == 0) red[kRedX2 + cg * 64 + i0 + g + 8 * hr] = x;
-    }
-    const float e0 = row0 < mr ? ex[row0 >> lr] : 0.f, e1 = row1 < mr ? ex[row1 >> lr] : 0.f;
-#pragma unroll
-    for (int j = 0; j < kNTn; ++j) c[j][0] *= e0, c[j][1] *= e0, c[j][2] *= e1, c[j][3] *= e1;
+    grad_row_dots<N>(c, Q, qp, red + kRedX2, i0, cg, lane);
+    grad_scale_rows<N>(c, row0 < mr ? ex[row0 >> lr] : 0.f, row1 < mr ? ex[row1 >> lr] : 0.f);
     grad_mma<N, false, true>(c, DAM, ap, K, qp, i0, cg, 0, rows_live ? imin(i0 + 16, kr) : 0,
                              all_n, lane);
     grad_rope_adjoint<N, kR>(c, Q, qp, TH, NA, p.interleaved, i0, cg, lane, mr,
