@@ -101,7 +101,19 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"tc_mimo_r2_n64_p128", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
         Case{"tc_mimo_r8", 1, 40, 2, 1, 64, 64, 8, 32, true, true, true, {}, kH, kB},
         Case{"tc_mimo_r4_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
-        Case{"tc_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false, {80, 0, 63, 57}, kI, kB}),
+        Case{"tc_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false, {80, 0, 63, 57}, kI, kB},
+        // chunk_grad_tc is instantiated per (N, P, R); the cases above reach 6 of the 16, these
+        // the other 10 (megacpp's (64, 64, 4) first; (64, 128, R >= 4) run one CTA per SM).
+        Case{"tc_mimo_r4_n64_gqa_norm", 1, 90, 4, 2, 64, 64, 4, 16, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_r2_n64", 1, 70, 2, 1, 64, 64, 2, 32, true, false, true, {}, kI, kB},
+        Case{"tc_siso_n64_p128", 1, 150, 2, 1, 64, 128, 1, 32, true, true, false, {}, kH, kB},
+        Case{"tc_mimo_r4_n64_p128", 1, 50, 2, 1, 64, 128, 4, 16, true, false, true, {}, kI, kB},
+        Case{"tc_mimo_r8_n64_p128", 1, 30, 2, 1, 64, 128, 8, 32, false, false, true, {}, kH, kB},
+        Case{"tc_mimo_r2_n128", 1, 70, 2, 1, 128, 64, 2, 64, true, false, true, {}, kH, kB},
+        Case{"tc_mimo_r8_n128", 1, 30, 2, 1, 128, 64, 8, 32, true, true, true, {}, kI, kB},
+        Case{"tc_mimo_r2_n128_p128", 1, 70, 2, 1, 128, 128, 2, 32, true, false, false, {}, kI, kB},
+        Case{"tc_mimo_r4_n128_p128", 1, 50, 2, 1, 128, 128, 4, 64, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_r8_n128_p128", 1, 30, 2, 1, 128, 128, 8, 32, true, false, true, {}, kI, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 // Issue 5: the MIMO angle gradient on the tensor cores over a long sequence, as the peers parity
