@@ -570,19 +570,18 @@ __device__ __forceinline__ float rope_adjoint_rows(float* D, int dp, const float
 
 // Writes the unrotated q or k gradient rows (ST, pitch sp) of a chunk: straight to the grad when
 // the head is alone in its group, else to the per-head workspace; and the bias partial. Where N
-// and R are powers of two (N <= kT: the tensor-core path always) each thread keeps one column
+// and R are powers of two (N <= kThreads: the tensor-core path always) each thread keeps one column
 // and steps over rows, the offsets advanced per row and the dtype switch taken once; otherwise
 // per element. The same values land at the same places either way.
-template <int kT = kThreads>
 __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& ck, int sp,
                                               const float* ST, const DTensor& grad, float* ws,
                                               float* par_bias, int tid) {
   const CoreParams& p = bp.p;
   const int N = p.N, R = p.R;
-  if (grad.defined() && is_pow2(N) && N <= kT && is_pow2(R)) {
+  if (grad.defined() && is_pow2(N) && N <= kThreads && is_pow2(R)) {
     // Shifts, not divisions: the compiler rematerializes loop-invariant values under register
     // pressure, and a division by a runtime N inside the loop costs ~25 instructions.
-    const int ln = log2_pow2(N), n = tid & (N - 1), lr = log2_pow2(R), step = kT >> ln;
+    const int ln = log2_pow2(N), n = tid & (N - 1), lr = log2_pow2(R), step = kThreads >> ln;
     if (ws) {
       const int64_t t_stride = static_cast<int64_t>(p.H) * R * N;
       float* base = ws + (ck.l_abs0 * p.H + ck.h) * static_cast<int64_t>(R * N) + n;
@@ -597,7 +596,7 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
       });
     }
   } else if (grad.defined()) {
-    for (int i = tid; i < ck.mr * N; i += kT) {
+    for (int i = tid; i < ck.mr * N; i += kThreads) {
       const int row = i / N, n = i % N, t = row / R, r = row % R;
       const float val = ST[row * sp + n];
       if (ws)
@@ -606,7 +605,7 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
         dstore(grad, qk_off(grad, ck.b, ck.begin + ck.t0 + t, r, ck.g, n), val);
     }
   }
-  for (int i = tid; i < R * N; i += kT) {
+  for (int i = tid; i < R * N; i += kThreads) {
     const int r = i / N, n = i % N;
     float acc = 0.f;
     for (int t = 0; t < ck.m; ++t) acc += ST[(t * R + r) * sp + n];
@@ -616,7 +615,6 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
 
 // Per-token results of a chunk (chunk_grad kernels, after a barrier): d adt (reverse cumulative
 // sum of d cs inside the chunk), d gamma, d w, d theta per token and the chunk's d theta sum.
-template <int kT = kThreads>
 __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const Chunk& ck,
                                                     const float* dcs, const float* dgam,
                                                     const float* dwt, const float* DTH, int tid) {
@@ -640,10 +638,10 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
     bp.ws.tok[slot] = dgam[tid];
     bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
   }
-  for (int t = tid / 32; t < m; t += kT / 32)  // a warp per token (no index division)
+  for (int t = tid / 32; t < m; t += kThreads / 32)  // a warp per token (no index division)
     for (int a = tid % 32; a < NA; a += 32)
       bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[t * NA + a];
-  for (int a = tid; a < NA; a += kT) {
+  for (int a = tid; a < NA; a += kThreads) {
     float sum = 0.f;
     for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
     bp.ws.dthc[cell * NA + a] = sum;
@@ -653,10 +651,9 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
 // Time-level T (m, m) row-major: T[ti][tj] = sum over the ranks of dA o raw for tj <= ti, 0 above
 // the diagonal, from the unmasked fp32 scores DA and RA (mr, mr) of pitch ap.
 // One warp per row ti, lanes over tj (no index division).
-template <int kT = kThreads>
 __device__ __forceinline__ void time_level_scores(const float* DA, const float* RA, int ap, int m,
                                                   int R, float* T, int tid) {
-  for (int ti = tid / 32; ti < m; ti += kT / 32)
+  for (int ti = tid / 32; ti < m; ti += kThreads / 32)
     for (int tj = tid % 32; tj < m; tj += 32) {
       float acc = 0.f;
       if (tj <= ti)
@@ -670,9 +667,8 @@ __device__ __forceinline__ void time_level_scores(const float* DA, const float* 
 }
 
 // grad.v of the chunk's tokens: dv = sum_r dV_r psi_r (+ d final v on the sequence's last
-// token), from the dV rows (mr, P) of pitch sp. Where P is a power of two (P <= kT) each thread
-// keeps one column and steps over tokens, the dtype switch taken once.
-template <int kT = kThreads>
+// token), from the dV rows (mr, P) of pitch sp. Where P is a power of two (P <= kThreads) each
+// thread keeps one column and steps over tokens, the dtype switch taken once.
 __device__ __forceinline__ void store_dv(const BwdParams& bp, const Chunk& ck, const float* DV,
                                          int sp, const float* psi, int tid) {
   const DTensor& gv = bp.g_v;
@@ -687,15 +683,16 @@ __device__ __forceinline__ void store_dv(const BwdParams& bp, const Chunk& ck, c
   };
   const int64_t row0 = ck.b * gv.stride[0] + static_cast<int64_t>(ck.begin + ck.t0) * gv.stride[1] +
                        h * gv.stride[2];
-  if (is_pow2(P) && P <= kT) {
+  if (is_pow2(P) && P <= kThreads) {
     const int lp = log2_pow2(P), x = tid & (P - 1);
     const int64_t base = row0 + x * gv.stride[3];
     with_store(gv, [&](auto store) {
-      for (int t = tid >> lp; t < m; t += kT >> lp) store(base + t * gv.stride[1], dv_at(t, x));
+      for (int t = tid >> lp; t < m; t += kThreads >> lp)
+        store(base + t * gv.stride[1], dv_at(t, x));
     });
     return;
   }
-  for (int i = tid; i < m * P; i += kT) {
+  for (int i = tid; i < m * P; i += kThreads) {
     const int t = i / P, x = i % P;
     dstore(gv, row0 + t * gv.stride[1] + x * gv.stride[3], dv_at(t, x));
   }

@@ -286,13 +286,12 @@ __device__ __forceinline__ void block_gemm(int M, int Nc, int K, FA a, FB b, FE 
   }
 }
 
-// Deterministic block sum of one value per thread (fixed tree) over a block of kT threads (a
+// Deterministic block sum of one value per thread (fixed tree) over a block of kThreads threads (a
 // power of two); every thread gets the result.
-template <int kT = kThreads>
 __device__ __forceinline__ float block_sum(float v, float* red, int tid) {
   red[tid] = v;
   __syncthreads();
-  for (int s = kT / 2; s > 0; s >>= 1) {
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
     if (tid < s) red[tid] += red[tid + s];
     __syncthreads();
   }
@@ -358,10 +357,10 @@ __device__ __forceinline__ void chunk_angles_and_decays(const BwdParams& bp, con
   }
 }
 
-// First part of both chunk loaders (kT threads): the per-token scalars lambda, dt, gamma, w and
-// adt (in cs) of the m tokens, the q and k biases (qb, kb: R * N each) and the raw angles (th).
+// First part of both chunk loaders (kThreads threads): the per-token scalars lambda, dt, gamma,
+// w and adt (in cs) of the m tokens, the q and k biases (qb, kb: R * N each) and the raw angles
+// (th).
 // Global loads only, independent, so many are in flight.
-template <int kT = kThreads>
 __device__ __forceinline__ void load_chunk_inputs(const BwdParams& bp, const Chunk& ck, float* sc,
                                                   float* th, float* qb, float* kb, int tid) {
   const CoreParams& p = bp.p;
@@ -382,20 +381,19 @@ __device__ __forceinline__ void load_chunk_inputs(const BwdParams& bp, const Chu
     w[tid] = la * dl + sg;
     cs[tid] = in_bhl(p.adt, b, h, l);
   }
-  for (int i = tid; i < R * N; i += kT) {
+  for (int i = tid; i < R * N; i += kThreads) {
     qb[i] = dload_ro(p.q_bias, bias_off(p.q_bias, h, i / N, i % N));
     kb[i] = dload_ro(p.k_bias, bias_off(p.k_bias, h, i / N, i % N));
   }
   // A warp per token, lanes over the rope pairs (no index division).
   for (int a = tid % 32; a < NA; a += 32) {
 #pragma unroll 4
-    for (int t = tid / 32; t < m; t += kT / 32) th[t * NA + a] = angle_at(p, b, l0 + t, h, a);
+    for (int t = tid / 32; t < m; t += kThreads / 32) th[t * NA + a] = angle_at(p, b, l0 + t, h, a);
   }
 }
 
 // After load_chunk_inputs and a barrier: cs summed in place (cumulative, thread 0) and the raw
 // angles replaced by their increments (float, as the forward rounds them).
-template <int kT = kThreads>
 __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th, int m, int NA,
                                                             int tid) {
   float* cs = sc + kCs * kMaxRows;
@@ -414,7 +412,7 @@ __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th
         }
     }
   }
-  for (int t = tid / 32; t < m; t += kT / 32)  // a warp per token (no index division)
+  for (int t = tid / 32; t < m; t += kThreads / 32)  // a warp per token (no index division)
     for (int a = tid % 32; a < NA; a += 32)
       th[t * NA + a] = static_cast<float>(angle_inc(th[t * NA + a], dtv[t]));
 }

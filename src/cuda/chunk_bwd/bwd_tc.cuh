@@ -178,10 +178,10 @@ __device__ __forceinline__ void tc_kstep(float (&c)[2 * kNT][4], const bf16* A, 
 // krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of 16); kb >= ke skips
 // the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner, and its k tiles are
 // accumulated in a fixed order (deterministic).
-template <bool kATrans, bool kBKn, int kNT = 1, int kT = kThreads, typename FK, typename FE>
+template <bool kATrans, bool kBKn, int kNT = 1, typename FK, typename FE>
 __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B, int bp,
                                         FK krange, FE epi, int warp, int lane) {
-  constexpr int kWarps = kT / 32, kTw = 16 * kNT;
+  constexpr int kWarps = kThreads / 32, kTw = 16 * kNT;
   const int tm = (M + 15) / 16, tn = (Nc + kTw - 1) / kTw;
   const int g = lane >> 2, tq = lane & 3;
   __syncwarp();
@@ -213,12 +213,12 @@ __device__ __forceinline__ float bf16_residual(float v) {
 
 // A (P, N) fp32 state (contiguous, 16-byte aligned) as a bf16 operand tile with pitch qp
 // (kResidual: the low part of its two-term split, bf16_residual).
-template <int kT = kThreads, bool kResidual = false>
+template <bool kResidual = false>
 __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
                                                  int qp, int tid) {
   const int n4 = N / 4, ln4 = log2_pow2(n4);  // N a power of two on the tensor-core path
 #pragma unroll 4
-  for (int i = tid; i < P * n4; i += kT) {
+  for (int i = tid; i < P * n4; i += kThreads) {
     const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
     float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
     if constexpr (kResidual)
@@ -238,7 +238,6 @@ __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, 
 // Ends with a barrier.
 enum TcVMode { kVNone, kVPsi, kVPsiAndFw };
 
-template <int kT = kThreads>
 __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem& lay,
                               unsigned char* sm, bool want_q, TcVMode v_mode, int tid) {
   const CoreParams& p = bp.p;
@@ -257,27 +256,27 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   bf16* K = reinterpret_cast<bf16*>(sm + lay.k);
   bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
   bf16* VF = v_mode == kVPsiAndFw ? reinterpret_cast<bf16*>(sm + lay.vf) : nullptr;
-  load_chunk_inputs<kT>(bp, ck, sc, th, qb, kb, tid);
+  load_chunk_inputs(bp, ck, sc, th, qb, kb, tid);
   // The raw q, k, v tiles, 16 bytes per load (the tensor-core path has 16-byte aligned
   // contiguous rows), issued now so their latency overlaps the scalar and angle walks below;
   // slot s of a thread is 8 columns of one row (qk_slot / v_slot), at most kSlots per tensor.
   // Interleaved pairs lie inside one group of 8 columns; halved pairs join slot 2j (columns
   // c*8..) and 2j + 1 (columns N/2 + c*8..).
   // N, P and R are powers of two here: slots, tokens and ranks by shifts.
-  constexpr int kSlots = kMaxRows * 128 / 8 / kT;  // >= rows * N / 8 / kT
+  constexpr int kSlots = kMaxRows * 128 / 8 / kThreads;  // >= rows * N / 8 / kThreads
   const bool inter = p.interleaved;
   const int c_per = inter ? N / 8 : N / 16, lc = log2_pow2(c_per);
   const int p8 = P / 8, lp8 = log2_pow2(p8), lr = log2_pow2(R);
   auto qk_slot = [&](int s, int* row, int* n0) {
     const int j = inter ? s : s >> 1;
-    const int i = tid + j * kT;
+    const int i = tid + j * kThreads;
     *row = i >> lc;
     const int c = i & (c_per - 1);
     *n0 = c * 8 + (!inter && (s & 1) ? half : 0);
     return i < rows * c_per;
   };
   auto v_slot = [&](int s, int* row, int* x) {
-    const int i = tid + s * kT;
+    const int i = tid + s * kThreads;
     *row = i >> lp8, *x = (i & (p8 - 1)) * 8;
     return i < rows * p8;
   };
@@ -301,7 +300,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
           static_cast<int64_t>(l0 + (row >> lr)) * p.v.stride[1] + h * p.v.stride[2] + x));
   }
   __syncthreads();
-  chunk_cumsum_and_increments<kT>(sc, th, m, NA, tid);
+  chunk_cumsum_and_increments(sc, th, m, NA, tid);
   __syncthreads();
   chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
   __syncthreads();
@@ -406,7 +405,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
 // tc_load_chunk(want_q, kVPsi) left in shared memory (after its barrier); kFetch true issues
 // cp.async copies that put the same bytes back in place of running the loader again. The
 // caller then waits (cp_async_wait_all) and synchronizes before reading them.
-template <bool kFetch, int kT = kThreads>
+template <bool kFetch>
 __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk& ck,
                                                const TcSmem& lay, unsigned char* sm, int tid) {
   const int N = bp.p.N, P = bp.p.P, rows = lay.rows;
@@ -422,7 +421,7 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
   // powers of two here).
   auto tile = [&](int s_off, int g_off, int cols, int pitch) {
     const int c8 = cols / 8, lc = log2_pow2(c8);
-    for (int i = tid; i < rows * c8; i += kT) {
+    for (int i = tid; i < rows * c8; i += kThreads) {
       const int row = i >> lc, c = i & (c8 - 1);
       move16(sm + s_off + (row * pitch + c * 8) * 2, rec + g_off + i * 16);
     }
@@ -432,8 +431,9 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
   tile(lay.v, tr.v, P, lay.vp);
   // fp32 arrays, dense in both places: the wrapped angles and the loader's scalar arrays.
   auto flat = [&](int s_off, int g_off, int floats) {
-    for (int i = tid; i < floats / 4; i += kT) move16(sm + s_off + i * 16, rec + g_off + i * 16);
-    for (int i = (floats & ~3) + tid; i < floats; i += kT) {
+    for (int i = tid; i < floats / 4; i += kThreads)
+      move16(sm + s_off + i * 16, rec + g_off + i * 16);
+    for (int i = (floats & ~3) + tid; i < floats; i += kThreads) {
       unsigned char* s = sm + s_off + i * 4;
       unsigned char* g = rec + g_off + i * 4;
       if constexpr (kFetch)
@@ -448,7 +448,6 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
 
 // cp.async of the chunk's raw bf16 v rows (contiguous, 16-byte aligned on the tensor-core path)
 // into the (C, P) tile lay.vr, pitch lay.vp; rows past the chunk zero. The caller waits.
-template <int kT = kThreads>
 __device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk& ck,
                                                const TcSmem& lay, unsigned char* sm, int tid) {
   const DTensor& v = bp.p.v;
@@ -456,7 +455,7 @@ __device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk&
   const bf16* v0 = static_cast<const bf16*>(v.data) + ck.b * v.stride[0] +
                    static_cast<int64_t>(ck.begin + ck.t0) * v.stride[1] + ck.h * v.stride[2];
   bf16* VR = reinterpret_cast<bf16*>(sm + lay.vr);
-  for (int i = tid; i < lay.C * p8; i += kT) {
+  for (int i = tid; i < lay.C * p8; i += kThreads) {
     const int t = i >> lp8, c = (i & (p8 - 1)) * 8;
     const bool valid = t < ck.m;
     cp_async16(VR + t * lay.vp + c, valid ? v0 + t * v.stride[1] + c : v0, valid);
@@ -464,31 +463,31 @@ __device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk&
 }
 
 // out(i, sum over tokens t < m of f(t, i)) for i < n, f returning two values (float2), using
-// every thread of a kT-thread block: when n divides kT (n a power of two), kT / n groups of
+// every thread of the block: when n divides kThreads (n a power of two), kThreads / n groups of
 // threads take tokens g, g + groups, ... and the group partials are added in group order through
-// red (2 * kT floats); otherwise one thread per i walks the tokens in order. Deterministic.
+// red (2 * kThreads floats); otherwise one thread per i walks the tokens in order. Deterministic.
 // Starts and ends with a barrier (red is reused).
-template <int kT = kThreads, typename F, typename FO>
+template <typename F, typename FO>
 __device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* red, int tid) {
   __syncthreads();
-  if (n <= kT && kT % n == 0) {
-    const int groups = kT / n, g = tid / n, i = tid % n;
+  if (n <= kThreads && kThreads % n == 0) {
+    const int groups = kThreads / n, g = tid / n, i = tid % n;
     float2 acc = make_float2(0.f, 0.f);
 #pragma unroll 4
     for (int t = g; t < m; t += groups) {
       const float2 v = f(t, i);
       acc.x += v.x, acc.y += v.y;
     }
-    red[tid] = acc.x, red[kT + tid] = acc.y;
+    red[tid] = acc.x, red[kThreads + tid] = acc.y;
     __syncthreads();
     if (tid < n) {
       float2 sum = make_float2(0.f, 0.f);
       for (int k = 0; k < groups; ++k)
-        sum.x += red[k * n + tid], sum.y += red[kT + k * n + tid];
+        sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
       out(tid, sum);
     }
   } else {
-    for (int i = tid; i < n; i += kT) {
+    for (int i = tid; i < n; i += kThreads) {
       float2 acc = make_float2(0.f, 0.f);
       for (int t = 0; t < m; ++t) {
         const float2 v = f(t, i);

@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
   const bool rows_live = i0 < kr;
   float* psi = reinterpret_cast<float*>(sm + lay.par);
-  tc_chunk_tiles<true, kT>(bp, ck0, lay, sm, tid);  // chunk_state_tc's loader output
+  tc_chunk_tiles<true>(bp, ck0, lay, sm, tid);  // chunk_state_tc's loader output
   load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
       *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
     }
   }
-  stage_state_bf16<kT>(dsend, Sb, P, N, qp, tid);
+  stage_state_bf16(dsend, Sb, P, N, qp, tid);
   cp_async_wait_all();
   __syncthreads();
 
@@ -501,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
     grad_mma<N, false, true>(c, V, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     if (split_states) {
       __syncthreads();
-      stage_state_bf16<kT, true>(dsend, Sb, P, N, qp, tid);
+      stage_state_bf16<true>(dsend, Sb, P, N, qp, tid);
       __syncthreads();
       grad_mma<N, false, true>(c, V, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     }
@@ -557,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
     grad_mma<N, false, true>(c, DYb, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     if (split_states) {
       __syncthreads();
-      stage_state_bf16<kT, true>(sprev, Sb, P, N, qp, tid);
+      stage_state_bf16<true>(sprev, Sb, P, N, qp, tid);
       __syncthreads();
       grad_mma<N, false, true>(c, DYb, vp, Sb, qp, i0, cg, 0, rows_live ? P : 0, all_n, lane);
     }
@@ -580,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
   for (int i = tid; i < R * N; i += kT)
     par[bp.pf.qb + i] = red_bias[i] + red_bias[R * N + i] + red_bias[2 * R * N + i] +
                         red_bias[3 * R * N + i];
-  chunk_token_outputs<kT>(bp, ck, dcs, dgam, dwt, DTH, tid);
+  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
 }
 
 }  // namespace mamba3::cuda::bwd
