@@ -248,12 +248,14 @@ __device__ __forceinline__ void grad_rank_column_sums(const float (&c)[X / 16][4
 }
 
 // grid (chunks, H), kThreads: see the top of this file.
-// Two CTAs per SM (128 registers) except at N = 64, P = 128, R >= 4, where 128 registers spilled
-// one value (ptxas, 2026-11-29): one CTA there.
-__host__ __device__ constexpr int grad_tc_min_blocks(int N, int P, int R) { return N == 64 && P == 128 && R >= 4 ? 1 : 2; }
+// Two CTAs per SM (128 registers) at P = 64. At P = 128 (32-float dV accumulators) 128 registers
+// sat on the edge: N = 64 spilled at R >= 4, and at R = 2 in one build of the same source but
+// not in another (ptxas, 2026-11-29); N = P = 128 fits one CTA per SM by shared memory anyway.
+// So P = 128 asks for one CTA per SM, and the registers it needs.
+__host__ __device__ constexpr int grad_tc_min_blocks(int P) { return P == 128 ? 1 : 2; }
 
 template <int kN, int kP, int kR>
-__global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kN, kP, kR))
+__global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
     bwd_chunk_grad_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
   Chunk ck0;
