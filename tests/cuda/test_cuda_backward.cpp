@@ -103,7 +103,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"tc_mimo_r4_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
         Case{"tc_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false, {80, 0, 63, 57}, kI, kB},
         // chunk_grad_tc is instantiated per (N, P, R); the cases above reach 6 of the 16, these
-        // the other 10 (megacpp's (64, 64, 4) first; (64, 128, R >= 4) run one CTA per SM).
+        // the other 10 (megacpp's (64, 64, 4) first; the P = 128 ones run one CTA per SM).
         Case{"tc_mimo_r4_n64_gqa_norm", 1, 90, 4, 2, 64, 64, 4, 16, true, true, true, {}, kH, kB},
         Case{"tc_mimo_r2_n64", 1, 70, 2, 1, 64, 64, 2, 32, true, false, true, {}, kI, kB},
         Case{"tc_siso_n64_p128", 1, 150, 2, 1, 64, 128, 1, 32, true, true, false, {}, kH, kB},
