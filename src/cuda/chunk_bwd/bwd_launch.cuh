@@ -17,7 +17,7 @@
 
 #include "core/return_if_error.h"
 #include "core/validate.h"
-#include "cuda/chunk_bwd/bwd_tc_grad.cuh"
+#include "cuda/chunk_bwd/bwd_tc_out.cuh"
 #include "cuda/common/launch.cuh"
 
 #ifndef MAMBA3_CUDA_EMU
@@ -300,11 +300,12 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
   GradTcKernel grad_tc = tc ? grad_tc_kernel(N, P, R) : nullptr;
+  OutTcKernel out_tc = tc ? out_tc_kernel(P, R) : nullptr;
   if (tc) {
     M3_RETURN_IF_ERROR(
         allow_smem_max_carveout(bwd_chunk_state_tc_kernel, static_cast<size_t>(ls.bytes)));
     M3_RETURN_IF_ERROR(
-        allow_smem_max_carveout(bwd_chunk_out_tc_kernel, static_cast<size_t>(lo.bytes)));
+        allow_smem_max_carveout(out_tc, static_cast<size_t>(lo.bytes)));
     M3_RETURN_IF_ERROR(allow_smem_max_carveout(grad_tc, static_cast<size_t>(lt.bytes)));
   } else {
     M3_RETURN_IF_ERROR(allow_smem(bwd_chunk_state_kernel, smem_bytes(l3)));
@@ -338,8 +339,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
                  bp);
     M3B_CHECK_LAUNCH("bwd_state_scan_kernel");
     if (tc) {
-      M3B_LAUNCH(bwd_chunk_out_tc_kernel, (grid_ch, H), (kThreads), static_cast<size_t>(lo.bytes),
-                 stream, bp, lo);
+      M3B_LAUNCH(out_tc, (grid_ch, H), (kThreads), static_cast<size_t>(lo.bytes), stream, bp, lo);
       M3B_CHECK_LAUNCH("bwd_chunk_out_tc_kernel");
     } else {
       M3B_LAUNCH(bwd_chunk_out_kernel, (grid_ch, H), (kThreads), smem_bytes(l5), stream, bp, l5);

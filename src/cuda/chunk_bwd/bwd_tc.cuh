@@ -1,7 +1,8 @@
 // Tensor-core pieces of the chunked backward (mma.sync m16n8k16, bf16 operands, fp32
 // accumulation; src/cuda/common/mma.cuh): the chunk loader into bf16 tiles, a warp-tiled GEMM on
-// bf16 shared-memory operands, and the tensor-core chunk_state, chunk_out and chunk_grad
-// kernels (same math, grids and workspace as their SIMT versions in bwd_kernels.cuh). Taken for
+// bf16 shared-memory operands, and the tensor-core chunk_state kernel; chunk_out_tc and
+// chunk_grad_tc are in bwd_tc_out.cuh and bwd_tc_grad.cuh (same math, grids and workspace as
+// their SIMT versions in bwd_kernels.cuh). Taken for
 // bf16 q, k, v with 16-byte aligned contiguous rows at N, P in {64, 128} (tensor_core_inputs and
 // pick_rows_tc in bwd_launch.cuh; always 64-row chunks on the H200); everything else runs the
 // fp32 SIMT kernels.
@@ -12,8 +13,7 @@
 // cumulative sum and rotations.
 //
 // Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB (three CTAs
-// per SM), chunk_out 100 KB (two CTAs per SM: its phase-1 tiles and its epilogue buffers share
-// one region), chunk_grad ~104 KB (two CTAs per SM; bwd_tc_grad.cuh).
+// per SM), chunk_out ~95 KB and chunk_grad ~104 KB (two CTAs per SM each).
 //
 // Angles: the wrapped angles lie in [0, 2 pi), where __sincosf is accurate to ~1e-6 (the forward
 // uses it too), far below the bf16 rounding of the tiles; it keeps the slow-path stack frame and
@@ -58,14 +58,12 @@ __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 struct TcSmem {
   int rows, C;
   int qp, vp, ap;  // bf16 pitches (elements): q/k and state rows (N + 8), v/dy rows (P + 8), scores
-  int yp;           // fp32 pitch of chunk_out's y rows (P + 1)
-  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy
+  int q, k, v, dy;  // (rows, N | P) bf16: rotated biased q, k; v * psi; dy (chunk_out: e dy)
   int vf;           // chunk_state: (rows, P) bf16 v * psi * fw
   int vr;           // chunk_out: (C, P) raw bf16 v of the chunk's tokens, pitch vp (the exact
                     // v psi of the D skip)
   int s;            // (P, N) bf16 state operand: chunk_grad dS_end then S_prev; chunk_out S_prev
   int am;           // (rows, ap) bf16 masked scores A o M (chunk_grad: then dA o M)
-  int y, go, z;     // chunk_out: (rows, yp) fp32 y then dy; cotangent of out; z
   int th, dth;      // (C, NA) fp32 wrapped angles, d theta (chunk_grad: in A o M's space where
                     // it fits, written once the dV product no longer reads A o M)
   int scal, par, red, bias;
@@ -90,13 +88,18 @@ inline int grad_red_floats(int R, int P, int N, bool psi_sums) {
   return kRedFixed + (psi_sums ? 4 * R * P : 0) + 4 * R * N;
 }
 
+// Slots of chunk_out_tc in lay.red (floats): per-row partial sums of the two column halves (the
+// norm's sum of squares, then its mean(dyn w y)), per-warp D partials, then the rank column sums
+// of the 4 row tiles (4 R P), reused for d zeta, d phi and d norm_weight in turn.
+enum OutRed : int { kOutSs = 0, kOutXr = 128, kOutDd = 256, kOutFixed = 272 };
+inline int out_red_floats(int R, int P) { return kOutFixed + 4 * R * P; }
+
 // psi_sums: chunk_grad's d psi partials (grad.mimo_v asked for).
 inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
                         bool psi_sums = true) {
   TcSmem l{};
   l.rows = rows, l.C = rows / R;
   l.qp = N + 8, l.vp = P + 8, l.ap = rows + 8;
-  l.yp = P + 1;
   int o = 0;
   auto take = [&](bool want, int bytes) {
     if (!want) return -1;
@@ -106,31 +109,19 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
   };
   const bool grad = kind == kTcGrad, out = kind == kTcOut;
   l.q = take(true, rows * l.qp * 2);  // chunk_state loads it for the tile record
-  if (out) {
-    // chunk_out: y lives throughout; k, the state operand, the scores and v are dead once y is
-    // complete, and the cotangent of out, z and e dy take their place (two CTAs per SM at
-    // N = 128, P = 64).
-    l.y = take(true, rows * l.yp * 4);
-    l.vr = take(true, l.C * l.vp * 2);
-    const int x0 = o;
-    l.k = take(true, rows * l.qp * 2);
+  l.k = take(true, rows * l.qp * 2);
+  if (out) {  // chunk_out (bwd_tc_out.cuh): the operands of y, the raw v of the D skip, e dy
     l.s = take(true, P * l.qp * 2);
     l.am = take(true, rows * l.ap * 2);
     l.v = take(true, rows * l.vp * 2);
-    const int x1 = o;
-    o = x0;
-    l.go = take(true, rows * l.yp * 4);
-    l.z = take(true, rows * l.yp * 4);
+    l.vr = take(true, l.C * l.vp * 2);
     l.dy = take(true, rows * l.vp * 2);
-    if (o < x1) o = x1;
   } else {
-    l.k = take(true, rows * l.qp * 2);
     l.v = take(true, rows * l.vp * 2);
     l.dy = take(grad, rows * l.vp * 2);
     l.vf = take(!grad, rows * l.vp * 2);
     l.s = take(grad, P * l.qp * 2);
     l.am = take(grad, 2 * rows * l.ap * 2);
-    l.y = l.go = l.z = -1;
   }
   if (out) l.vf = -1;
   if (!out) l.vr = -1;
@@ -139,7 +130,9 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
   l.dth = grad && th_bytes <= rows * l.ap * 2 ? l.am : take(grad, th_bytes);
   l.scal = take(true, kScalarArrays * kMaxRows * 4);
   l.par = take(true, (3 * R * P + P) * 4);
-  l.red = take(true, grad ? grad_red_floats(R, P, N, psi_sums) * 4 : 2 * kThreads * 4);
+  l.red = take(true, 4 * (grad  ? grad_red_floats(R, P, N, psi_sums)
+                           : out ? out_red_floats(R, P)
+                                 : 2 * kThreads));
   l.bias = take(kind == kTcState, 2 * R * N * 4);  // the loader's biases (chunk_state only)
   l.bytes = o;
   return l;
@@ -462,43 +455,6 @@ __device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk&
   }
 }
 
-// out(i, sum over tokens t < m of f(t, i)) for i < n, f returning two values (float2), using
-// every thread of the block: when n divides kThreads (n a power of two), kThreads / n groups of
-// threads take tokens g, g + groups, ... and the group partials are added in group order through
-// red (2 * kThreads floats); otherwise one thread per i walks the tokens in order. Deterministic.
-// Starts and ends with a barrier (red is reused).
-template <typename F, typename FO>
-__device__ __forceinline__ void token_sums2(int n, int m, F f, FO out, float* red, int tid) {
-  __syncthreads();
-  if (n <= kThreads && kThreads % n == 0) {
-    const int groups = kThreads / n, g = tid / n, i = tid % n;
-    float2 acc = make_float2(0.f, 0.f);
-#pragma unroll 4
-    for (int t = g; t < m; t += groups) {
-      const float2 v = f(t, i);
-      acc.x += v.x, acc.y += v.y;
-    }
-    red[tid] = acc.x, red[kThreads + tid] = acc.y;
-    __syncthreads();
-    if (tid < n) {
-      float2 sum = make_float2(0.f, 0.f);
-      for (int k = 0; k < groups; ++k)
-        sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
-      out(tid, sum);
-    }
-  } else {
-    for (int i = tid; i < n; i += kThreads) {
-      float2 acc = make_float2(0.f, 0.f);
-      for (int t = 0; t < m; ++t) {
-        const float2 v = f(t, i);
-        acc.x += v.x, acc.y += v.y;
-      }
-      out(i, acc);
-    }
-  }
-  __syncthreads();
-}
-
 // grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
 // sum_j (fw_j v_j psi)^T k_j (P, N, fp32 accumulation of bf16 operands) and its decay.
 __global__ void __launch_bounds__(kThreads, 3) bwd_chunk_state_tc_kernel(BwdParams bp, TcSmem lay) {
@@ -523,211 +479,6 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_chunk_state_tc_kernel(BwdPara
       [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
   if (tid == 0)
     bp.ws.decay[cell] = reinterpret_cast<const float*>(sm + lay.scal)[kE * kMaxRows + ck.m - 1];
-}
-
-// chunk_out_tc's output-stage adjoint in one pass (after out_norm_stats) where R = 1 or
-// R = kThreads / P (R P = kThreads: each thread then owns one (rank, column)): per (row, x) of
-// the chunk one evaluation of the adjoint gives the d zeta / d phi / d norm_weight partials
-// (reduced as token_sums2 does), grad.z (R = 1 only: for R > 1 it sums the ranks of a token,
-// which other threads own, and store_out_dz writes it before this pass), dy (in place of y and
-// to the workspace), the D partial (*dd, this thread's) and the bf16 operand e dy (zero past
-// the chunk). Thread tid owns column x = tid mod P of rows tid / P + k kThreads / P (for R > 1
-// rank tid / P of every token): the element and summation order of token_sums2, store_out_dz
-// and the dy loop, so the values are theirs. Ends with a barrier.
-template <typename FA, typename FV>
-__device__ __forceinline__ void chunk_out_adjoint_fused(
-    const BwdParams& bp, const Chunk& ck, FA adjoint, float* Y, const float* Z, int yp,
-    const float* zeta, const float* rstd, const float* xr, const float* wn, const float* ex,
-    FV vpsi, bf16* DYb, int vp, int rows, float* par, float* red, int lp, float* dd, int tid) {
-  const CoreParams& p = bp.p;
-  const int P = p.P, R = p.R, lr = log2_pow2(R), mr = ck.mr, x = tid & (P - 1);
-  const int groups = kThreads >> lp;  // row groups (== R for R > 1)
-  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
-  const DTensor& gz = bp.g_z;  // written here for R = 1 only
-  const int64_t gz0 = gz.defined() && R == 1 ? ck.b * gz.stride[0] +
-                                         static_cast<int64_t>(ck.begin + ck.t0) * gz.stride[1] +
-                                         ck.h * gz.stride[2] + x * gz.stride[3]
-                                   : 0;
-  float2 acc = make_float2(0.f, 0.f);
-  float acc_w = 0.f, d = 0.f;
-  __syncthreads();
-  auto pass = [&](auto store_dz) {
-    for (int row = tid >> lp; row < rows; row += groups) {
-      float edy = 0.f;
-      if (row < mr) {
-        const int t = row >> lr;
-        const float rs = norm ? rstd[row] : 1.f;
-        const EpiAdjoint e = adjoint(row, x, rs);
-        acc.x += e.du * (has_z ? Z[t * yp + x] : 0.f);
-        acc.y += e.dphi;
-        if (norm) acc_w += e.dyn * Y[row * yp + x] * rstd[row];
-        store_dz(row, e.du);
-        const float dy = store_dy<true>(bp, ck, row, x, e.dyn, Y, yp, rstd, xr, wn);
-        d += dy * vpsi(row, x);
-        edy = ex[t] * dy;
-      }
-      DYb[row * vp + x] = __float2bfloat16_rn(edy);
-    }
-  };
-  if (gz.defined() && R == 1)
-    with_store(gz, [&](auto store) {
-      pass([&](int t, float du) {
-        float dz = 0.f;
-        dz += du * zeta[x];
-        store(gz0 + t * gz.stride[1], dz);
-      });
-    });
-  else
-    pass([](int, float) {});
-  *dd = d;
-  red[tid] = acc.x, red[kThreads + tid] = acc.y;
-  __syncthreads();
-  const int n = P << lr, gn = kThreads / n;  // the R P (rank, column) partials: gn groups each
-  if (tid < n) {
-    float2 sum = make_float2(0.f, 0.f);
-    for (int k = 0; k < gn; ++k) sum.x += red[k * n + tid], sum.y += red[kThreads + k * n + tid];
-    par[bp.pf.zeta + tid] = sum.x, par[bp.pf.phi + tid] = sum.y;
-  }
-  __syncthreads();
-  red[tid] = acc_w;
-  __syncthreads();
-  if (tid < P) {
-    float sum = 0.f;
-    for (int k = 0; k < groups; ++k) sum += red[k * P + tid];
-    par[bp.pf.w + tid] = sum;
-  }
-  __syncthreads();
-}
-
-// grid (chunks, H): bwd_chunk_out_kernel with its products on the tensor cores:
-//   A o M = (Q K^T) o M (bf16, causal tiles), Y = e (Q S_prev^T) + (A o M) V + D v psi (fp32)
-//   output stage adjoint from fp32 Y (as the SIMT kernel) -> dy, dz, partials
-//   dS increment = (e dY)^T Q (P, N) with e dY rounded to bf16.
-__global__ void __launch_bounds__(kThreads, 2) bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
-  M3B_DYNAMIC_SMEM_TC(sm);
-  Chunk ck;
-  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
-  const CoreParams& p = bp.p;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int N = p.N, P = p.P, R = p.R, m = ck.m, mr = ck.mr, h = ck.h;
-  const int kr = (mr + 15) & ~15;
-  const int lr = log2_pow2(R);  // R, P, N and the chunk rows are powers of two here
-  float* psi = reinterpret_cast<float*>(sm + lay.par);
-  float* zeta = psi + R * P;
-  float* phi = zeta + R * P;
-  float* wn = phi + R * P;
-  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
-  const float* sprev = bp.ws.s_prev + cell * P * N;
-  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
-  tc_chunk_tiles<true>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
-  tc_fetch_raw_v(bp, ck, lay, sm, tid);
-  load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
-  stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
-  cp_async_wait_all();
-  __syncthreads();
-  const float* sc = reinterpret_cast<const float*>(sm + lay.scal);
-  const float* cs = sc + kCs * kMaxRows;
-  const float* ex = sc + kE * kMaxRows;
-  const float* w = sc + kW * kMaxRows;
-  const float* gam = sc + kGam * kMaxRows;
-  float* xr = reinterpret_cast<float*>(sm + lay.scal) + kXr * kMaxRows;
-  float* rstd = reinterpret_cast<float*>(sm + lay.scal) + kRstd * kMaxRows;
-  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
-  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
-  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
-  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
-  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
-  float* Y = reinterpret_cast<float*>(sm + lay.y);
-  const int qp = lay.qp, vp = lay.vp, ap = lay.ap, yp = lay.yp;
-  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  // v psi in fp32 from the raw bf16 input rows (lay.vr): the D skip and its gradient stay exact.
-  const unsigned short* VRu = reinterpret_cast<const unsigned short*>(sm + lay.vr);
-  auto vpsi = [&](int row, int x) {
-    return __uint_as_float(static_cast<unsigned int>(VRu[(row >> lr) * vp + x]) << 16) *
-           psi[(row & (R - 1)) * P + x];
-  };
-
-  // A o M on the causal tiles, every entry of those tiles written (zero above the diagonal and
-  // past the chunk); Y = e (Q S_prev^T).
-  tc_gemm<false, false>(
-      kr, kr, Q, qp, K, qp,
-      [N](int i0, int j0, int* kb, int* ke) { *kb = 0, *ke = j0 <= i0 ? N : 0; },
-      [&](int i, int j, float acc) {
-        float a = 0.f;
-        if (i < mr && j < mr && (j >> lr) <= (i >> lr))
-          a = acc * mask_coef(cs, w, gam, i >> lr, j >> lr);
-        AM[i * ap + j] = __float2bfloat16_rn(a);
-      },
-      warp, lane);
-  tc_gemm<false, false, 2>(
-      mr, P, Q, qp, Sb, qp, [N](int, int, int* kb, int* ke) { *kb = 0, *ke = N; },
-      [&](int i, int j, float acc) { Y[i * yp + j] = ex[i >> lr] * acc; }, warp, lane);
-  __syncthreads();
-  tc_gemm<false, true, 2>(
-      mr, P, AM, ap, V, vp,
-      [kr](int i0, int, int* kb, int* ke) { *kb = 0, *ke = i0 + 16 < kr ? i0 + 16 : kr; },
-      [&](int i, int j, float acc) { Y[i * yp + j] += acc + dskip * vpsi(i, j); }, warp, lane);
-  __syncthreads();
-
-  // Output stage adjoint (as bwd_chunk_out_kernel).
-  float* GO = reinterpret_cast<float*>(sm + lay.go);
-  float* Z = reinterpret_cast<float*>(sm + lay.z);
-  const bool has_z = p.z.defined(), norm = p.norm_weight.defined();
-  stage_out_cotangents(bp, ck, GO, Z, yp, tid);
-  const auto adjoint = out_adjoint<true>(p, GO, Z, Y, yp, zeta, phi, wn);
-  out_norm_stats(p, Y, yp, mr, wn, rstd, xr, adjoint, warp, lane);
-  float* par = bp.ws.par + cell * bp.pf.count;
-  float* red = reinterpret_cast<float*>(sm + lay.red);
-  const int lp = log2_pow2(P);
-  float dd = 0.f;
-  if (R == 1 || (kThreads >> lp) == R) {
-    // The passes below fused into one, each (row, x) owned by one thread (x = tid mod P, rows
-    // tid / P + k kThreads / P, the element and summation order of token_sums2 and of the
-    // passes), so the output stage's adjoint is evaluated once per element (MIMO: twice, with
-    // store_out_dz's) instead of three or four times; the same values result.
-    if (R > 1) {
-      store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
-      __syncthreads();  // its reads of y before the pass overwrites y with dy
-    }
-    chunk_out_adjoint_fused(bp, ck, adjoint, Y, Z, yp, zeta, rstd, xr, wn, ex, vpsi, DYb, vp,
-                            lay.rows, par, red, lp, &dd, tid);
-  } else {
-    token_sums2(  // d zeta, d phi: sums over the chunk's tokens
-        R * P, m,
-        [&](int t, int i) {
-          const int r = i >> lp, x = i & (P - 1), row = t * R + r;
-          const EpiAdjoint e = adjoint(row, x, norm ? rstd[row] : 1.f);
-          return make_float2(e.du * (has_z ? Z[t * yp + x] : 0.f), e.dphi);
-        },
-        [&](int i, float2 sum) { par[bp.pf.zeta + i] = sum.x, par[bp.pf.phi + i] = sum.y; }, red,
-        tid);
-    token_sums2(  // d norm_weight: sums over the chunk's rows
-        P, norm ? mr : 0,
-        [&](int row, int x) {
-          return make_float2(adjoint(row, x, rstd[row]).dyn * Y[row * yp + x] * rstd[row], 0.f);
-        },
-        [&](int x, float2 sum) { par[bp.pf.w + x] = sum.x; }, red, tid);
-    store_out_dz(bp, ck, zeta, rstd, adjoint, tid);
-    __syncthreads();
-    // dy in place of y, to the workspace; the bf16 operand e dy (zero past the chunk) for the
-    // state cotangent increment. Each thread keeps one column x and steps over rows (P divides
-    // kThreads).
-    for (int row = tid >> lp, x = tid & (P - 1); row < lay.rows; row += kThreads >> lp) {
-      float edy = 0.f;
-      if (row < mr) {
-        const float dy = out_dy<true>(bp, ck, row, x, Y, yp, rstd, xr, wn, adjoint);
-        dd += dy * vpsi(row, x);
-        edy = ex[row >> lr] * dy;
-      }
-      DYb[row * vp + x] = __float2bfloat16_rn(edy);
-    }
-  }
-  dd = block_sum(dd, reinterpret_cast<float*>(sm + lay.red), tid);  // barriers: DYb complete
-  if (tid == 0) par[bp.pf.d] = dd;
-  float* dsi = bp.ws.ds_end + cell * P * N;
-  tc_gemm<true, true, 2>(
-      P, N, DYb, vp, Q, qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
-      [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
 }
 
 }  // namespace mamba3::cuda::bwd

@@ -229,22 +229,30 @@ __device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& 
   }
 }
 
-// Column sums of a (64, X) fragment over the warp's 16 rows by rank (rows past the chunk hold
-// zero), written as dst[(rt kR + r) ld + column] for the 4 row tiles rt to combine.
+// v[] (2 (X / 16) values per lane: the fragment's columns, rows g and g + 8 already added)
+// summed over the warp's 16 rows by rank and written as dst[(rt kR + r) ld + column] for the 4
+// row tiles rt to combine (rank_rows_reduce_scatter).
 template <int X, int kR>
-__device__ __forceinline__ void grad_rank_column_sums(const float (&c)[X / 16][4], float* dst,
-                                                      int ld, int rt, int cg, int lane) {
-  constexpr int kNT = X / 16;
+__device__ __forceinline__ void rank_column_sums(float (&v)[X / 8], float* dst, int ld, int rt,
+                                                 int cg, int lane) {
   const int tq = lane & 3, r = (lane >> 2) & (kR - 1);
-  float v[2 * kNT];
-#pragma unroll
-  for (int j = 0; j < kNT; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) v[2 * j + e] = c[j][e] + c[j][e + 2];
   auto out = [&](int k, float sum) {
     dst[(rt * kR + r) * ld + grad_col<X>(cg, k >> 1, k & 1, tq)] = sum;
   };
-  rank_rows_reduce_scatter<4 * kR, 2 * kNT>(v, lane, 0, out);
+  rank_rows_reduce_scatter<4 * kR, X / 8>(v, lane, 0, out);
+}
+
+// Column sums of a (64, X) fragment over the warp's 16 rows by rank (rows past the chunk hold
+// zero), written as rank_column_sums does.
+template <int X, int kR>
+__device__ __forceinline__ void grad_rank_column_sums(const float (&c)[X / 16][4], float* dst,
+                                                      int ld, int rt, int cg, int lane) {
+  float v[X / 8];
+#pragma unroll
+  for (int j = 0; j < X / 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) v[2 * j + e] = c[j][e] + c[j][e + 2];
+  rank_column_sums<X, kR>(v, dst, ld, rt, cg, lane);
 }
 
 // grid (chunks, H), kThreads: see the top of this file.

@@ -1,0 +1,332 @@
+// The tensor-core chunk_out kernel: y of a chunk recomputed from its tile record and start state,
+// then the output stage's adjoint (the math of bwd_chunk_out_kernel in bwd_kernels.cuh), with y
+// kept in the mma accumulators instead of an fp32 shared tile.
+//
+// Warp tiling as chunk_grad_tc (bwd_tc_grad.cuh): 8 warps, warp w owns rows [16 (w >> 1), + 16)
+// and half of the P columns, two blocks of P / 4 columns P / 2 apart (grad_col). Every element
+// (row, column) of y has one owning thread, which evaluates the output stage's adjoint there
+// once. Y = e (Q S_prev^T) + (A o M) V + D v psi accumulates in one set of registers (the first
+// product's rows scaled by e in registers, then the k loop continues); the cotangent of out and
+// z are loaded from global memory straight into the fragment layout. Row sums (the norm's rstd
+// and mean(dyn w y)) are shuffles across tq plus one shared slot per column half; grad.z sums a
+// token's R rows by shuffles (token_rows_sum); the d zeta / d phi / d norm-weight partials are
+// rank column sums (rank_column_sums) combined over the 4 row tiles in a fixed order. dy goes to
+// the workspace (fp32) and, times e, to the bf16 operand of the state cotangent increment
+// (e dY)^T Q, which stays a tc_gemm into global memory. Deterministic; no atomics.
+//
+// Shared memory at N = 128, P = 64: q, k and the state operand 17 KB each, A o M, v psi, the raw
+// v and e dy 9 KB each, scalars and partial slots: ~95 KB, two CTAs per SM.
+#pragma once
+
+#include "cuda/chunk_bwd/bwd_tc_grad.cuh"
+
+namespace mamba3::cuda::bwd {
+
+// The fragment's elements of a (rows, X) tensor: v[j][e] = t[off(i) + column sx], 0 for rows
+// i >= mr. pairs: bf16 with unit column stride and every off(i) even (bf16_pairs): one 4-byte
+// load per two adjacent columns.
+template <int X, typename FO>
+__device__ __forceinline__ void frag_load(float (&v)[X / 16][4], const DTensor& t, bool pairs,
+                                          FO off, int i0, int cg, int lane, int mr) {
+  const int g = lane >> 2, tq = lane & 3;
+  if (pairs) {
+    const unsigned int* d = static_cast<const unsigned int*>(t.data);
+#pragma unroll
+    for (int j = 0; j < X / 16; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = i0 + g + 8 * hr;
+        const unsigned int u = i < mr ? __ldg(d + (off(i) + grad_col<X>(cg, j, 0, tq)) / 2) : 0u;
+        v[j][2 * hr] = __uint_as_float(u << 16);
+        v[j][2 * hr + 1] = __uint_as_float(u & 0xffff0000u);
+      }
+    return;
+  }
+  const int64_t sx = t.stride[t.ndim - 1];
+  with_load_ro(t, [&](auto ld) {
+#pragma unroll
+    for (int j = 0; j < X / 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1);
+        v[j][e] = i < mr ? ld(off(i) + grad_col<X>(cg, j, e, tq) * sx) : 0.f;
+      }
+  });
+}
+
+// Row sums of the fragment's rows g, g + 8 over the block's P columns: s[hr] added across tq,
+// through slot (two column halves of 64 rows) and a barrier; returns the full sums in s.
+__device__ __forceinline__ void out_row_sums(float (&s)[2], float* slot, int i0, int cg,
+                                             int lane) {
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    s[hr] += __shfl_xor_sync(0xffffffffu, s[hr], 1);
+    s[hr] += __shfl_xor_sync(0xffffffffu, s[hr], 2);
+    if (tq == 0) slot[cg * 64 + i0 + g + 8 * hr] = s[hr];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int i = i0 + g + 8 * hr;
+    s[hr] = slot[i] + slot[64 + i];
+  }
+}
+
+// grid (chunks, H), kThreads: see the top of this file. P = 128 runs one CTA per SM (shared
+// memory ~128 KB at N = 128, and 32-float accumulators), as chunk_grad_tc.
+template <int kP, int kR>
+__global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
+    bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
+  M3B_DYNAMIC_SMEM_TC(sm);
+  Chunk ck;
+  if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
+  const CoreParams& p = bp.p;
+  constexpr int P = kP, R = kR, lr = log2_const(kR), kRows = kMaxRows;
+  constexpr int kNTp = P / 16, kNTs = kRows / 16;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3, cg = warp & 1, rt = warp >> 1, i0 = 16 * rt;
+  const int N = p.N, mr = ck.mr, h = ck.h;
+  const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
+  const bool rows_live = i0 < kr;
+  float* psi = reinterpret_cast<float*>(sm + lay.par);
+  float* zeta = psi + R * P;
+  float* phi = zeta + R * P;
+  float* wn = phi + R * P;
+  float* red = reinterpret_cast<float*>(sm + lay.red);
+  const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  tc_chunk_tiles<true>(bp, ck, lay, sm, tid);  // chunk_state_tc's loader output
+  tc_fetch_raw_v(bp, ck, lay, sm, tid);
+  load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
+  stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
+  cp_async_wait_all();
+  __syncthreads();
+  const float* sc = reinterpret_cast<const float*>(sm + lay.scal);
+  const float* cs = sc + kCs * kMaxRows;
+  const float* ex = sc + kE * kMaxRows;
+  const float* w = sc + kW * kMaxRows;
+  const float* gam = sc + kGam * kMaxRows;
+  const bf16* Q = reinterpret_cast<const bf16*>(sm + lay.q);
+  const bf16* K = reinterpret_cast<const bf16*>(sm + lay.k);
+  const bf16* V = reinterpret_cast<const bf16*>(sm + lay.v);
+  bf16* AM = reinterpret_cast<bf16*>(sm + lay.am);
+  bf16* DYb = reinterpret_cast<bf16*>(sm + lay.dy);
+  const int qp = lay.qp, vp = lay.vp, ap = lay.ap;
+  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
+  // v psi in fp32 from the raw bf16 input rows (lay.vr): the D skip and its gradient stay exact.
+  const unsigned short* VRu = reinterpret_cast<const unsigned short*>(sm + lay.vr);
+  auto vpsi = [&](int row, int x) {
+    return __uint_as_float(static_cast<unsigned int>(VRu[(row >> lr) * vp + x]) << 16) *
+           psi[(row & (R - 1)) * P + x];
+  };
+  const int row0 = i0 + g, row1 = i0 + g + 8;
+
+  // A o M = (Q K^T) o M on the causal 16-column groups; every element of the warp's rows written
+  // (zero above the diagonal and past the chunk): the (A o M) V product reads columns < i0 + 16.
+  {
+    float ra[kNTs][4] = {};
+    unsigned live = 0;
+#pragma unroll
+    for (int u = 0; u < kNTs / 2; ++u)
+      if (rows_live && grad_col0<kRows>(cg, u) < i0 + 16) live |= 1u << u;
+    grad_mma<kRows, false, false>(ra, Q, qp, K, qp, i0, cg, 0, N, live, lane);
+#pragma unroll
+    for (int j = 0; j < kNTs; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1), col = grad_col<kRows>(cg, j, e, tq);
+        const int ti = i >> lr, tj = col >> lr;
+        float a = 0.f;
+        if (i < mr && col < mr && tj <= ti) a = ra[j][e] * mask_coef(cs, w, gam, ti, tj);
+        AM[i * ap + col] = __float2bfloat16_rn(a);
+      }
+  }
+  // Y = e (Q S_prev^T) + (A o M) V (key rows k < i0 + 16) + D v psi.
+  float c[kNTp][4] = {};
+  const unsigned all = (1u << (P / 32)) - 1;
+  grad_mma<P, false, false>(c, Q, qp, Sb, qp, i0, cg, 0, rows_live ? N : 0, all, lane);
+  grad_scale_rows<P>(c, row0 < mr ? ex[row0 >> lr] : 0.f, row1 < mr ? ex[row1 >> lr] : 0.f);
+  __syncthreads();  // A o M complete
+  grad_mma<P, false, true>(c, AM, ap, V, vp, i0, cg, 0, rows_live ? imin(i0 + 16, kr) : 0, all,
+                           lane);
+  if (dskip != 0.f)
+#pragma unroll
+    for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e >> 1);
+        if (i < mr) c[j][e] += dskip * vpsi(i, grad_col<P>(cg, j, e, tq));
+      }
+
+  // The output stage's adjoint on the fragment (epilogue_adjoint), from the cotangent of out
+  // (per token; per row for per-rank output) and z (per token).
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined(), reduce = !p.per_rank_out;
+  const int64_t l0 = ck.begin + ck.t0;
+  float gov[kNTp][4], zv[kNTp][4];
+  {
+    const DTensor& go = bp.d_out;
+    if (reduce) {
+      const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[2];
+      frag_load<P>(gov, go, bf16_pairs(go, base, go.stride[1], 0),
+                   [&](int i) { return base + (i >> lr) * go.stride[1]; }, i0, cg, lane, mr);
+    } else {
+      const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[3];
+      frag_load<P>(gov, go, bf16_pairs(go, base, go.stride[1], go.stride[2]),
+                   [&](int i) { return base + (i >> lr) * go.stride[1] + (i & (R - 1)) * go.stride[2]; },
+                   i0, cg, lane, mr);
+    }
+    if (has_z) {
+      const DTensor& z = p.z;
+      const int64_t base = ck.b * z.stride[0] + l0 * z.stride[1] + h * z.stride[2];
+      frag_load<P>(zv, z, bf16_pairs(z, base, z.stride[1], 0),
+                   [&](int i) { return base + (i >> lr) * z.stride[1]; }, i0, cg, lane, mr);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kNTp; ++j) zv[j][0] = zv[j][1] = zv[j][2] = zv[j][3] = 0.f;
+    }
+  }
+  auto adjoint = [&](int j, int e, float rs) {
+    const int i = i0 + g + 8 * (e >> 1);
+    return epilogue_adjoint(p, gov[j][e], zv[j][e], i & (R - 1), grad_col<P>(cg, j, e, tq),
+                            c[j][e], rs, zeta, phi, wn);
+  };
+  // The fused norm: rstd per row, then xr = mean(dyn w y) per row.
+  float rs[2] = {1.f, 1.f}, xr[2] = {0.f, 0.f};
+  if (norm) {
+    float s[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[e >> 1] += c[j][e] * c[j][e];
+    out_row_sums(s, red + kOutSs, i0, cg, lane);
+    rs[0] = rsqrtf(s[0] / P + p.eps), rs[1] = rsqrtf(s[1] / P + p.eps);
+#pragma unroll
+    for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        xr[e >> 1] += adjoint(j, e, rs[e >> 1]).dyn * wn[grad_col<P>(cg, j, e, tq)] * c[j][e];
+    out_row_sums(xr, red + kOutXr, i0, cg, lane);
+    xr[0] /= P, xr[1] /= P;
+  }
+  // Per element: the d zeta / d phi / d norm-weight terms (column sums below), grad.z (a sum
+  // over the token's R rows), and dy in place of y.
+  float szeta[P / 8] = {}, sphi[P / 8] = {}, sw[P / 8] = {}, dd = 0.f;
+  const DTensor& gz = bp.g_z;
+  const int64_t gz0 = gz.defined() ? ck.b * gz.stride[0] + l0 * gz.stride[1] + h * gz.stride[2] : 0;
+  const bool gz_pairs = gz.defined() && bf16_pairs(gz, gz0, gz.stride[1], 0);
+  float dzv[kNTp][4];
+#pragma unroll
+  for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = i0 + g + 8 * (e >> 1), x = grad_col<P>(cg, j, e, tq), hr = e >> 1;
+      const float y = c[j][e];
+      const EpiAdjoint a = adjoint(j, e, rs[hr]);
+      szeta[2 * j + (e & 1)] += a.du * zv[j][e];
+      sphi[2 * j + (e & 1)] += a.dphi;
+      if (norm) sw[2 * j + (e & 1)] += a.dyn * y * rs[hr];
+      dzv[j][e] = token_rows_sum<kR>(a.du * zeta[(i & (R - 1)) * P + x]);
+      const float dy = i < mr ? (norm ? rs[hr] * (a.dyn * wn[x] - y * rs[hr] * rs[hr] * xr[hr]) : a.dyn)
+                              : 0.f;
+      if (i < mr) dd += dy * vpsi(i, x);
+      c[j][e] = dy;
+    }
+  // grad.z from the lanes holding a token's first row.
+  if (gz.defined()) {
+    const bool owner = (g & (R - 1)) == 0;
+    if (gz_pairs) {
+      __nv_bfloat162* d = static_cast<__nv_bfloat162*>(gz.data);
+#pragma unroll
+      for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int i = i0 + g + 8 * hr;
+          if (owner && i < mr)
+            d[(gz0 + (i >> lr) * gz.stride[1] + grad_col<P>(cg, j, 0, tq)) / 2] =
+                __floats2bfloat162_rn(dzv[j][2 * hr], dzv[j][2 * hr + 1]);
+        }
+    } else {
+      with_store(gz, [&](auto store) {
+#pragma unroll
+        for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + g + 8 * (e >> 1);
+            if (owner && i < mr)
+              store(gz0 + (i >> lr) * gz.stride[1] + grad_col<P>(cg, j, e, tq) * gz.stride[3],
+                    dzv[j][e]);
+          }
+      });
+    }
+  }
+  // dy to the workspace (fp32 pairs) and e dy as the bf16 operand (zero past the chunk).
+  {
+    const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
+    float* dyg = bp.ws.dy + (ck.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
+#pragma unroll
+    for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = i0 + g + 8 * hr, x = grad_col<P>(cg, j, 0, tq);
+        const float e0 = i < mr ? ex[i >> lr] : 0.f;
+        if (i < mr)
+          *reinterpret_cast<float2*>(dyg + (i >> lr) * dy_row + (i & (R - 1)) * P + x) =
+              make_float2(c[j][2 * hr], c[j][2 * hr + 1]);
+        *reinterpret_cast<uint32_t*>(DYb + i * vp + x) =
+            pack_bf16(e0 * c[j][2 * hr], e0 * c[j][2 * hr + 1]);
+      }
+  }
+  dd = warp_sum(dd);
+  if (lane == 0) red[kOutDd + warp] = dd;
+  // The partial sums over the chunk, combined over the row tiles (and ranks for the norm weight)
+  // in a fixed order.
+  float* par = bp.ws.par + cell * bp.pf.count;
+  float* cols = red + kOutFixed;
+  rank_column_sums<P, kR>(szeta, cols, P, rt, cg, lane);
+  __syncthreads();  // also: e dy complete
+  for (int i = tid; i < R * P; i += kThreads)
+    par[bp.pf.zeta + i] = cols[i] + cols[R * P + i] + cols[2 * R * P + i] + cols[3 * R * P + i];
+  if (tid == 0) {
+    float s = 0.f;
+    for (int v = 0; v < kThreads / 32; ++v) s += red[kOutDd + v];
+    par[bp.pf.d] = s;
+  }
+  __syncthreads();
+  rank_column_sums<P, kR>(sphi, cols, P, rt, cg, lane);
+  __syncthreads();
+  for (int i = tid; i < R * P; i += kThreads)
+    par[bp.pf.phi + i] = cols[i] + cols[R * P + i] + cols[2 * R * P + i] + cols[3 * R * P + i];
+  __syncthreads();
+  rank_column_sums<P, kR>(sw, cols, P, rt, cg, lane);
+  __syncthreads();
+  for (int x = tid; x < P; x += kThreads) {
+    float s = 0.f;
+    for (int k = 0; k < 4 * R; ++k) s += cols[k * P + x];
+    par[bp.pf.w + x] = s;
+  }
+  // The state cotangent increment (e dY)^T Q (P, N).
+  const int kr16 = kr;
+  float* dsi = bp.ws.ds_end + cell * P * N;
+  tc_gemm<true, true, 2>(
+      P, N, DYb, vp, Q, qp, [kr16](int, int, int* kb, int* ke) { *kb = 0, *ke = kr16; },
+      [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
+}
+
+// chunk_out_tc's instance for P in {64, 128} and R in {1, 2, 4, 8} (tensor_core_inputs).
+using OutTcKernel = void (*)(BwdParams, TcSmem);
+template <int kP>
+inline OutTcKernel out_tc_kernel_r(int R) {
+  switch (R) {
+    case 1: return bwd_chunk_out_tc_kernel<kP, 1>;
+    case 2: return bwd_chunk_out_tc_kernel<kP, 2>;
+    case 4: return bwd_chunk_out_tc_kernel<kP, 4>;
+    default: return bwd_chunk_out_tc_kernel<kP, 8>;
+  }
+}
+inline OutTcKernel out_tc_kernel(int P, int R) {
+  return P == 64 ? out_tc_kernel_r<64>(R) : out_tc_kernel_r<128>(R);
+}
+
+}  // namespace mamba3::cuda::bwd
