@@ -169,8 +169,9 @@ __device__ __forceinline__ void tc_kstep(float (&c)[2 * kNT][4], const bf16* A, 
 // 32). A is row-major [i][k] (kATrans: stored [k][i]); B is stored [j][k] (kBKn: [k][j]); both
 // bf16 with 16-byte aligned rows, zero past their extents up to the next multiple of 16.
 // krange(i0, j0, &kb, &ke) gives the k extent of tile (i0, j0) (multiples of 16); kb >= ke skips
-// the tile (no epilogue). epi(i, j, acc) stores; each (i, j) has one owner, and its k tiles are
-// accumulated in a fixed order (deterministic).
+// the tile (no epilogue). epi(i, j, acc0, acc1) stores columns j (even) and j + 1 of row i (Nc
+// is even); each (i, j) has one owner, and its k tiles are accumulated in a fixed order
+// (deterministic).
 template <bool kATrans, bool kBKn, int kNT = 1, typename FK, typename FE>
 __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, const bf16* B, int bp,
                                         FK krange, FE epi, int warp, int lane) {
@@ -192,9 +193,9 @@ __device__ __forceinline__ void tc_gemm(int M, int Nc, const bf16* A, int ap, co
 #pragma unroll
     for (int j = 0; j < 2 * kNT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + g + (e >> 1) * 8, col = j0 + j * 8 + 2 * tq + (e & 1);
-        if (i < M && col < Nc) epi(i, col, c[j][e]);
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = i0 + g + hr * 8, col = j0 + j * 8 + 2 * tq;
+        if (i < M && col < Nc) epi(i, col, c[j][2 * hr], c[j][2 * hr + 1]);
       }
   }
 }
@@ -476,7 +477,10 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_chunk_state_tc_kernel(BwdPara
   float* out = bp.ws.s_prev + cell * P * N;
   tc_gemm<true, true, 2>(
       P, N, V, lay.vp, K, lay.qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
-      [&](int x, int n, float acc) { out[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
+      [&](int x, int n, float a0, float a1) {
+        *reinterpret_cast<float2*>(out + static_cast<int64_t>(x) * N + n) = make_float2(a0, a1);
+      },
+      warp, lane);
   if (tid == 0)
     bp.ws.decay[cell] = reinterpret_cast<const float*>(sm + lay.scal)[kE * kMaxRows + ck.m - 1];
 }

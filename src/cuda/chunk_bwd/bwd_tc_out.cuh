@@ -22,26 +22,40 @@
 
 namespace mamba3::cuda::bwd {
 
-// The fragment's elements of a (rows, X) tensor: v[j][e] = t[off(i) + column sx], 0 for rows
-// i >= mr. pairs: bf16 with unit column stride and every off(i) even (bf16_pairs): one 4-byte
-// load per two adjacent columns.
+// The fragment's elements of a (rows, X) bf16 tensor as raw pairs: u[j][hr] holds columns
+// grad_col(j, 0), + 1 of row i0 + g + 8 hr (its element offset off(i) + column; every off(i)
+// even, unit column stride: bf16_pairs), 0 for rows i >= mr. One 4-byte load per pair, issued
+// early (its latency hidden behind the products) and unpacked by frag_unpack.
 template <int X, typename FO>
-__device__ __forceinline__ void frag_load(float (&v)[X / 16][4], const DTensor& t, bool pairs,
-                                          FO off, int i0, int cg, int lane, int mr) {
+__device__ __forceinline__ void frag_load_pairs(uint32_t (&u)[X / 16][2], const DTensor& t, FO off,
+                                                int i0, int cg, int lane, int mr) {
   const int g = lane >> 2, tq = lane & 3;
-  if (pairs) {
-    const unsigned int* d = static_cast<const unsigned int*>(t.data);
+  const unsigned int* d = static_cast<const unsigned int*>(t.data);
 #pragma unroll
-    for (int j = 0; j < X / 16; ++j)
+  for (int j = 0; j < X / 16; ++j)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int i = i0 + g + 8 * hr;
-        const unsigned int u = i < mr ? __ldg(d + (off(i) + grad_col<X>(cg, j, 0, tq)) / 2) : 0u;
-        v[j][2 * hr] = __uint_as_float(u << 16);
-        v[j][2 * hr + 1] = __uint_as_float(u & 0xffff0000u);
-      }
-    return;
-  }
+    for (int hr = 0; hr < 2; ++hr) {
+      const int i = i0 + g + 8 * hr;
+      u[j][hr] = i < mr ? __ldg(d + (off(i) + grad_col<X>(cg, j, 0, tq)) / 2) : 0u;
+    }
+}
+template <int X>
+__device__ __forceinline__ void frag_unpack(const uint32_t (&u)[X / 16][2], float (&v)[X / 16][4]) {
+#pragma unroll
+  for (int j = 0; j < X / 16; ++j)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      v[j][2 * hr] = __uint_as_float(u[j][hr] << 16);
+      v[j][2 * hr + 1] = __uint_as_float(u[j][hr] & 0xffff0000u);
+    }
+}
+
+// The fragment's elements of a (rows, X) tensor of any dtype and strides: v[j][e] = t[off(i) +
+// column sx], 0 for rows i >= mr.
+template <int X, typename FO>
+__device__ __forceinline__ void frag_load(float (&v)[X / 16][4], const DTensor& t, FO off, int i0,
+                                          int cg, int lane, int mr) {
+  const int g = lane >> 2, tq = lane & 3;
   const int64_t sx = t.stride[t.ndim - 1];
   with_load_ro(t, [&](auto ld) {
 #pragma unroll
@@ -143,6 +157,23 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         AM[i * ap + col] = __float2bfloat16_rn(a);
       }
   }
+  // The cotangent of out (per token; per row for per-rank output) and z (per token) at the
+  // fragment's elements: bf16 pairs are loaded now, their latency hidden behind the products.
+  const bool has_z = p.z.defined(), norm = p.norm_weight.defined(), reduce = !p.per_rank_out;
+  const int64_t l0 = ck.begin + ck.t0;
+  const DTensor& go = bp.d_out;
+  const int64_t go0 = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[reduce ? 2 : 3];
+  const int64_t go_rank = reduce ? 0 : go.stride[2];
+  auto go_off = [&](int i) { return go0 + (i >> lr) * go.stride[1] + (i & (R - 1)) * go_rank; };
+  const DTensor& z = p.z;
+  const int64_t z0 = has_z ? ck.b * z.stride[0] + l0 * z.stride[1] + h * z.stride[2] : 0;
+  auto z_off = [&](int i) { return z0 + (i >> lr) * z.stride[1]; };
+  const bool go_pairs = bf16_pairs(go, go0, go.stride[1], go_rank);
+  const bool z_pairs = has_z && bf16_pairs(z, z0, z.stride[1], 0);
+  uint32_t go_raw[kNTp][2], z_raw[kNTp][2];
+  if (go_pairs) frag_load_pairs<P>(go_raw, go, go_off, i0, cg, lane, mr);
+  if (z_pairs) frag_load_pairs<P>(z_raw, z, z_off, i0, cg, lane, mr);
+
   // Y = e (Q S_prev^T) + (A o M) V (key rows k < i0 + 16) + D v psi.
   float c[kNTp][4] = {};
   const unsigned all = (1u << (P / 32)) - 1;
@@ -160,33 +191,19 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         if (i < mr) c[j][e] += dskip * vpsi(i, grad_col<P>(cg, j, e, tq));
       }
 
-  // The output stage's adjoint on the fragment (epilogue_adjoint), from the cotangent of out
-  // (per token; per row for per-rank output) and z (per token).
-  const bool has_z = p.z.defined(), norm = p.norm_weight.defined(), reduce = !p.per_rank_out;
-  const int64_t l0 = ck.begin + ck.t0;
+  // The output stage's adjoint on the fragment (epilogue_adjoint).
   float gov[kNTp][4], zv[kNTp][4];
-  {
-    const DTensor& go = bp.d_out;
-    if (reduce) {
-      const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[2];
-      frag_load<P>(gov, go, bf16_pairs(go, base, go.stride[1], 0),
-                   [&](int i) { return base + (i >> lr) * go.stride[1]; }, i0, cg, lane, mr);
-    } else {
-      const int64_t base = ck.b * go.stride[0] + l0 * go.stride[1] + h * go.stride[3];
-      frag_load<P>(gov, go, bf16_pairs(go, base, go.stride[1], go.stride[2]),
-                   [&](int i) { return base + (i >> lr) * go.stride[1] + (i & (R - 1)) * go.stride[2]; },
-                   i0, cg, lane, mr);
-    }
-    if (has_z) {
-      const DTensor& z = p.z;
-      const int64_t base = ck.b * z.stride[0] + l0 * z.stride[1] + h * z.stride[2];
-      frag_load<P>(zv, z, bf16_pairs(z, base, z.stride[1], 0),
-                   [&](int i) { return base + (i >> lr) * z.stride[1]; }, i0, cg, lane, mr);
-    } else {
+  if (go_pairs)
+    frag_unpack<P>(go_raw, gov);
+  else
+    frag_load<P>(gov, go, go_off, i0, cg, lane, mr);
+  if (z_pairs)
+    frag_unpack<P>(z_raw, zv);
+  else if (has_z)
+    frag_load<P>(zv, z, z_off, i0, cg, lane, mr);
+  else
 #pragma unroll
-      for (int j = 0; j < kNTp; ++j) zv[j][0] = zv[j][1] = zv[j][2] = zv[j][3] = 0.f;
-    }
-  }
+    for (int j = 0; j < kNTp; ++j) zv[j][0] = zv[j][1] = zv[j][2] = zv[j][3] = 0.f;
   auto adjoint = [&](int j, int e, float rs) {
     const int i = i0 + g + 8 * (e >> 1);
     return epilogue_adjoint(p, gov[j][e], zv[j][e], i & (R - 1), grad_col<P>(cg, j, e, tq),
@@ -307,11 +324,13 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
     par[bp.pf.w + x] = s;
   }
   // The state cotangent increment (e dY)^T Q (P, N).
-  const int kr16 = kr;
   float* dsi = bp.ws.ds_end + cell * P * N;
   tc_gemm<true, true, 2>(
-      P, N, DYb, vp, Q, qp, [kr16](int, int, int* kb, int* ke) { *kb = 0, *ke = kr16; },
-      [&](int x, int n, float acc) { dsi[static_cast<int64_t>(x) * N + n] = acc; }, warp, lane);
+      P, N, DYb, vp, Q, qp, [kr](int, int, int* kb, int* ke) { *kb = 0, *ke = kr; },
+      [&](int x, int n, float a0, float a1) {
+        *reinterpret_cast<float2*>(dsi + static_cast<int64_t>(x) * N + n) = make_float2(a0, a1);
+      },
+      warp, lane);
 }
 
 // chunk_out_tc's instance for P in {64, 128} and R in {1, 2, 4, 8} (tensor_core_inputs).
