@@ -71,6 +71,23 @@ T shfl_xor(T v, int mask) {
   return out;
 }
 
+// __shfl_up_sync: lanes below delta keep their own value.
+template <typename T>
+T shfl_up(T v, int delta) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  const int t = linear_tid(), lane = t % 32;
+  Warp& w = g_warps[t / 32];
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  w.slot[lane] = u;
+  w.bar.arrive_and_wait();
+  const uint64_t r = w.slot[lane >= delta ? lane - delta : lane];
+  w.bar.arrive_and_wait();
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
 inline void syncwarp() { g_warps[linear_tid() / 32].bar.arrive_and_wait(); }
 
 inline void fail(const char* what) {
@@ -183,6 +200,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
 #define gridDim (::m3emu::g_grid_dim)
 #define __syncthreads() ::m3emu::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) ::m3emu::shfl_xor((v), (lane_mask))
+#define __shfl_up_sync(mask, v, delta) ::m3emu::shfl_up((v), (delta))
 #define __syncwarp(...) ::m3emu::syncwarp()
 #undef __launch_bounds__
 #define __launch_bounds__(...)

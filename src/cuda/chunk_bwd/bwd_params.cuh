@@ -325,35 +325,43 @@ __device__ __forceinline__ double wrap_2pi_mul(double x) {
 // Global loads are issued by all threads first (independent, so many are in flight) and the
 // sequential parts read shared memory: with one CTA per SM nothing else hides their latency.
 // Ends with a barrier.
-// Per chunk, shared by the SIMT and tensor-core chunk kernels (threads tid of the block): the
-// angle increments th (m x NA) walked in float64 from the chunk's start angle into wrapped
-// angles in place (threads < NA), and the decay factors ex = exp(cs), fw = exp(cs_last - cs) w
-// of the m tokens (threads 32..32+m). The caller synchronizes before reading them.
+// Per chunk, shared by the SIMT and tensor-core chunk kernels (all threads of the block call it):
+// the angle increments th (m x NA) walked in float64 from the chunk's start angle into wrapped
+// angles in place, and the decay factors ex = exp(cs), fw = exp(cs_last - cs) w of the m tokens
+// (threads 32..32+m). The walk runs in segs = min(kThreads, part_doubles) / NA segments of the
+// tokens: thread (s, a) sums segment s's increments of pair a into part (float64), and after a
+// barrier walks them from the start angle plus the earlier segments' sums, added in segment order
+// (a fixed order: deterministic; it differs from one serial walk by float64 rounding, ~1e-16
+// relative). The caller synchronizes before reading the results.
 __device__ __forceinline__ void chunk_angles_and_decays(const BwdParams& bp, const Chunk& ck,
                                                         int h, int NA, int m, float* th,
                                                         const float* cs, const float* w,
-                                                        float* ex, float* fw, int tid) {
-  if (tid < NA) {  // theta walk in float64 (increments -> wrapped angles in place)
-    // The increments of 4 tokens are read before any of them is written back, so the loads do
-    // not queue behind the stores of the walk (the same additions in the same order; 8 spilled
-    // in the 64-register chunk_state_tc).
-    double a = bp.ws.theta[(static_cast<int64_t>(ck.cid) * bp.p.H + h) * NA + tid];
-    for (int t0 = 0; t0 < m; t0 += 4) {
-      float inc[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) inc[u] = t0 + u < m ? th[(t0 + u) * NA + tid] : 0.f;
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (t0 + u < m) {
-          a += static_cast<double>(inc[u]);
-          th[(t0 + u) * NA + tid] = static_cast<float>(wrap_2pi_mul(a));
-        }
-    }
-  }
+                                                        float* ex, float* fw, double* part,
+                                                        int part_doubles, int tid) {
   if (tid >= 32 && tid - 32 < m) {
     const int t = tid - 32;
     ex[t] = expf(cs[t]);
     fw[t] = expf(cs[m - 1] - cs[t]) * w[t];
+  }
+  if (NA == 0) return;  // uniform: no thread reaches the barrier below
+  int segs = imin(kThreads, part_doubles) / NA;
+  if (segs < 1) segs = 1;
+  const int len = (m + segs - 1) / segs, s = tid / NA, a = tid - s * NA;
+  const bool mine = s < segs;
+  const int t0 = mine ? s * len : 0, t1 = mine ? imin(t0 + len, m) : 0;
+  if (mine && segs > 1) {
+    double d = 0.0;
+    for (int t = t0; t < t1; ++t) d += static_cast<double>(th[t * NA + a]);
+    part[s * NA + a] = d;
+  }
+  __syncthreads();
+  if (mine) {
+    double base = bp.ws.theta[(static_cast<int64_t>(ck.cid) * bp.p.H + h) * NA + a];
+    for (int u = 0; u < s; ++u) base += part[u * NA + a];
+    for (int t = t0; t < t1; ++t) {
+      base += static_cast<double>(th[t * NA + a]);
+      th[t * NA + a] = static_cast<float>(wrap_2pi_mul(base));
+    }
   }
 }
 
@@ -392,25 +400,26 @@ __device__ __forceinline__ void load_chunk_inputs(const BwdParams& bp, const Chu
   }
 }
 
-// After load_chunk_inputs and a barrier: cs summed in place (cumulative, thread 0) and the raw
-// angles replaced by their increments (float, as the forward rounds them).
+// After load_chunk_inputs and a barrier: cs summed in place (cumulative, warp 0; m <= 64) and the
+// raw angles replaced by their increments (float, as the forward rounds them).
 __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th, int m, int NA,
                                                             int tid) {
   float* cs = sc + kCs * kMaxRows;
   const float* dtv = sc + kDt * kMaxRows;
-  if (tid == 0 && m > 1) {  // 8 loads ahead of the running sum's stores (same additions)
-    float run = cs[0];
-    for (int t0 = 1; t0 < m; t0 += 8) {
-      float x[8];
+  if (tid < 32) {  // warp 0: two tokens per lane, a scan over the lanes (fixed order); m <= 64
+    const int t0 = 2 * tid;
+    const float v0 = t0 < m ? cs[t0] : 0.f, v1 = t0 + 1 < m ? cs[t0 + 1] : 0.f;
+    float incl = v0 + v1;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) x[u] = t0 + u < m ? cs[t0 + u] : 0.f;
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        if (t0 + u < m) {
-          run = x[u] + run;
-          cs[t0 + u] = run;
-        }
+    for (int o = 1; o < 32; o <<= 1) {
+      const float n = __shfl_up_sync(0xffffffffu, incl, o);
+      if (tid >= o) incl = n + incl;
     }
+    float before = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (tid == 0) before = 0.f;
+    const float c0 = before + v0;
+    if (t0 < m) cs[t0] = c0;
+    if (t0 + 1 < m) cs[t0 + 1] = c0 + v1;
   }
   for (int t = tid / 32; t < m; t += kThreads / 32)  // a warp per token (no index division)
     for (int a = tid % 32; a < NA; a += 32)
@@ -461,7 +470,11 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     if (want_k) sm[lay.k + row * lay.qn + n] += kb[r * N + n];
   }
   __syncthreads();
-  chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
+  {  // the walk's float64 partials in the block-reduction slot (8-byte aligned)
+    const uintptr_t red = reinterpret_cast<uintptr_t>(sm + lay.red);
+    double* part = reinterpret_cast<double*>((red + 7) & ~static_cast<uintptr_t>(7));
+    chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, part, (kThreads - 1) / 2, tid);
+  }
   __syncthreads();
   // Rotate each rope pair of each row in place.
   for (int i = tid; i < mr * NA; i += kThreads) {

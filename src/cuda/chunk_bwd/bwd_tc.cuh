@@ -274,12 +274,14 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     *row = i >> lp8, *x = (i & (p8 - 1)) * 8;
     return i < rows * p8;
   };
-  uint4 kraw[kSlots], qraw[kSlots], vraw[kSlots];
+  // The raw v rows go to the V tile by cp.async (zero past the chunk), converted in place by
+  // the thread that copied them, after the walks: registers stay free for the walks.
+  uint4 kraw[kSlots], qraw[kSlots];
   const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
   for (int sl = 0; sl < kSlots; ++sl) {
     int row, n0, x;
-    kraw[sl] = qraw[sl] = vraw[sl] = zero4;
+    kraw[sl] = qraw[sl] = zero4;
     if (qk_slot(sl, &row, &n0) && row < mr) {
       const int t = row >> lr, r = row & (R - 1);
       kraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.k.data) +
@@ -288,15 +290,18 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
         qraw[sl] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.q.data) +
                                                         qk_off(p.q, b, l0 + t, r, ck.g, n0)));
     }
-    if (v_mode != kVNone && v_slot(sl, &row, &x) && row < mr)
-      vraw[sl] = __ldg(reinterpret_cast<const uint4*>(
-          static_cast<const bf16*>(p.v.data) + b * p.v.stride[0] +
-          static_cast<int64_t>(l0 + (row >> lr)) * p.v.stride[1] + h * p.v.stride[2] + x));
+    if (v_mode != kVNone && v_slot(sl, &row, &x)) {
+      const bf16* v0 = static_cast<const bf16*>(p.v.data) + b * p.v.stride[0] + h * p.v.stride[2];
+      cp_async16(V + row * lay.vp + x,
+                 row < mr ? v0 + static_cast<int64_t>(l0 + (row >> lr)) * p.v.stride[1] + x : v0,
+                 row < mr);
+    }
   }
   __syncthreads();
   chunk_cumsum_and_increments(sc, th, m, NA, tid);
   __syncthreads();
-  chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, tid);
+  chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw,
+                          reinterpret_cast<double*>(sm + lay.red), kThreads, tid);  // 2 kThreads floats
   __syncthreads();
   // q and k rows biased and rotated in fp32 from the raw bf16 inputs, rounded once (rows past
   // the chunk zero); v * psi (* fw) likewise.
@@ -370,6 +375,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
     }
   }
   if (v_mode != kVNone) {
+    cp_async_wait_all();  // this thread's v copies
 #pragma unroll
     for (int sl = 0; sl < kSlots; ++sl) {
       int row, x;
@@ -377,7 +383,7 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
       float f[8], g[8];
       if (row < mr) {
         const int t = row >> lr, r = row & (R - 1);
-        bf16x8_to_float(vraw[sl], f);
+        bf16x8_to_float(*reinterpret_cast<const uint4*>(V + row * lay.vp + x), f);
         const float scale = VF ? fw[t] : 1.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
