@@ -470,10 +470,10 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_chunk_state_tc_kernel(BwdPara
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int N = p.N, P = p.P, R = p.R;
+  const int N = p.N, P = p.P;
   const int kr = (ck.mr + 15) & ~15;
   float* par = reinterpret_cast<float*>(sm + lay.par);
-  load_head_params(p, ck.h, par, par + R * P, par + 2 * R * P, par + 3 * R * P, tid, kThreads);
+  load_head_psi(p, ck.h, par, tid, kThreads);  // the loader's v psi
   __syncthreads();
   tc_load_chunk(bp, ck, lay, sm, true, kVPsiAndFw, tid);
   tc_chunk_tiles<false>(bp, ck, lay, sm, tid);  // for chunk_out_tc and chunk_grad_tc

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   const bool rows_live = i0 < kr;
   float* psi = reinterpret_cast<float*>(sm + lay.par);
   tc_chunk_tiles<true>(bp, ck0, lay, sm, tid);  // chunk_state_tc's loader output
-  load_head_params(p, h, psi, psi + R * P, psi + 2 * R * P, psi + 3 * R * P, tid, kT);
+  load_head_psi(p, h, psi, tid, kT);  // dv = sum_r dV_r psi_r
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;

@@ -7,23 +7,31 @@
 
 namespace mamba3::cuda {
 
+// Element (r, x) of head h of an (H, R, P) parameter; 1 where the parameter is absent.
+__device__ __forceinline__ float head_param(const DTensor& t, int h, int r, int x) {
+  return t.defined() ? dload_ro(t, h * t.stride[0] + r * t.stride[1] + x * t.stride[2]) : 1.f;
+}
+
 // psi, zeta, phi (R, P) and the norm weight (P) of head h into shared memory; absent ones are 1.
 __device__ __forceinline__ void load_head_params(const CoreParams& p, int h, float* psi,
                                                  float* zeta, float* phi, float* wn, int tid,
                                                  int nthreads) {
   for (int i = tid; i < p.R * p.P; i += nthreads) {
     const int r = i / p.P, x = i % p.P;
-    auto par = [&](const DTensor& t) {
-      return t.defined() ? dload_ro(t, h * t.stride[0] + r * t.stride[1] + x * t.stride[2]) : 1.f;
-    };
-    psi[i] = par(p.mimo_v);
-    zeta[i] = par(p.mimo_z);
-    phi[i] = par(p.mimo_o);
+    psi[i] = head_param(p.mimo_v, h, r, x);
+    zeta[i] = head_param(p.mimo_z, h, r, x);
+    phi[i] = head_param(p.mimo_o, h, r, x);
   }
   for (int x = tid; x < p.P; x += nthreads)
     wn[x] = p.norm_weight.defined()
                 ? dload_ro(p.norm_weight, h * p.norm_weight.stride[0] + x * p.norm_weight.stride[1])
                 : 1.f;
+}
+
+// psi (R, P) of head h alone, for kernels without the output stage.
+__device__ __forceinline__ void load_head_psi(const CoreParams& p, int h, float* psi, int tid,
+                                              int nthreads) {
+  for (int i = tid; i < p.R * p.P; i += nthreads) psi[i] = head_param(p.mimo_v, h, i / p.P, i % p.P);
 }
 
 // RMSNorm factors of a row-major fp32 tile, one warp per row: rstd[row] = 1 / sqrt(mean over
