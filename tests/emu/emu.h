@@ -55,8 +55,9 @@ inline int linear_tid() {
 inline void syncthreads() { g_barrier->arrive_and_wait(); }
 inline float* dynamic_smem() { return reinterpret_cast<float*>(g_dynamic); }
 
-template <typename T>
-T shfl_xor(T v, int mask) {
+// A warp shuffle: every lane gets the value of lane src(lane).
+template <typename T, typename FS>
+T shfl_from(T v, FS src) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   const int t = linear_tid(), lane = t % 32;
   Warp& w = g_warps[t / 32];
@@ -64,28 +65,20 @@ T shfl_xor(T v, int mask) {
   std::memcpy(&u, &v, sizeof(T));
   w.slot[lane] = u;
   w.bar.arrive_and_wait();
-  const uint64_t r = w.slot[lane ^ mask];
+  const uint64_t r = w.slot[src(lane)];
   w.bar.arrive_and_wait();
   T out;
   std::memcpy(&out, &r, sizeof(T));
   return out;
 }
-
+template <typename T>
+T shfl_xor(T v, int mask) {
+  return shfl_from(v, [mask](int lane) { return lane ^ mask; });
+}
 // __shfl_up_sync: lanes below delta keep their own value.
 template <typename T>
 T shfl_up(T v, int delta) {
-  static_assert(sizeof(T) <= sizeof(uint64_t));
-  const int t = linear_tid(), lane = t % 32;
-  Warp& w = g_warps[t / 32];
-  uint64_t u = 0;
-  std::memcpy(&u, &v, sizeof(T));
-  w.slot[lane] = u;
-  w.bar.arrive_and_wait();
-  const uint64_t r = w.slot[lane >= delta ? lane - delta : lane];
-  w.bar.arrive_and_wait();
-  T out;
-  std::memcpy(&out, &r, sizeof(T));
-  return out;
+  return shfl_from(v, [delta](int lane) { return lane >= delta ? lane - delta : lane; });
 }
 
 inline void syncwarp() { g_warps[linear_tid() / 32].bar.arrive_and_wait(); }

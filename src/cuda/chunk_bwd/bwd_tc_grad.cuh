@@ -55,6 +55,18 @@ __device__ __forceinline__ void grad_mma(float (&c)[X / 16][4], const bf16* A, i
         c, A, ap, i0, B, bpitch, [cg](int u) { return grad_col0<X>(cg, u); }, k0, live, lane);
 }
 
+// The 16-column groups of a warp's (64, kRows) score fragment that the causal mask can leave
+// non-zero (first column below the end of the warp's rows), none where its rows lie past the
+// chunk: the `live` bits of grad_mma.
+template <int kRows>
+__device__ __forceinline__ unsigned grad_causal_groups(bool rows_live, int i0, int cg) {
+  unsigned live = 0;
+#pragma unroll
+  for (int u = 0; u < kRows / 32; ++u)
+    if (rows_live && grad_col0<kRows>(cg, u) < i0 + 16) live |= 1u << u;
+  return live;
+}
+
 __host__ __device__ constexpr int log2_const(int x) { return x <= 1 ? 0 : 1 + log2_const(x / 2); }
 
 // Sum of v over the kR rows of a token: the lanes whose g differ in the low log2(kR) bits.
@@ -345,10 +357,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   // d gamma (T on the diagonal).
   {
     float ra[kNTs][4] = {}, da[kNTs][4] = {};
-    unsigned live = 0;
-#pragma unroll
-    for (int u = 0; u < kNTs / 2; ++u)
-      if (rows_live && grad_col0<kRows>(cg, u) < i0 + 16) live |= 1u << u;
+    const unsigned live = grad_causal_groups<kRows>(rows_live, i0, cg);
     grad_mma<kRows, false, false>(ra, Q, qp, K, qp, i0, cg, 0, N, live, lane);
     grad_mma<kRows, false, false>(da, DYb, vp, V, vp, i0, cg, 0, P, live, lane);
     float rowa[2] = {0.f, 0.f}, diag[2] = {0.f, 0.f}, colb[kNTs][2] = {};

@@ -141,10 +141,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   // (zero above the diagonal and past the chunk): the (A o M) V product reads columns < i0 + 16.
   {
     float ra[kNTs][4] = {};
-    unsigned live = 0;
-#pragma unroll
-    for (int u = 0; u < kNTs / 2; ++u)
-      if (rows_live && grad_col0<kRows>(cg, u) < i0 + 16) live |= 1u << u;
+    const unsigned live = grad_causal_groups<kRows>(rows_live, i0, cg);
     grad_mma<kRows, false, false>(ra, Q, qp, K, qp, i0, cg, 0, N, live, lane);
 #pragma unroll
     for (int j = 0; j < kNTs; ++j)
