@@ -33,7 +33,7 @@ namespace mamba3::cuda::bwd {
 #ifdef MAMBA3_CUDA_EMU
 #define M3B_DYNAMIC_SMEM(name) float* name = ::m3emu::dynamic_smem()
 #else
-#define M3B_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define M3B_DYNAMIC_SMEM(name) extern __shared__ __align__(16) float name[]
 #endif
 
 __global__ void __launch_bounds__(32) bwd_plan_kernel(BwdParams bp) {
@@ -298,16 +298,14 @@ __device__ __forceinline__ void stage_out_cotangents(const BwdParams& bp, const 
   __syncthreads();
 }
 
-// epilogue_adjoint at (row, x) of the chunk given the row's rstd (kPow2R: R is a power of two,
-// token and rank of a row by shift and mask).
-template <bool kPow2R = false>
+// epilogue_adjoint at (row, x) of the chunk given the row's rstd.
 __device__ __forceinline__ auto out_adjoint(const CoreParams& p, const float* GO, const float* Z,
                                             const float* Y, int yp, const float* zeta,
                                             const float* phi, const float* wn) {
-  const int R = p.R, lr = kPow2R ? log2_pow2(R) : 0;
+  const int R = p.R;
   const bool reduce = !p.per_rank_out, has_z = p.z.defined();
   return [=, &p](int row, int x, float rs) {
-    const int t = kPow2R ? row >> lr : row / R, r = kPow2R ? row & (R - 1) : row % R;
+    const int t = row / R, r = row % R;
     return epilogue_adjoint(p, GO[(reduce ? t : row) * yp + x], has_z ? Z[t * yp + x] : 0.f, r, x,
                             Y[row * yp + x], rs, zeta, phi, wn);
   };
@@ -369,31 +367,22 @@ __device__ __forceinline__ void store_out_dz(const BwdParams& bp, const Chunk& c
   }
 }
 
-// dy at (row, x) in place of y (read and written by the calling thread only), also to the
-// workspace, from the adjoint's dyn there; returns it.
-template <bool kPow2R = false>
-__device__ __forceinline__ float store_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
-                                          float dyn, float* Y, int yp, const float* rstd,
-                                          const float* xr, const float* wn) {
+// dy at (row, x) from the adjoint there, in place of y (read and written by the calling thread
+// only) and to the workspace; returns it.
+template <typename FA>
+__device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
+                                        float* Y, int yp, const float* rstd, const float* xr,
+                                        const float* wn, FA adjoint) {
   const CoreParams& p = bp.p;
-  const int P = p.P, R = p.R, lr = kPow2R ? log2_pow2(R) : 0;
-  const int t = kPow2R ? row >> lr : row / R, r = kPow2R ? row & (R - 1) : row % R;
+  const int P = p.P, R = p.R, t = row / R, r = row % R;
   const bool norm = p.norm_weight.defined();
-  const float y = Y[row * yp + x];
   const float rs = norm ? rstd[row] : 1.f;
+  const float dyn = adjoint(row, x, rs).dyn;
+  const float y = Y[row * yp + x];
   const float dy = norm ? rs * (dyn * wn[x] - y * rs * rs * xr[row]) : dyn;
   Y[row * yp + x] = dy;
   bp.ws.dy[((ck.l_abs0 + t) * p.H + ck.h) * static_cast<int64_t>(R * P) + r * P + x] = dy;
   return dy;
-}
-
-// store_dy with the adjoint evaluated at (row, x).
-template <bool kPow2R = false, typename FA>
-__device__ __forceinline__ float out_dy(const BwdParams& bp, const Chunk& ck, int row, int x,
-                                        float* Y, int yp, const float* rstd, const float* xr,
-                                        const float* wn, FA adjoint) {
-  const float rs = bp.p.norm_weight.defined() ? rstd[row] : 1.f;
-  return store_dy<kPow2R>(bp, ck, row, x, adjoint(row, x, rs).dyn, Y, yp, rstd, xr, wn);
 }
 
 // grid (chunks, H): y of the chunk recomputed from its start state, then the output stage's

@@ -156,7 +156,8 @@ inline BwdSmem bwd_smem_layout(int N, int P, int R, int NA, int rows, unsigned p
   m.z = take(kPartZ, rows * m.vp);
   m.scal = o, o += kScalarArrays * kMaxRows;
   m.par = o, o += 3 * R * P + P;  // psi, zeta, phi (R, P) and the norm weight (P)
-  m.red = o, o += kThreads;       // block reductions
+  o = (o + 1) & ~1;  // 8-byte aligned: the angle walk's float64 partials (load_chunk)
+  m.red = o, o += kThreads;  // block reductions
   m.total_floats = o;
   return m;
 }
@@ -470,11 +471,8 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
     if (want_k) sm[lay.k + row * lay.qn + n] += kb[r * N + n];
   }
   __syncthreads();
-  {  // the walk's float64 partials in the block-reduction slot (8-byte aligned)
-    const uintptr_t red = reinterpret_cast<uintptr_t>(sm + lay.red);
-    double* part = reinterpret_cast<double*>((red + 7) & ~static_cast<uintptr_t>(7));
-    chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw, part, (kThreads - 1) / 2, tid);
-  }
+  chunk_angles_and_decays(bp, ck, h, NA, m, th, cs, w, ex, fw,
+                          reinterpret_cast<double*>(sm + lay.red), kThreads / 2, tid);
   __syncthreads();
   // Rotate each rope pair of each row in place.
   for (int i = tid; i < mr * NA; i += kThreads) {

@@ -116,15 +116,15 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
     l.v = take(true, rows * l.vp * 2);
     l.vr = take(true, l.C * l.vp * 2);
     l.dy = take(true, rows * l.vp * 2);
+    l.vf = -1;
   } else {
     l.v = take(true, rows * l.vp * 2);
     l.dy = take(grad, rows * l.vp * 2);
     l.vf = take(!grad, rows * l.vp * 2);
     l.s = take(grad, P * l.qp * 2);
     l.am = take(grad, 2 * rows * l.ap * 2);
+    l.vr = -1;
   }
-  if (out) l.vf = -1;
-  if (!out) l.vr = -1;
   const int th_bytes = l.C * (NA > 0 ? NA : 1) * 4;
   l.th = take(!out, th_bytes);  // chunk_out has no rope adjoint
   l.dth = grad && th_bytes <= rows * l.ap * 2 ? l.am : take(grad, th_bytes);
