@@ -129,7 +129,9 @@ inline Result run(const check::Problem& p, Eval ev, const RunOptions& o = {}) {
   std::vector<float> saved;
   if (o.use_saved) {
     int64_t n = 0;
-    EXPECT_TRUE(saved_numel(f, &n).ok());
+    // The size on the lane that runs (kCuda: host-staged).
+    const Status st = ev == Eval::kCuda ? cuda::saved_numel_staged(f, &n) : saved_numel(f, &n);
+    EXPECT_TRUE(st.ok()) << st.ToString();
     saved.assign(static_cast<size_t>(n), -1.f);
     f.saved = make_tensor(saved.data(), DType::kF32, {n});
   }

@@ -229,6 +229,11 @@ TEST(Gates, CudaGatesListedWithTheirState) {
   EXPECT_NE(find("MAMBA3_CUDA_STEP_PERSISTENT").description.find("invalid: 'yes'"),
             std::string::npos);
   ASSERT_EQ(unsetenv("MAMBA3_CUDA_STEP_PERSISTENT"), 0);
+  ASSERT_EQ(unsetenv("MAMBA3_CUDA_SAVE_TILES"), 0);
+  EXPECT_TRUE(find("MAMBA3_CUDA_SAVE_TILES").set);
+  ASSERT_EQ(setenv("MAMBA3_CUDA_SAVE_TILES", "0", 1), 0);
+  EXPECT_FALSE(find("MAMBA3_CUDA_SAVE_TILES").set);
+  ASSERT_EQ(unsetenv("MAMBA3_CUDA_SAVE_TILES"), 0);
 }
 
 // Without a cuda call (no GPU here, or none yet) there is no cached workspace: releasing it is

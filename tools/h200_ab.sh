@@ -20,7 +20,7 @@ for shape in $shapes; do
       out=$("$bin" bench --lane "${LANE:-cuda}" --shape "$shape" --dtype "${DTYPE:-bf16}" --what "${WHAT:-fwd,bwd}" \
         --warmup 1 --iters "${ITERS:-5}" 2>&1) ||
         { fail=1; echo "h200_ab: $bin failed at $shape" >&2; echo "$out" | tail -5 >&2; }
-      echo "$out" | grep -E "^  (fwd|bwd|step) " | sed "s#^#$shape round $i $(basename "$bin"): #"
+      echo "$out" | grep -E "^  (fwd|bwd|step)(-recompute)? " | sed "s#^#$shape round $i $(basename "$bin"): #"
     done
   done
 done

@@ -53,7 +53,7 @@ if [[ $mode == all || $mode == bench ]]; then
   done
   for f in "$OUT"/bench_*.log; do
     printf '%s: ' "$(basename "$f" .log)" >>"$summary"
-    grep -hE "^  (fwd|bwd|step) " "$f" | head -2 >>"$summary"
+    grep -hE "^  (fwd|bwd|step)(-recompute)? " "$f" | head -2 >>"$summary"
     grep -hE "floor|of copy|L2 cache" "$f" >>"$summary"
   done
 fi

@@ -139,9 +139,13 @@ struct ForwardArgs {
   Tensor out;
   States final_states;  // optional outputs, all four or none; shapes as Inputs::initial
   // Optional: activations saved for the backward, (saved_numel(args),) float32 on the inputs'
-  // device. Lane-specific contents (cpu: chunk-start states and pre-gate y; reference and
-  // cuda: empty, their backward recomputes); hand the same buffer to BackwardArgs::saved with
-  // the same inputs to skip the backward's recomputation.
+  // device. Lane-specific contents (cpu: chunk-start states and pre-gate y; cuda, where its
+  // forward and backward take the tensor cores and MAMBA3_CUDA_SAVE_TILES is not 0: a header,
+  // then per (chunk, head) the rotated q / k and v psi tiles, angles, scalars, the chunk-start
+  // state and decay, about 1.3 KB per token per head at N = 128, P = 64; reference: empty, its
+  // backward recomputes; the cuda lane also accepts an empty buffer and then saves nothing);
+  // hand the same buffer to BackwardArgs::saved with the same inputs to skip the backward's
+  // recomputation.
   Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;  // cpu lane: 0 = all available
@@ -162,8 +166,10 @@ struct BackwardArgs {
   States d_final;    // optional cotangents of the final states (any subset; absent = 0)
   Grads grads;
   // Optional: ForwardArgs::saved of a forward on the same inputs and lane. Absent: the backward
-  // recomputes what it needs. Its header is checked against the inputs' dimensions; its
-  // values are trusted to come from that forward.
+  // recomputes what it needs. Its size and header are checked against the inputs' dimensions
+  // (cuda: the size on the host; the header on the device, where a mismatch prints the word
+  // and aborts the kernel, leaving the CUDA context unusable); its values are trusted to come
+  // from that forward.
   Tensor saved;
   Lane lane = Lane::kAuto;
   int num_threads = 0;
@@ -204,8 +210,9 @@ Status backward(const BackwardArgs& args);
 Status step(const StepArgs& args);
 
 // Number of float32 elements of ForwardArgs::saved for these arguments on the lane they resolve
-// to (0 when the lane saves nothing: reference, cuda). Validates the arguments (saved itself
-// aside).
+// to (0 when the lane saves nothing: reference; cuda off its tensor-core path or with
+// MAMBA3_CUDA_SAVE_TILES=0). Validates the arguments (saved itself aside); on the cuda lane it
+// depends on the tensors' alignment and queries the device.
 Status saved_numel(const ForwardArgs& args, int64_t* numel);
 
 // The cuda lane keeps the workspace memory of its forward and backward calls in a pool of its

@@ -250,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   int64_t saved_numel = 0;
   if (save_for_backward) {
     const mamba3::Status st = mamba3::saved_numel(args, &saved_numel);
-    // A lane without a saved-activation layout (the cuda lane today) answers "not supported":
-    // then nothing is saved (0 elements) and bwd recomputes what it needs from the inputs. The
+    // A lane that cannot say (a build without the cuda lane) answers "not supported": then
+    // nothing is saved (0 elements) and bwd recomputes what it needs from the inputs. The
     // buffer is never handed over unfilled. Any other failure is the forward's own error.
     if (st.code() == mamba3::StatusCode::kNotSupported && v.is_cuda())
       saved_numel = 0;

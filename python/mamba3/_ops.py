@@ -7,8 +7,10 @@ torch.compile and autograd need, and the two low-level entry points the public f
 Lanes: CUDA tensors run on the cuda lane (on torch's current stream of their device; the build
 must have it, see pyproject.toml); on CPU, float64 activations run on the float64 reference lane
 (so gradcheck works) and float32/bfloat16/float16 on the fast cpu lane. All tensors of a call
-must be on one device. On CUDA, fwd saves no activations while the cuda lane has no layout for
-them (its `saved` output is empty) and bwd recomputes from the inputs.
+must be on one device. On CUDA, when grad is needed, fwd saves the tile records, chunk-start
+states and decays of the tensor-core path (about 1.3 KB per token per head at N = 128, P = 64;
+`MAMBA3_CUDA_SAVE_TILES=0` or any configuration off the tensor cores: an empty `saved` output)
+and bwd reads them instead of recomputing.
 
 Dtype policy (DESIGN.md §2.6): parameters (ADT, DT, Angles, biases, D, MIMO projections, norm
 weight, states) must be float32 or float64: other float dtypes are cast to float32 here (a

@@ -59,7 +59,8 @@ struct OpResult {
 Status attach_saved(const BenchOptions& o, ForwardArgs* args, HostTensor* saved) {
   if (!o.use_saved) return Status::Ok();
   int64_t n = 0;
-  Status st = saved_numel(*args, &n);
+  // The cuda lane runs host-staged here: its size is that of the staged copies.
+  Status st = args->lane == Lane::kCuda ? cuda::saved_numel_staged(*args, &n) : saved_numel(*args, &n);
   if (!st.ok()) return st;
   if (n == 0) return Status::Ok();
   *saved = HostTensor(DType::kF32, {n});
@@ -79,7 +80,9 @@ Status bench_forward(const Problem& p, Lane lane, const BenchOptions& o, OpResul
   r->op = "fwd";
   Status st;
   if (lane == Lane::kCuda) {
-    // Device buffers staged once; CUDA events around each call.
+    // Device buffers staged once; CUDA events around each call. Training mode: the forward
+    // also writes the saved activations (the tensor-core path's tile records).
+    if (st = attach_saved(o, &args, &saved); !st.ok()) return st;
     st = cuda::time_forward_staged(args, o.warmup, o.iters, &r->timing.samples_s);
     if (st.ok()) summarize(&r->timing);
   } else {
@@ -106,9 +109,20 @@ Status bench_backward(const Problem& p, Lane lane, const BenchOptions& o, OpResu
   args.num_threads = o.threads;
   const auto& c = p.config();
   if (lane == Lane::kCuda) {
-    // Device buffers staged once; CUDA events around each call. The cuda lane saves nothing:
-    // its backward recomputes the chunk-start states.
-    r->op = "bwd";
+    // Device buffers staged once; CUDA events around each call. Training mode: one forward
+    // fills the saved activations (copied back to the host, then staged with the backward's
+    // inputs); without them (--recompute, or off the tensor-core path) the backward recomputes.
+    HostTensor out = p.make_out(p.config().dtype), saved;
+    ForwardArgs fwd;
+    fwd.in = args.in;
+    fwd.out = out.view();
+    fwd.lane = lane;
+    if (Status st = attach_saved(o, &fwd, &saved); !st.ok()) return st;
+    if (fwd.saved.defined()) {
+      if (Status st = cuda::forward_staged(fwd); !st.ok()) return st;
+      args.saved = fwd.saved;
+    }
+    r->op = args.saved.defined() ? "bwd" : "bwd-recompute";
     Status st = cuda::time_backward_staged(args, o.warmup, o.iters, &r->timing.samples_s);
     if (!st.ok()) return st;
     summarize(&r->timing);

@@ -54,10 +54,15 @@ Lane resolve_lane(Lane requested, const Dims& d, DType activation_dtype) {
 // ForwardArgs::saved / BackwardArgs::saved: optional, 1-D float32, sized for the lane.
 Status check_saved(const Tensor& saved, Lane lane, const Inputs& in, const Dims& d) {
   if (!saved.defined()) return Status::Ok();
-  // The cuda lane saves nothing (its backward recomputes the chunk-start states): an empty
-  // buffer, like the reference lane's.
+  // The reference lane saves nothing (an empty buffer); the cuda lane saves where its forward
+  // and backward take the tensor cores (cuda::saved_numel), else nothing.
   int64_t want = 0;
   if (lane == Lane::kCpu) want = cpu::saved_numel(in, d);
+  if (lane == Lane::kCuda) {
+    // An empty buffer is always accepted there: nothing is saved, the backward recomputes.
+    if (saved.ndim == 1 && saved.dtype == DType::kF32 && saved.shape[0] == 0) return Status::Ok();
+    M3_RETURN_IF_ERROR(cuda::saved_numel(in, d, &want));
+  }
   if (saved.ndim != 1 || saved.dtype != DType::kF32 || saved.shape[0] != want ||
       saved.device != d.device || (want > 0 && saved.data == nullptr))
     return Status::InvalidArgument("saved: expected a (" + std::to_string(want) +
@@ -81,7 +86,7 @@ Status saved_numel(const ForwardArgs& args, int64_t* numel) {
   switch (lane) {
     case Lane::kReference: *numel = 0; return Status::Ok();
     case Lane::kCpu: *numel = cpu::saved_numel(args.in, d); return Status::Ok();
-    case Lane::kCuda: *numel = 0; return Status::Ok();  // recomputed by its backward
+    case Lane::kCuda: return cuda::saved_numel(args.in, d, numel);
     case Lane::kAuto: break;
   }
   return Status::Internal("saved_numel: unresolved lane");
@@ -194,6 +199,13 @@ std::vector<GateInfo> gates() {
                                 "bf16 MIMO backward on the tensor-core kernels (unset or 1, the "
                                 "default); 0 runs the fp32 SIMT kernels instead",
                                 "cuda lane (bf16 q, k, v at N, P in {64, 128})"));
+  // Parsed by the cuda lane (src/cuda/chunk_bwd/bwd_launch.cuh), which rejects other values.
+  out.push_back(default_on_gate(
+      "MAMBA3_CUDA_SAVE_TILES",
+      "training forward writes the tensor-core path's tile records, chunk-start states and "
+      "decays into ForwardArgs::saved for the backward (unset or 1, the default); 0 saves "
+      "nothing and the backward recomputes them",
+      "cuda lane (bf16 q, k, v at N, P in {64, 128})"));
   // Parsed by the cuda lane (src/cuda/step/step_persist_launch.cuh), which rejects other values
   // and a 1 where the persistent kernel does not apply.
   out.push_back(default_on_gate(

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/validate.h"
 #include "mamba3/mamba3.h"
 
 namespace mamba3::cuda {
@@ -24,6 +25,12 @@ std::string supported_configurations();
 // release_cached_memory).
 Status release_workspace(size_t* released_bytes);
 
+// Float32 elements of ForwardArgs::saved for these (validated) inputs: 0 unless the forward and
+// the backward both take the tensor-core kernels and MAMBA3_CUDA_SAVE_TILES is not 0; then the
+// tile records, chunk-start states and decays of every (chunk, head) (cuda/common/
+// tile_record.cuh). Queries the device; errors name a bad gate value.
+Status saved_numel(const Inputs& in, const Dims& dims, int64_t* numel);
+
 // Arguments are already validated by the caller (mamba3::validate); tensors on the GPU.
 Status forward(const ForwardArgs& args);
 Status backward(const BackwardArgs& args);
@@ -33,6 +40,8 @@ Status step(const StepArgs& args);
 // cuda lane runs, and the outputs (out, final states / updated states, gradients) are copied
 // back into the host tensors. Synchronous; allocates. Not for production paths.
 Status forward_staged(const ForwardArgs& host_args);
+// saved_numel of a host-staged forward (the inputs as forward_staged puts them on the device).
+Status saved_numel_staged(const ForwardArgs& host_args, int64_t* numel);
 Status backward_staged(const BackwardArgs& host_args);
 Status step_staged(const StepArgs& host_args);
 

@@ -20,10 +20,12 @@ Status release_workspace(size_t* released_bytes) {
   return Status::Ok();
 }
 
+Status saved_numel(const Inputs&, const Dims&, int64_t*) { return no_cuda(); }
 Status forward(const ForwardArgs&) { return no_cuda(); }
 Status backward(const BackwardArgs&) { return no_cuda(); }
 Status step(const StepArgs&) { return no_cuda(); }
 Status forward_staged(const ForwardArgs&) { return no_cuda(); }
+Status saved_numel_staged(const ForwardArgs&, int64_t*) { return no_cuda(); }
 Status backward_staged(const BackwardArgs&) { return no_cuda(); }
 Status step_staged(const StepArgs&) { return no_cuda(); }
 Status time_forward_staged(const ForwardArgs&, int, int, std::vector<double>*) { return no_cuda(); }

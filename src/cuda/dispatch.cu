@@ -73,7 +73,7 @@ Status segment_override(int64_t* seg_len) {
 // Tensor-core forward for bf16 q, k, v with aligned rows at the compiled (N, P). Splits
 // sequences into segments when (sequences x heads) CTAs would leave SMs idle (DESIGN §2.5).
 template <int N, int P>
-Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
+Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, const SavedPtrs& sv,
                          cudaStream_t stream) {
   const TcLay lay = tc_layout<N, P>(p.R, p.NA);
   const size_t bytes = static_cast<size_t>(lay.bytes);
@@ -96,12 +96,20 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
     sp.seg_len = static_cast<int>(seg_len);
   }
   const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
-  M3_RETURN_IF_ERROR(allow_smem_max_carveout(fwd_tc_kernel<N, P, false>, bytes));
-  if (sp.nseg == 1) {
-    fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp);
-    MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
+  // The output pass: with a saved buffer (training) the instance that also writes the records.
+  auto output_pass = [&]() -> Status {
+    if (sv.base) {
+      M3_RETURN_IF_ERROR(allow_smem_max_carveout(fwd_tc_kernel<N, P, false, true>, bytes));
+      fwd_tc_kernel<N, P, false, true><<<grid, kTcThreads, bytes, stream>>>(p, sp, sv);
+      MAMBA3_CHECK_LAUNCH("fwd_tc_kernel (saving)");
+    } else {
+      M3_RETURN_IF_ERROR(allow_smem_max_carveout(fwd_tc_kernel<N, P, false>, bytes));
+      fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp, sv);
+      MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
+    }
     return Status::Ok();
-  }
+  };
+  if (sp.nseg == 1) return output_pass();
   // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the
   // call stays asynchronous and capturable.
   const int64_t slots = heads * sp.nseg, pn = static_cast<int64_t>(d.P) * d.N;
@@ -118,14 +126,12 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
   sp.end_decay = f + 2 * slots * pn;
   Status st = [&]() -> Status {
     M3_RETURN_IF_ERROR(allow_smem(fwd_tc_kernel<N, P, true>, bytes));
-    fwd_tc_kernel<N, P, true><<<grid, kTcThreads, bytes, stream>>>(p, sp);
+    fwd_tc_kernel<N, P, true><<<grid, kTcThreads, bytes, stream>>>(p, sp, SavedPtrs{});
     MAMBA3_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
     const size_t th_bytes = sizeof(double) * sp.nseg * std::max(p.NA, 1);
     fwd_tc_combine<N, P><<<static_cast<unsigned>(heads), 256, th_bytes, stream>>>(p, sp);
     MAMBA3_CHECK_LAUNCH("fwd_tc_combine");
-    fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp);
-    MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
-    return Status::Ok();
+    return output_pass();
   }();
   const cudaError_t fe = cudaFreeAsync(ws, stream);
   if (!st.ok()) return st;
@@ -134,23 +140,45 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
   return Status::Ok();
 }
 
-bool use_tensor_cores(const ForwardArgs& a, const Dims& d, const CoreParams& p) {
-  const Inputs& in = a.in;
+bool use_tensor_cores(const Inputs& in, const Dims& d, const CoreParams& p) {
   return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
          p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) &&
          kTcRows % d.R == 0 && d.NA <= 64;
+}
+
+// The saved buffer's layout for these inputs (bytes 0: the lane saves nothing for them).
+Status saved_plan(const Inputs& in, const Dims& d, SavedLayout* l) {
+  ForwardArgs f;
+  f.in = in;
+  return saved_layout_for(in, d, use_tensor_cores(in, d, make_params(f, d)), l);
 }
 
 Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
   if (d.S * d.H == 0) return Status::Ok();
   const CoreParams p = make_params(a, d);
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  if (use_tensor_cores(a, d, p)) {
-    if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, max_len, stream);
-    if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, max_len, stream);
-    if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, max_len, stream);
-    return launch_forward_tc<128, 128>(p, d, max_len, stream);
+  // Training: ForwardArgs::saved (its size already checked against saved_numel) gets the tile
+  // records, chunk-start states and decays.
+  SavedPtrs sv;
+  if (a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0) {
+    SavedLayout l;
+    M3_RETURN_IF_ERROR(saved_plan(a.in, d, &l));
+    if (l.bytes != a.saved.shape[0] * 4)
+      return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
+                                     " float32 elements for these inputs, got " +
+                                     std::to_string(a.saved.shape[0]));
+    if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
+      return Status::InvalidArgument("saved: data must be 16-byte aligned");
+    sv = saved_ptrs(a.saved.data, l);
   }
+  if (use_tensor_cores(a.in, d, p)) {
+    if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, max_len, sv, stream);
+    if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, max_len, sv, stream);
+    if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, max_len, sv, stream);
+    return launch_forward_tc<128, 128>(p, d, max_len, sv, stream);
+  }
+  if (sv.base)
+    return Status::Internal("saved: a saved buffer for a forward off the tensor-core path");
   const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);
   const size_t bytes = sizeof(float) * lay.total_floats;
   M3_RETURN_IF_ERROR(allow_smem(fwd_kernel, bytes));
@@ -219,6 +247,13 @@ std::string supported_configurations() {
          backward_configurations();
 }
 
+Status saved_numel(const Inputs& in, const Dims& d, int64_t* numel) {
+  SavedLayout l;
+  M3_RETURN_IF_ERROR(saved_plan(in, d, &l));
+  *numel = l.bytes / 4;
+  return Status::Ok();
+}
+
 Status forward(const ForwardArgs& a) {
   Dims d;
   M3_RETURN_IF_ERROR(validate_forward(a, &d));
@@ -257,6 +292,16 @@ Status forward_staged(const ForwardArgs& h) {
   MAMBA3_CHECK_CUDA(cudaDeviceSynchronize());
   const States& f = d.final_states;
   return st.copy_back_all({&d.out, &f.angle, &f.ssm, &f.k, &f.v, &d.saved});
+}
+
+Status saved_numel_staged(const ForwardArgs& h, int64_t* numel) {
+  // The size depends on where the tensors live (alignment): ask with staged copies.
+  ForwardArgs hs = h;
+  hs.saved = Tensor{};
+  Staging st;
+  ForwardArgs d;
+  M3_RETURN_IF_ERROR(st.stage_forward(hs, &d));
+  return mamba3::saved_numel(d, numel);
 }
 
 Status backward_staged(const BackwardArgs& h) {

@@ -1,6 +1,6 @@
 // The cuda lane's backward on a GPU: golden gradients, the random-problem matrix against the
 // float64 reference (tolerance recipe, gradients only: the forward has its own tests), bitwise
-// determinism, the (empty) saved-activation buffer, capture in a CUDA graph and the errors of
+// determinism, the saved-activation buffer (training mode) and its gate, capture in a CUDA graph and the errors of
 // unsupported configurations. Every test skips cleanly without a device.
 #include <cstdio>
 
@@ -163,8 +163,113 @@ Result collect(const check::GradBuffers& g) {
   return r;
 }
 
-// The cuda lane saves nothing: saved_numel is 0, an empty buffer is accepted and changes no bit,
-// a non-empty one is an error naming the expected size.
+// Training mode on the tensor-core path (cuda/common/tile_record.cuh): the forward writes the
+// tile records, chunk-start states and decays into ForwardArgs::saved and the backward reads
+// them instead of running its loader pass and state scan. Per case: saving does not change a
+// bit of the forward's outputs; the gradients from the saved buffer meet the same bar against
+// float64 as the recomputing backward's (kTcGradTol, or the recipe where naive float32 misses
+// it) and are bitwise reproducible. Covers SISO and MIMO, both
+// pairings, GQA with the norm, per-rank output, packed sequences, P = 128, and the forward's
+// sequence split (MAMBA3_CUDA_SEG_LEN=64: records written by its second pass).
+TEST(CudaBackward, SavedTilesTrainingMode) {
+  REQUIRE_GPU();
+  struct SavedCase {
+    Case c;
+    const char* seg_len;
+  };
+  for (const SavedCase& sc :
+       {SavedCase{{"saved_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_siso_halved_norm", 1, 200, 2, 1, 64, 64, 1, 16, true, true, false, {},
+                   kH, kB},
+                  nullptr},
+        SavedCase{{"saved_mimo_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH,
+                   kB},
+                  nullptr},
+        SavedCase{{"saved_mimo_r4_n64", 1, 90, 4, 2, 64, 64, 4, 16, true, true, true, {}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false,
+                   {80, 0, 63, 57}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_p128_r2", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_split", 1, 333, 2, 1, 128, 64, 1, 32, true, true, false, {}, kH, kB},
+                  "64"},
+        SavedCase{{"saved_split_mimo_varlen", 1, 300, 2, 1, 64, 64, 2, 16, true, false, true,
+                   {100, 0, 137, 63}, kI, kB},
+                  "128"}}) {
+    const Case& c = sc.c;
+    SCOPED_TRACE(c.name);
+    ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", sc.seg_len);
+    check::Problem p = make(c, 900 + c.L);
+    RunOptions o;
+    o.out_dtype = c.dtype;
+    {
+      check::HostTensor out = p.make_out(c.dtype);
+      ForwardArgs f;
+      f.in = p.inputs();
+      f.out = out.view();
+      f.lane = Lane::kCuda;
+      int64_t n = 0;
+      const Status st = cuda::saved_numel_staged(f, &n);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      ASSERT_GT(n, 0) << "the tensor-core path should save";
+    }
+    const Result plain = run(p, Eval::kCuda, o);
+    o.use_saved = true;
+    const Result saved = run(p, Eval::kCuda, o);
+    const Result again = run(p, Eval::kCuda, o);
+    Result fwd_plain, fwd_saved;
+    for (const auto& [name, v] : plain)
+      if (name.rfind("grad.", 0) != 0) fwd_plain[name] = v, fwd_saved[name] = saved.at(name);
+    expect_bitwise_equal(fwd_saved, fwd_plain, "forward outputs with and without saving");
+    expect_bitwise_equal(again, saved, "two saved-mode runs");
+    o.use_saved = false;
+    const Result ref = grads_only(run(p, Eval::kReference, o));
+    const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
+    expect_within_bar_or_recipe(grads_only(saved), ref, naive, kTcGradTol,
+                                p.config().describe() + " (saved tiles)");
+  }
+}
+
+// MAMBA3_CUDA_SAVE_TILES=0 turns saving off (saved_numel 0); another value is an error naming it.
+TEST(CudaBackward, SaveTilesGate) {
+  REQUIRE_GPU();
+  Case c{"gate", 1, 100, 2, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB};
+  check::Problem p = make(c, 4);
+  check::HostTensor out = p.make_out(DType::kBF16);
+  ForwardArgs f;
+  f.in = p.inputs();
+  f.out = out.view();
+  f.lane = Lane::kCuda;
+  int64_t n = -1;
+  {
+    ScopedEnv off("MAMBA3_CUDA_SAVE_TILES", "0");
+    const Status st = cuda::saved_numel_staged(f, &n);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    EXPECT_EQ(n, 0);
+  }
+  {
+    ScopedEnv bad("MAMBA3_CUDA_SAVE_TILES", "yes");
+    const Status st = cuda::saved_numel_staged(f, &n);
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+    EXPECT_NE(st.message().find("MAMBA3_CUDA_SAVE_TILES"), std::string::npos) << st.message();
+  }
+  ASSERT_TRUE(cuda::saved_numel_staged(f, &n).ok());
+  EXPECT_GT(n, 0);
+  // A buffer of another size is an error naming `saved` and the expected size.
+  std::vector<float> small(static_cast<size_t>(n - 64), 0.f);
+  f.saved = make_tensor(small.data(), DType::kF32, {n - 64});
+  const Status st = cuda::forward_staged(f);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("saved"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find(std::to_string(n)), std::string::npos) << st.message();
+}
+
+// Off the tensor-core path the cuda lane saves nothing: saved_numel is 0, an empty buffer is
+// accepted and changes no bit, a non-empty one is an error naming the expected size.
 TEST(CudaBackward, EmptySavedBufferChangesNothing) {
   REQUIRE_GPU();
   Case c{"saved", 1, 130, 2, 1, 64, 64, 2, 16, true, true, true, {}, kH, kF};

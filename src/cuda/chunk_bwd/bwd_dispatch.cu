@@ -9,6 +9,10 @@ Status backward_chunked(const BackwardArgs& args, const Dims& dims) {
   return bwd::backward_chunked(args, dims);
 }
 
+Status saved_layout_for(const Inputs& in, const Dims& dims, bool forward_tc, SavedLayout* out) {
+  return bwd::saved_layout_for(in, dims, forward_tc, out);
+}
+
 std::string backward_configurations() {
   return "backward: tensor cores (bf16 mma.sync for the chunk products) for bf16 q, k, v with "
          "16-byte aligned contiguous rows at N, P in {64, 128} (MIMO: unless "

@@ -26,6 +26,9 @@
 // products reach ~10 % of the FMA peak (this measurement predates bwd_tc.cuh).
 #pragma once
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "cuda/chunk_bwd/bwd_params.cuh"
 
 namespace mamba3::cuda::bwd {
@@ -38,6 +41,19 @@ namespace mamba3::cuda::bwd {
 
 __global__ void __launch_bounds__(32) bwd_plan_kernel(BwdParams bp) {
   if (threadIdx.x != 0) return;
+  if (bp.saved_hdr) {  // the saved buffer must come from a forward on inputs of these shapes
+    for (int i = 0; i < kSavedHeaderInts; ++i)
+      if (bp.saved_hdr[i] != bp.want_hdr[i]) {
+        printf("mamba3 cuda backward: BackwardArgs::saved header word %d is %d, these inputs "
+               "expect %d (not the saved buffer of a forward on them); aborting the kernel\n",
+               i, bp.saved_hdr[i], bp.want_hdr[i]);
+#ifdef MAMBA3_CUDA_EMU
+        std::abort();
+#else
+        __trap();
+#endif
+      }
+  }
   int off = 0;
   for (int s = 0; s < bp.p.S; ++s) {
     bp.ws.chunk_off[s] = off;

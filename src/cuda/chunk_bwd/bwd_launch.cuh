@@ -5,9 +5,10 @@
 //
 // Workspace: one stream-ordered allocation (workspace_alloc / cudaFreeAsync on the call's
 // stream), so the call stays asynchronous and capturable; the lane's pool keeps the freed memory
-// for the next call (cuda/common/workspace.h), nothing else is kept between calls. The
-// backward saves nothing from the forward (the cuda lane's saved-activation layout is empty):
-// it recomputes the chunk-start states itself.
+// for the next call (cuda/common/workspace.h), nothing else is kept between calls. With the
+// forward's saved buffer (BackwardArgs::saved, cuda/common/tile_record.cuh: the tile records,
+// chunk-start states and decays the tensor-core forward wrote) the backward skips its loader
+// pass (chunk_state_tc), the state scan and the angle scans; without it, it recomputes them.
 #pragma once
 
 #include <algorithm>
@@ -236,6 +237,45 @@ inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
   return pick_backward_rows(a, d, make_params(f, d), smem_limit, mimo_tc, &tc) > 0 && tc;
 }
 
+// MAMBA3_CUDA_SAVE_TILES: unset, empty or 1: a training forward on the tensor-core path saves
+// the tile records, chunk-start states and decays for the backward (saved_numel > 0); 0: it
+// saves nothing and the backward recomputes them. Anything else is an error naming it.
+inline Status save_tiles_gate(bool* on) {
+  *on = true;
+  const char* env = std::getenv("MAMBA3_CUDA_SAVE_TILES");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
+  if (std::strcmp(env, "0") == 0) {
+    *on = false;
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(std::string("MAMBA3_CUDA_SAVE_TILES: expected 0 or 1, got '") +
+                                 env + "'");
+}
+
+// The saved-activation layout of these inputs (bytes 0: nothing is saved): the backward must
+// take the tensor-core chunk kernels (64-row chunks) and `forward_tc` says the forward does.
+inline Status saved_layout_for(const Inputs& in, const Dims& d, bool forward_tc,
+                               SavedLayout* out) {
+  *out = SavedLayout{};
+  bool on = true;
+  M3_RETURN_IF_ERROR(save_tiles_gate(&on));
+  if (!on || !forward_tc || d.S * d.H == 0 || !check_backward_supported(d).ok()) return Status::Ok();
+  BackwardArgs b;
+  b.in = in;
+  bool mimo_tc = true;
+  M3_RETURN_IF_ERROR(mimo_tensor_core_gate(&mimo_tc));
+  int smem_limit = 0;
+  M3_RETURN_IF_ERROR(max_dynamic_smem(&smem_limit));
+  ForwardArgs f;
+  f.in = in;
+  bool tc = false;
+  const int rows = pick_backward_rows(b, d, make_params(f, d), smem_limit, mimo_tc, &tc);
+  if (!tc || rows != kRecordRows) return Status::Ok();
+  *out = saved_layout(d.B, d.L, d.H, d.G, d.N, d.P, d.R, d.NA, d.S, d.varlen,
+                      in.rope_pairing == RopePairing::kInterleaved, d.per_rank_out);
+  return Status::Ok();
+}
+
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
 inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   M3_RETURN_IF_ERROR(check_backward_supported(d));
@@ -251,6 +291,21 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) + ", P = " +
                                 std::to_string(d.P) + " does not fit the device's shared memory");
   bp.rows = rows, bp.C = rows / static_cast<int>(d.R);
+  // The forward's saved buffer (validated size: saved_numel of these inputs, so the layout
+  // applies and rows == 64); its header is compared on the device by bwd_plan_kernel.
+  const bool from_saved = a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0;
+  SavedLayout sl{};
+  if (from_saved) {
+    M3_RETURN_IF_ERROR(bwd::saved_layout_for(a.in, d, true, &sl));
+    if (!tc || sl.bytes != a.saved.shape[0] * 4 || rows != kRecordRows)
+      return Status::InvalidArgument(
+          "saved: not a saved buffer of the tensor-core path for these inputs (its size must be "
+          "saved_numel of them, with the same MAMBA3_CUDA_SAVE_TILES / MAMBA3_CUDA_BWD_MIMO_TC)");
+    if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
+      return Status::InvalidArgument("saved: data must be 16-byte aligned");
+    bp.saved_hdr = static_cast<const int32_t*>(a.saved.data);
+    for (int i = 0; i < kSavedHeaderInts; ++i) bp.want_hdr[i] = sl.header[i];
+  }
   const int N = static_cast<int>(d.N), P = static_cast<int>(d.P), R = static_cast<int>(d.R);
   const int H = static_cast<int>(d.H), NA = static_cast<int>(d.NA), S = static_cast<int>(d.S);
   BwdSmem l3{}, l5{}, l7{};  // the SIMT kernels' layouts at `rows` (unused with tc)
@@ -269,9 +324,11 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   WorkspaceBuffer buf(stream);
   Workspace& ws = bp.ws;
   buf.reserve(&ws.chunk_off, S + 1);
-  buf.reserve(&ws.theta, cells * NA);
-  buf.reserve(&ws.decay, cells);
-  buf.reserve(&ws.s_prev, cells * PN);
+  if (!from_saved) {
+    buf.reserve(&ws.theta, cells * NA);
+    buf.reserve(&ws.decay, cells);
+    buf.reserve(&ws.s_prev, cells * PN);
+  }
   buf.reserve(&ws.ds_end, cells * PN);
   buf.reserve(&ws.dy, bp.L_tot * H * R * P);
   if (shared_qk && a.grads.q.defined()) buf.reserve(&ws.dq, bp.L_tot * H * R * N);
@@ -285,11 +342,18 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     buf.reserve(&ws.ds0, S * H * PN);
     buf.reserve(&ws.initp, S * H * (R * P + 1));
   }
-  if (tc) {  // the chunk loader's output, once per chunk (bwd_tc.cuh, tc_chunk_tiles)
+  if (tc && !from_saved) {  // the chunk loader's output, once per chunk (bwd_tc.cuh, tc_chunk_tiles)
     bp.tr = tile_record(N, P, rows, bp.C, NA);
     buf.reserve(&ws.tiles, cells * bp.tr.bytes);
   }
   M3_RETURN_IF_ERROR(buf.allocate());
+  if (from_saved) {
+    if (sl.cells != cells)
+      return Status::Internal("saved: layout of " + std::to_string(sl.cells) + " cells, the backward has " +
+                              std::to_string(cells));
+    const SavedPtrs sp = saved_ptrs(a.saved.data, sl);
+    ws.decay = sp.decay, ws.s_prev = sp.s_prev, ws.tiles = sp.tiles, bp.tr = sp.tr;
+  }
 
   const unsigned grid_ch = static_cast<unsigned>(ncu), seq_heads = static_cast<unsigned>(S * H);
   // The state scans take 4 consecutive elements per thread where they share a row (N % 4 == 0).
@@ -316,7 +380,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
 
   M3B_LAUNCH(bwd_plan_kernel, (1), (32), 0, stream, bp);
   M3B_CHECK_LAUNCH("bwd_plan_kernel");
-  if (ncu > 0) {
+  if (ncu > 0 && !from_saved) {  // the loader pass and the state scan (saved: done by the forward)
     if (NA > 0) {
       M3B_LAUNCH(bwd_angle_sum_kernel, (grid_ch, H), (kThreads), angle_bytes, stream, bp);
       M3B_CHECK_LAUNCH("bwd_angle_sum_kernel");
@@ -338,6 +402,8 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
       M3B_LAUNCH(bwd_state_scan_kernel<1>, (seq_heads, pn_blocks), (kThreads), par_bytes, stream,
                  bp);
     M3B_CHECK_LAUNCH("bwd_state_scan_kernel");
+  }
+  if (ncu > 0) {
     if (tc) {
       M3B_LAUNCH(out_tc, (grid_ch, H), (kThreads), static_cast<size_t>(lo.bytes), stream, bp, lo);
       M3B_CHECK_LAUNCH("bwd_chunk_out_tc_kernel");

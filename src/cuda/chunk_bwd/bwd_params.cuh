@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "cuda/common/layer_io.cuh"
+#include "cuda/common/tile_record.cuh"
 
 namespace mamba3::cuda::bwd {
 
@@ -24,21 +25,17 @@ inline constexpr int kTileX = 32;     // rows of a (P, N) state staged in shared
 inline constexpr int kScalarArrays = 12;
 inline constexpr int kScanBatch = 8;  // chunks whose loads a state-scan thread keeps in flight  // per-token / per-row scalar arrays of kMaxRows floats
 
-// Scalar arrays of a chunk in shared memory (index * kMaxRows floats from BwdSmem::scal).
+// Scalar arrays of a chunk in shared memory (index * kMaxRows floats from BwdSmem::scal): the
+// loader's (kCs .. kDt, cuda/common/tile_record.cuh), then the backward's own.
 enum ScalarArray {
-  kCs = 0,  // inclusive cumulative sum of adt inside the chunk (per token)
-  kE,       // exp(cs)
-  kW,       // w = gamma + sgamma (per token)
-  kFw,      // exp(cs_last - cs) * w
-  kGam,     // gamma = lambda * dt
-  kLam,     // lambda = sigmoid(trap)
-  kDt,      // dt
-  kDcs,     // gradient of cs
-  kDw,      // gradient of w
-  kDgam,    // gradient of gamma
-  kXr,      // per-row scratch (row sums)
-  kRstd,    // per-row rstd of the fused norm
+  kDcs = kLoaderScalars,  // gradient of cs
+  kDw,                    // gradient of w
+  kDgam,                  // gradient of gamma
+  kXr,                    // per-row scratch (row sums)
+  kRstd,                  // per-row rstd of the fused norm
 };
+static_assert(kRstd + 1 == kScalarArrays, "scalar arrays");
+static_assert(kRecordRows == kMaxRows, "tile records hold 64-row chunks");
 
 // Workspace (one stream-ordered allocation per call), all fp32 unless noted. ncu = upper bound
 // of the number of chunks of the call; L_tot = B * L token slots (token (b, l) is b * L + l).
@@ -63,28 +60,6 @@ struct Workspace {
                                    // the chunk loader's output, written once by chunk_state_tc
                                    // and copied back by chunk_out_tc and chunk_grad_tc
 };
-
-// The loader's scalar arrays (kCs .. kDt) kept in a tile record.
-inline constexpr int kLoaderScalars = kDt + 1;
-
-// One chunk's record in Workspace::tiles, byte offsets (16-byte aligned): the rotated biased q
-// and k rows and the v * psi rows as the tensor-core loader rounds them (bf16, rows x N | P,
-// dense), the wrapped angles (C x NA fp32) and the loader's scalar arrays (kLoaderScalars x
-// kMaxRows fp32). 50 KB at N = 128, P = 64, R = 1, NA = 32, 64-row chunks.
-struct TileRecord {
-  int q, k, v, th, sc, bytes;
-};
-__host__ __device__ inline TileRecord tile_record(int N, int P, int rows, int C, int NA) {
-  auto up16 = [](int x) { return (x + 15) & ~15; };
-  TileRecord r;
-  r.q = 0;
-  r.k = r.q + rows * N * 2;
-  r.v = r.k + rows * N * 2;
-  r.th = r.v + rows * P * 2;
-  r.sc = r.th + up16(C * NA * 4);
-  r.bytes = r.sc + kLoaderScalars * kMaxRows * 4;
-  return r;
-}
 
 // Fields of one per-chunk partial record (Workspace::par), offsets in floats.
 struct ParFields {
@@ -115,6 +90,10 @@ struct BwdParams {
   int64_t L_tot = 0;
   ParFields pf;
   TileRecord tr{};  // layout of Workspace::tiles (tensor-core path)
+  // The forward's saved buffer (null: none): its header, checked against want_hdr by
+  // bwd_plan_kernel before any kernel reads the records.
+  const int32_t* saved_hdr = nullptr;
+  int32_t want_hdr[kSavedHeaderInts] = {};
 };
 
 // Shared-memory layout of the chunk kernels; offsets in floats (-1: not allocated). Pitches pad

@@ -23,6 +23,7 @@
 #include "cuda/common/async_copy.cuh"
 #include "cuda/common/layer_io.cuh"
 #include "cuda/common/mma.cuh"
+#include "cuda/common/tile_record.cuh"
 
 namespace mamba3::cuda {
 
@@ -53,7 +54,7 @@ struct TcCfg {
 };
 
 struct TcLay {
-  int q, k0, k1, vs, ss, vraw, z, ang, theta, scal, der, rowsq, par, bytes;
+  int q, k0, k1, vs, ss, vraw, z, ang, theta, scal, der, rowsq, par, cell, bytes;
 };
 
 __host__ __device__ constexpr int tc_up16(int x) { return (x + 15) & ~15; }
@@ -79,6 +80,7 @@ __host__ __device__ inline TcLay tc_layout(int R, int NA) {
   l.der = o, o += 5 * kTcRows * 4;               // cs, ex, gam, w, fw
   l.rowsq = o, o += 2 * kTcRows * 4;             // norm: partial sums of squares per half
   l.par = o, o += tc_up16((3 * R * P + P + 2 * R * N) * 4);  // psi, zeta, phi, wn, qb, kb
+  l.cell = o, o += 16;  // kSave: the saved cell of the sequence's first chunk (int64)
   l.bytes = o;
   return l;
 }
@@ -131,9 +133,14 @@ __device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64
   }
 }
 
-template <int N, int P, bool kStates>
+// kSave (training; not with kStates): every chunk also writes what the backward's loader would
+// compute (cuda/common/tile_record.cuh): its start state and decay, and its tile record (the
+// rotated q, k and v psi tiles, wrapped angles and scalar arrays exactly as this kernel uses
+// them), so the backward skips its own loader pass and state scan.
+template <int N, int P, bool kStates, bool kSave = false>
 __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
-    fwd_tc_kernel(CoreParams p, SegParams sp) {
+    fwd_tc_kernel(CoreParams p, SegParams sp, SavedPtrs sv) {
+  static_assert(!(kStates && kSave), "the state pass saves nothing");
   using Cfg = TcCfg<N, P>;
   constexpr int kQp = Cfg::kQp, kVp = Cfg::kVp;
   extern __shared__ __align__(16) unsigned char tc_smem[];
@@ -189,6 +196,27 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   }
   const bool from_segment = sp.nseg > 1 && seg > 0;  // start state from pass 1 / combine
   const bool has_init = p.init_ssm.defined();
+  // kSave: the saved cell of the sequence's first chunk (flat chunk ids over the sequences, as
+  // the backward numbers them: chunk_off[s] * H + h); summed over the earlier packed sequences
+  // by all threads, combined through `rowsq` (free until the first chunk's norm). Kept in
+  // shared memory (lay.cell), not in a register across the chunk loop.
+  int64_t* cell0_s = reinterpret_cast<int64_t*>(sm + lay.cell);
+  if constexpr (kSave) {
+    if (blockIdx.x == 0 && tid < kSavedHeaderInts)
+      reinterpret_cast<int32_t*>(sv.base)[tid] = sv.header[tid];
+    if (p.cu_seqlens) {
+      int part = 0;
+      for (int u = tid; u < s; u += kTcThreads) {
+        const int nu = p.cu_seqlens[(u + 1) * p.cu_stride] - p.cu_seqlens[u * p.cu_stride];
+        part += (nu + C - 1) / C;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) reinterpret_cast<int*>(sm + lay.rowsq)[warp] = part;
+    } else if (tid == 0) {
+      *cell0_s = static_cast<int64_t>(s) * ((p.L + C - 1) / C) * p.H + h;
+    }
+  }
 
   // ---- Per-head parameters and biases, once per CTA.
   load_head_params(p, h, psi_s, zeta_s, phi_s, wn_s, tid, kTcThreads);
@@ -289,6 +317,14 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       sg0 = (1.f - sigmoidf_(dload_ro(p.trap, scal_ptr(p.trap, 0)))) *
             dload_ro(p.dt, scal_ptr(p.dt, 0));
     __syncthreads();  // psi_s (used by the initial state) ready
+    if constexpr (kSave) {
+      if (p.cu_seqlens && tid == 0) {
+        int off = 0;
+#pragma unroll
+        for (int w8 = 0; w8 < kTcThreads / 32; ++w8) off += reinterpret_cast<const int*>(sm + lay.rowsq)[w8];
+        *cell0_s = static_cast<int64_t>(off) * p.H + h;
+      }
+    }
     // Each element once, in a plain loop, into an fp32 staging tile over the q, k and v buffers
     // (unused until the first prefetch below), then into the registers of the fragment layout:
     // computing it in the 32-fold unrolled fragment loop spilled registers.
@@ -335,6 +371,19 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     const int m = min(C, t_end - c0), mr = m * R;
     const int c1 = c0 + C, m1 = c1 < t_end ? min(C, t_end - c1) : 0;
     __nv_bfloat16* Kc = (it & 1) ? K1 : K0;
+    // kSave: this chunk's cell and record (C = 64 >> lr), recomputed where used; its start
+    // state from the registers.
+    auto save_cell = [&]() { return *cell0_s + static_cast<int64_t>(c0 >> (6 - lr)) * p.H; };
+    auto save_rec = [&]() { return sv.tiles + save_cell() * sv.tr.bytes; };
+    if constexpr (kSave) {
+      float* st = sv.s_prev + save_cell() * (P * N);
+#pragma unroll
+      for (int j = 0; j < Cfg::kNW / 8; ++j) {
+        const int x = xt * 16 + gq, n = nh * Cfg::kNW + j * 8 + 2 * tq;
+        __stcs(reinterpret_cast<float2*>(st + x * N + n), make_float2(sreg[j][0], sreg[j][1]));
+        __stcs(reinterpret_cast<float2*>(st + (x + 8) * N + n), make_float2(sreg[j][2], sreg[j][3]));
+      }
+    }
     cp_async_wait<0>();
     __syncthreads();  // S1: this chunk's tiles and scalars are in shared memory
     // Group 1: k of the next chunk, z of this one (for its epilogue).
@@ -402,12 +451,20 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         gam[t] = gv, wv[t] = wvv, cs[t] = csv, ex[t] = exv, fw[t] = fwv;
       }
       if (kStates && lane == 0) decay_prod *= expf(cl);
+      if (kSave && lane == 0) __stcs(sv.decay + save_cell(), expf(cl));
     }
     __syncthreads();  // S2: cs, ex, gam, w, fw and the chunk's angles ready
 
     // ---- P2: rotate (and bias) q and k in place; v * psi into Vs.
     {
       const float* th = ang;
+      if constexpr (kSave) {
+        unsigned char* rec = save_rec();
+        // The wrapped angles (C x NA; zero past the chunk).
+        uint4* dst = reinterpret_cast<uint4*>(rec + sv.tr.th);
+        for (int i = tid; i < C * NA / 4; i += kTcThreads)
+          __stcs(dst + i, reinterpret_cast<const uint4*>(ang)[i]);
+      }
       if (p.interleaved) {
         constexpr int kCh = N / 8;
 #pragma unroll 1
@@ -523,6 +580,36 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         }
       }
       __syncthreads();  // S3b: score tile complete
+    }
+    if constexpr (kSave) {  // the rotated q, k and v psi tiles (rows past the chunk are zero)
+      auto tile = [&](const __nv_bfloat16* src, int pitch, int off, int cols) {
+        const int c8 = cols / 8, lc = cols == 128 ? 4 : 3;  // cols in {64, 128}
+        uint4* dst = reinterpret_cast<uint4*>(save_rec() + off);
+#pragma unroll 1
+        for (int i = tid; i < kTcRows * c8; i += kTcThreads)
+          __stcs(dst + i, *reinterpret_cast<const uint4*>(src + (i >> lc) * pitch + (i & (c8 - 1)) * 8));
+      };
+      tile(Qs, kQp, sv.tr.q, N);
+      tile(Kc, kQp, sv.tr.k, N);
+      tile(Vs, kVp, sv.tr.v, P);
+      // The scalar arrays, all 64 entries (zero past the chunk's m tokens).
+      float* sc = reinterpret_cast<float*>(save_rec() + sv.tr.sc);
+      for (int i = tid; i < kLoaderScalars * kRecordRows; i += kTcThreads) {
+        const int a = i >> 6, t = i & (kRecordRows - 1);
+        float v = 0.f;
+        if (t < m) {
+          switch (a) {
+            case kCs: v = cs[t]; break;
+            case kE: v = ex[t]; break;
+            case kW: v = wv[t]; break;
+            case kFw: v = fw[t]; break;
+            case kGam: v = gam[t]; break;
+            case kLam: v = sigmoidf_(tr_s[t]); break;
+            default: v = dt_s[t]; break;
+          }
+        }
+        __stcs(sc + i, v);
+      }
     }
 
     // ---- P3: Y for rows 16 rt.. and columns hh * kPH.. (skipped by the state pass).
