@@ -127,6 +127,19 @@ inline Status check_backward_supported(const Dims& d) {
   return Status::Ok();
 }
 
+// A cuda-lane gate that is on unless its variable is "0": unset, empty or "1" leave it on;
+// anything else is an error naming the variable.
+inline Status default_on_gate(const char* name, bool* on) {
+  *on = true;
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
+  if (std::strcmp(env, "0") == 0) {
+    *on = false;
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(std::string(name) + ": expected 0 or 1, got '" + env + "'");
+}
+
 // MIMO (R > 1) takes the tensor-core backward unless MAMBA3_CUDA_BWD_MIMO_TC=0 (an opt-out to
 // the fp32 SIMT kernels). It was opt-in while its angle gradient was 1.7e-2 from float64 on the
 // H200 (2026-11-29, peers parity case B=2 L=512 H=8 N=128 P=64 R=4, bf16): the angle carry then
@@ -134,17 +147,7 @@ inline Status check_backward_supported(const Dims& d) {
 // chunk boundaries (bwd_angle_boundary_kernel) and chunk_grad splits the states it multiplies
 // in two bf16 terms (emulated, B=1 H=1 L=512: 1.8e-2 -> 3.7e-3).
 // Unset, empty or 1: on; 0: off; anything else is an error naming the variable.
-inline Status mimo_tensor_core_gate(bool* on) {
-  *on = true;
-  const char* env = std::getenv("MAMBA3_CUDA_BWD_MIMO_TC");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
-  if (std::strcmp(env, "0") == 0) {
-    *on = false;
-    return Status::Ok();
-  }
-  return Status::InvalidArgument(std::string("MAMBA3_CUDA_BWD_MIMO_TC: expected 0 or 1, got '") +
-                                 env + "'");
-}
+inline Status mimo_tensor_core_gate(bool* on) { return default_on_gate("MAMBA3_CUDA_BWD_MIMO_TC", on); }
 
 // The tensor-core chunk kernels (bwd_tc.cuh) serve bf16 q, k, v with 16-byte aligned contiguous
 // rows (the forward's rule, CoreParams::tc_vec) at N, P in {64, 128}, SISO and MIMO with R a power
@@ -240,17 +243,7 @@ inline bool backward_uses_tensor_cores(const BackwardArgs& a, const Dims& d) {
 // MAMBA3_CUDA_SAVE_TILES: unset, empty or 1: a training forward on the tensor-core path saves
 // the tile records, chunk-start states and decays for the backward (saved_numel > 0); 0: it
 // saves nothing and the backward recomputes them. Anything else is an error naming it.
-inline Status save_tiles_gate(bool* on) {
-  *on = true;
-  const char* env = std::getenv("MAMBA3_CUDA_SAVE_TILES");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
-  if (std::strcmp(env, "0") == 0) {
-    *on = false;
-    return Status::Ok();
-  }
-  return Status::InvalidArgument(std::string("MAMBA3_CUDA_SAVE_TILES: expected 0 or 1, got '") +
-                                 env + "'");
-}
+inline Status save_tiles_gate(bool* on) { return default_on_gate("MAMBA3_CUDA_SAVE_TILES", on); }
 
 // The saved-activation layout of these inputs (bytes 0: nothing is saved): the backward must
 // take the tensor-core chunk kernels (64-row chunks) and `forward_tc` says the forward does.
