@@ -92,10 +92,7 @@ TEST(CpuLane, SavedBufferIsChecked) {
   Case c{"saved_bad", 1, 70, 2, 1, 16, 8, 1, 4, true, false, false, {}, kI, kF};
   check::Problem p = make(c, 3);
   check::HostTensor out = p.make_out(DType::kF32);
-  ForwardArgs f;
-  f.in = p.inputs();
-  f.out = out.view();
-  f.lane = Lane::kCpu;
+  ForwardArgs f = forward_args(p, out, Lane::kCpu);
   int64_t n = 0;
   ASSERT_TRUE(saved_numel(f, &n).ok());
   EXPECT_GT(n, 16);

@@ -64,6 +64,16 @@ inline void put_states(Result* r, const check::StateBuffers& s) {
   put(r, "final.k", s.k), put(r, "final.v", s.v);
 }
 
+// Forward arguments of `p` over host buffers: its inputs, out into `out`, on `lane`.
+inline ForwardArgs forward_args(const check::Problem& p, const check::HostTensor& out,
+                                Lane lane = Lane::kAuto) {
+  ForwardArgs f;
+  f.in = p.inputs();
+  f.out = out.view();
+  f.lane = lane;
+  return f;
+}
+
 // Backward arguments over host buffers: inputs `in`, cotangents `dout` (of out) and `ds` (of
 // the final states; left absent when `with_d_final` is false, as for a loss on out only),
 // gradients into `g`.

@@ -208,12 +208,8 @@ TEST(CudaBackward, SavedTilesTrainingMode) {
     o.out_dtype = c.dtype;
     {
       check::HostTensor out = p.make_out(c.dtype);
-      ForwardArgs f;
-      f.in = p.inputs();
-      f.out = out.view();
-      f.lane = Lane::kCuda;
       int64_t n = 0;
-      const Status st = cuda::saved_numel_staged(f, &n);
+      const Status st = cuda::saved_numel_staged(forward_args(p, out, Lane::kCuda), &n);
       ASSERT_TRUE(st.ok()) << st.ToString();
       ASSERT_GT(n, 0) << "the tensor-core path should save";
     }
@@ -240,10 +236,7 @@ TEST(CudaBackward, SaveTilesGate) {
   Case c{"gate", 1, 100, 2, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB};
   check::Problem p = make(c, 4);
   check::HostTensor out = p.make_out(DType::kBF16);
-  ForwardArgs f;
-  f.in = p.inputs();
-  f.out = out.view();
-  f.lane = Lane::kCuda;
+  ForwardArgs f = forward_args(p, out, Lane::kCuda);
   int64_t n = -1;
   {
     ScopedEnv off("MAMBA3_CUDA_SAVE_TILES", "0");

@@ -117,10 +117,7 @@ TEST(CudaSegmentedForward, BitwiseDeterministicAndBadOverrideNamed) {
   }
   ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "100");
   check::HostTensor out = p.make_out(DType::kBF16);
-  ForwardArgs f;
-  f.in = p.inputs();
-  f.out = out.view();
-  Status st = cuda::forward_staged(f);
+  Status st = cuda::forward_staged(forward_args(p, out));
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
   EXPECT_NE(st.message().find("MAMBA3_CUDA_SEG_LEN"), std::string::npos) << st.message();
 }
@@ -229,10 +226,7 @@ TEST(CudaForward, UnsupportedConfigurationSaysSo) {
   Case c{"big", 1, 8, 2, 1, 256, 64, 1, 16, false, false, false, {}, kI, kF};
   check::Problem p = make(c, 1);
   check::HostTensor out = p.make_out(DType::kF32);
-  ForwardArgs f;
-  f.in = p.inputs();
-  f.out = out.view();
-  Status st = cuda::forward_staged(f);
+  Status st = cuda::forward_staged(forward_args(p, out));
   EXPECT_EQ(st.code(), StatusCode::kNotSupported) << st.ToString();
   EXPECT_NE(st.message().find("N = 256"), std::string::npos) << st.message();
 }
