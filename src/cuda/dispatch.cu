@@ -157,12 +157,11 @@ Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
   if (d.S * d.H == 0) return Status::Ok();
   const CoreParams p = make_params(a, d);
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  // Training: ForwardArgs::saved (its size already checked against saved_numel) gets the tile
-  // records, chunk-start states and decays.
+  // Training: ForwardArgs::saved (its size already checked against saved_numel by the API, so
+  // the layout applies) gets the tile records, chunk-start states and decays.
   SavedPtrs sv;
   if (a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0) {
-    SavedLayout l;
-    M3_RETURN_IF_ERROR(saved_plan(a.in, d, &l));
+    const SavedLayout l = saved_layout(a.in, d);
     if (l.bytes != a.saved.shape[0] * 4)
       return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
                                      " float32 elements for these inputs, got " +

@@ -264,8 +264,7 @@ inline Status saved_layout_for(const Inputs& in, const Dims& d, bool forward_tc,
   bool tc = false;
   const int rows = pick_backward_rows(b, d, make_params(f, d), smem_limit, mimo_tc, &tc);
   if (!tc || rows != kRecordRows) return Status::Ok();
-  *out = saved_layout(d.B, d.L, d.H, d.G, d.N, d.P, d.R, d.NA, d.S, d.varlen,
-                      in.rope_pairing == RopePairing::kInterleaved, d.per_rank_out);
+  *out = saved_layout(in, d);
   return Status::Ok();
 }
 
@@ -284,12 +283,13 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) + ", P = " +
                                 std::to_string(d.P) + " does not fit the device's shared memory");
   bp.rows = rows, bp.C = rows / static_cast<int>(d.R);
-  // The forward's saved buffer (validated size: saved_numel of these inputs, so the layout
-  // applies and rows == 64); its header is compared on the device by bwd_plan_kernel.
+  // The forward's saved buffer (its size already checked against saved_numel of these inputs by
+  // the API, so tc and rows == 64 hold; checked again here against this call's choice); its
+  // header is compared on the device by bwd_plan_kernel.
   const bool from_saved = a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0;
   SavedLayout sl{};
   if (from_saved) {
-    M3_RETURN_IF_ERROR(bwd::saved_layout_for(a.in, d, true, &sl));
+    sl = saved_layout(a.in, d);
     if (!tc || sl.bytes != a.saved.shape[0] * 4 || rows != kRecordRows)
       return Status::InvalidArgument(
           "saved: not a saved buffer of the tensor-core path for these inputs (its size must be "

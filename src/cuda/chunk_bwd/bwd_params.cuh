@@ -58,7 +58,9 @@ struct Workspace {
   float* initp = nullptr;        // (S, H, R*P + 1): initial-pair parts of d psi, and d sg0
   unsigned char* tiles = nullptr;  // (ncu, H) records of TileRecord::bytes (tensor-core path):
                                    // the chunk loader's output, written once by chunk_state_tc
-                                   // and copied back by chunk_out_tc and chunk_grad_tc
+                                   // and copied back by chunk_out_tc and chunk_grad_tc; with
+                                   // the forward's saved buffer, theta is not allocated and
+                                   // decay, s_prev and tiles point into that buffer
 };
 
 // Fields of one per-chunk partial record (Workspace::par), offsets in floats.

@@ -10,7 +10,8 @@
 // The loader runs once per chunk: chunk_state_tc keeps its output (rotated q and k, v * psi,
 // angles, scalars) in a tile record of the workspace, and chunk_out_tc and chunk_grad_tc copy it
 // back with cp.async (tc_chunk_tiles) instead of repeating the loader's serial angle walk,
-// cumulative sum and rotations.
+// cumulative sum and rotations. In training mode the forward has written the same records
+// into its saved buffer (cuda/common/tile_record.cuh) and chunk_state_tc does not run.
 //
 // Shared memory at N = 128, P = 64, R = 1, NA = 32 (tc_layout): chunk_state 67 KB (three CTAs
 // per SM), chunk_out ~95 KB and chunk_grad ~104 KB (two CTAs per SM each).

@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
   const bool rows_live = i0 < kr;
   float* psi = reinterpret_cast<float*>(sm + lay.par);
-  tc_chunk_tiles<true>(bp, ck0, lay, sm, tid);  // chunk_state_tc's loader output
+  tc_chunk_tiles<true>(bp, ck0, lay, sm, tid);  // the loader's output (chunk_state_tc or forward)
   load_head_psi(p, h, psi, tid, kT);  // dv = sum_r dV_r psi_r
   float* sc = reinterpret_cast<float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "core/validate.h"
+
 namespace mamba3::cuda {
 
 // The loader's per-token scalar arrays, kMaxRows (64) floats each, in this order in a record
@@ -57,28 +59,29 @@ struct SavedLayout {
   int32_t header[kSavedHeaderInts] = {};
 };
 
-// Everything the layout depends on; ncu is the backward's bound on the chunk count (packed
-// sequences: ceil(L / C) + S, else S * ceil(L / C)).
-__host__ inline SavedLayout saved_layout(int64_t B, int64_t L, int64_t H, int64_t G, int64_t N,
-                                         int64_t P, int64_t R, int64_t NA, int64_t S, bool varlen,
-                                         bool interleaved, bool per_rank_out) {
+// The layout for validated dimensions; ncu is the backward's bound on the chunk count (packed
+// sequences: ceil(L / C) + S, else S * ceil(L / C)). Whether the inputs get a saved buffer at all
+// is the lane's call (saved_layout_for in chunk_bwd/bwd_launch.cuh).
+__host__ inline SavedLayout saved_layout(const Inputs& in, const Dims& d) {
   SavedLayout s;
-  const int64_t C = kRecordRows / R;
-  const int64_t ncu = varlen ? (L + C - 1) / C + S : S * ((L + C - 1) / C);
-  s.cells = ncu * H;
-  s.tr = tile_record(static_cast<int>(N), static_cast<int>(P), kRecordRows, static_cast<int>(C),
-                     static_cast<int>(NA));
+  const int64_t C = kRecordRows / d.R;
+  const int64_t ncu = d.varlen ? (d.L + C - 1) / C + d.S : d.S * ((d.L + C - 1) / C);
+  s.cells = ncu * d.H;
+  s.tr = tile_record(static_cast<int>(d.N), static_cast<int>(d.P), kRecordRows,
+                     static_cast<int>(C), static_cast<int>(d.NA));
   auto up256 = [](int64_t x) { return (x + 255) / 256 * 256; };
   int64_t o = 256;  // the header
   s.decay = o, o += up256(s.cells * 4);
-  s.s_prev = o, o += up256(s.cells * P * N * 4);
+  s.s_prev = o, o += up256(s.cells * d.P * d.N * 4);
   s.tiles = o, o += up256(s.cells * s.tr.bytes);
   s.bytes = o;
+  const bool interleaved = in.rope_pairing == RopePairing::kInterleaved;
   const int32_t h[kSavedHeaderInts] = {
-      kSavedMagicCuda, kSavedVersionCuda, static_cast<int32_t>(B), static_cast<int32_t>(L),
-      static_cast<int32_t>(H), static_cast<int32_t>(G), static_cast<int32_t>(N),
-      static_cast<int32_t>(P), static_cast<int32_t>(R), static_cast<int32_t>(NA),
-      static_cast<int32_t>(S), (varlen ? 1 : 0) | (interleaved ? 2 : 0) | (per_rank_out ? 4 : 0),
+      kSavedMagicCuda, kSavedVersionCuda, static_cast<int32_t>(d.B), static_cast<int32_t>(d.L),
+      static_cast<int32_t>(d.H), static_cast<int32_t>(d.G), static_cast<int32_t>(d.N),
+      static_cast<int32_t>(d.P), static_cast<int32_t>(d.R), static_cast<int32_t>(d.NA),
+      static_cast<int32_t>(d.S),
+      (d.varlen ? 1 : 0) | (interleaved ? 2 : 0) | (d.per_rank_out ? 4 : 0),
       static_cast<int32_t>(C), static_cast<int32_t>(s.cells & 0x7fffffff),
       static_cast<int32_t>(s.cells >> 31), static_cast<int32_t>(s.tr.bytes)};
   for (int i = 0; i < kSavedHeaderInts; ++i) s.header[i] = h[i];
