@@ -12,7 +12,7 @@
 #include "core/validate.h"
 #include "cuda/chunk_bwd/bwd_dispatch.h"
 #include "cuda/chunk_fwd/fwd_kernel.cuh"
-#include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
+#include "cuda/chunk_fwd_tc/fwd_tc_launch.cuh"
 #include "cuda/common/check.cuh"
 #include "cuda/common/launch.cuh"
 #include "cuda/common/staging.cuh"
@@ -55,127 +55,21 @@ Status check_cu_seqlens(const Inputs& in, const Dims& d, int64_t* max_len) {
   return Status::Ok();
 }
 
-// MAMBA3_CUDA_SEG_LEN: tokens per segment of the sequence split (a positive multiple of 64), to
-// test or tune it; unset: chosen from the grid size. Anything else is an error, not "unset".
-Status segment_override(int64_t* seg_len) {
-  *seg_len = 0;
-  const char* env = std::getenv("MAMBA3_CUDA_SEG_LEN");
-  if (env == nullptr || *env == '\0') return Status::Ok();
-  char* endp = nullptr;
-  const long long v = std::strtoll(env, &endp, 10);
-  if (*endp != '\0' || v <= 0 || v % 64 != 0)
-    return Status::InvalidArgument(std::string("MAMBA3_CUDA_SEG_LEN: expected a positive multiple "
-                                               "of 64 tokens, got '") + env + "'");
-  *seg_len = v;
-  return Status::Ok();
-}
-
-// Tensor-core forward for bf16 q, k, v with aligned rows at the compiled (N, P). Splits
-// sequences into segments when (sequences x heads) CTAs would leave SMs idle (DESIGN §2.5).
-template <int N, int P>
-Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, const SavedPtrs& sv,
-                         cudaStream_t stream) {
-  const TcLay lay = tc_layout<N, P>(p.R, p.NA);
-  const size_t bytes = static_cast<size_t>(lay.bytes);
-  const int64_t heads = d.S * d.H;
-  int64_t seg_len = 0;
-  M3_RETURN_IF_ERROR(segment_override(&seg_len));
-  if (seg_len == 0) {
-    // Two CTAs per SM: split only when fewer (sequence, head) pairs than CTA slots, into as
-    // many segments as fill one wave, none shorter than 1024 tokens.
-    const int64_t slots = 2LL * sm_count();
-    const int64_t want = heads < slots ? slots / heads : 1;
-    if (want > 1) {
-      seg_len = (max_len + want - 1) / want;
-      seg_len = std::max<int64_t>(1024, (seg_len + 63) / 64 * 64);
-    }
-  }
-  SegParams sp;
-  if (seg_len > 0 && max_len > seg_len) {
-    sp.nseg = static_cast<int>((max_len + seg_len - 1) / seg_len);
-    sp.seg_len = static_cast<int>(seg_len);
-  }
-  const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
-  // The output pass: with a saved buffer (training) the instance that also writes the records.
-  auto output_pass = [&]() -> Status {
-    if (sv.base) {
-      M3_RETURN_IF_ERROR(allow_smem_max_carveout(fwd_tc_kernel<N, P, false, true>, bytes));
-      fwd_tc_kernel<N, P, false, true><<<grid, kTcThreads, bytes, stream>>>(p, sp, sv);
-      MAMBA3_CHECK_LAUNCH("fwd_tc_kernel (saving)");
-    } else {
-      M3_RETURN_IF_ERROR(allow_smem_max_carveout(fwd_tc_kernel<N, P, false>, bytes));
-      fwd_tc_kernel<N, P, false><<<grid, kTcThreads, bytes, stream>>>(p, sp, sv);
-      MAMBA3_CHECK_LAUNCH("fwd_tc_kernel");
-    }
-    return Status::Ok();
-  };
-  if (sp.nseg == 1) return output_pass();
-  // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the
-  // call stays asynchronous and capturable.
-  const int64_t slots = heads * sp.nseg, pn = static_cast<int64_t>(d.P) * d.N;
-  const size_t ws_bytes = sizeof(float) * (2 * slots * pn + slots) +
-                          sizeof(double) * 2 * slots * std::max<int64_t>(d.NA, 1);
-  void* ws = nullptr;
-  MAMBA3_CHECK_CUDA(workspace_alloc(&ws, ws_bytes, stream));
-  double* th = static_cast<double*>(ws);
-  sp.end_theta = th;
-  sp.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
-  float* f = reinterpret_cast<float*>(sp.start_theta + slots * std::max<int64_t>(d.NA, 1));
-  sp.end_state = f;
-  sp.start_state = f + slots * pn;
-  sp.end_decay = f + 2 * slots * pn;
-  Status st = [&]() -> Status {
-    M3_RETURN_IF_ERROR(allow_smem(fwd_tc_kernel<N, P, true>, bytes));
-    fwd_tc_kernel<N, P, true><<<grid, kTcThreads, bytes, stream>>>(p, sp, SavedPtrs{});
-    MAMBA3_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
-    const size_t th_bytes = sizeof(double) * sp.nseg * std::max(p.NA, 1);
-    fwd_tc_combine<N, P><<<static_cast<unsigned>(heads), 256, th_bytes, stream>>>(p, sp);
-    MAMBA3_CHECK_LAUNCH("fwd_tc_combine");
-    return output_pass();
-  }();
-  const cudaError_t fe = cudaFreeAsync(ws, stream);
-  if (!st.ok()) return st;
-  if (fe != cudaSuccess)
-    return Status::Internal(std::string("CUDA error in cudaFreeAsync: ") + cudaGetErrorString(fe));
-  return Status::Ok();
-}
-
-bool use_tensor_cores(const Inputs& in, const Dims& d, const CoreParams& p) {
-  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
-         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) &&
-         kTcRows % d.R == 0 && d.NA <= 64;
-}
-
 // The saved buffer's layout for these inputs (bytes 0: the lane saves nothing for them).
 Status saved_plan(const Inputs& in, const Dims& d, SavedLayout* l) {
   ForwardArgs f;
   f.in = in;
-  return saved_layout_for(in, d, use_tensor_cores(in, d, make_params(f, d)), l);
+  return saved_layout_for(in, d, fwd_tc::forward_uses_tensor_cores(in, d, make_params(f, d)), l);
 }
 
 Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
   if (d.S * d.H == 0) return Status::Ok();
   const CoreParams p = make_params(a, d);
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  // Training: ForwardArgs::saved (its size already checked against saved_numel by the API, so
-  // the layout applies) gets the tile records, chunk-start states and decays.
   SavedPtrs sv;
-  if (a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0) {
-    const SavedLayout l = saved_layout(a.in, d);
-    if (l.bytes != a.saved.shape[0] * 4)
-      return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
-                                     " float32 elements for these inputs, got " +
-                                     std::to_string(a.saved.shape[0]));
-    if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
-      return Status::InvalidArgument("saved: data must be 16-byte aligned");
-    sv = saved_ptrs(a.saved.data, l);
-  }
-  if (use_tensor_cores(a.in, d, p)) {
-    if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, max_len, sv, stream);
-    if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, max_len, sv, stream);
-    if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, max_len, sv, stream);
-    return launch_forward_tc<128, 128>(p, d, max_len, sv, stream);
-  }
+  M3_RETURN_IF_ERROR(fwd_tc::forward_saved_ptrs(a, d, &sv));
+  if (fwd_tc::forward_uses_tensor_cores(a.in, d, p))
+    return fwd_tc::launch_forward_tc(p, d, max_len, sv, stream);
   if (sv.base)
     return Status::Internal("saved: a saved buffer for a forward off the tensor-core path");
   const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);

@@ -1,14 +1,22 @@
-// A CPU emulation of the small part of CUDA the backward and decode-step kernels use, so the
-// kernels in src/cuda/chunk_bwd and src/cuda/step run (slowly) on a machine without a GPU: each
-// CUDA thread of a block is a std::thread, __syncthreads is a std::barrier over the block, warp
-// shuffles exchange through a per-warp buffer and barrier, and so do the tensor-core
-// instructions of the bf16 kernels (ldmatrix x4 / x4.trans and mma.sync m16n8k16 bf16 -> fp32,
-// with the fragment layouts of src/cuda/common/mma.cuh; ldmatrix checks that its row addresses
-// are 16-byte aligned and inside dynamic shared memory); cp.async is a plain copy that completes
-// at once (checked the same way). Blocks run one after another; dynamic shared memory is a fresh
+// A CPU emulation of the small part of CUDA the backward, decode-step and tensor-core forward
+// kernels use, so the kernels in src/cuda/chunk_bwd, src/cuda/step and src/cuda/chunk_fwd_tc run
+// (slowly) on a machine without a GPU: each CUDA thread of a block is a std::thread,
+// __syncthreads is a std::barrier over the block, warp shuffles exchange through a per-warp
+// buffer and barrier, and so do the tensor-core instructions of the bf16 kernels (ldmatrix x4 /
+// x4.trans and mma.sync m16n8k16 bf16 -> fp32, with the fragment layouts of
+// src/cuda/common/mma.cuh; ldmatrix checks that its row addresses are 16-byte aligned and inside
+// dynamic shared memory); cp.async is a plain copy that completes at once (checked the same way). Blocks run one after another; dynamic shared memory is a fresh
 // heap buffer per block filled with NaN bytes (so a read of an unwritten word shows up), which
-// lets AddressSanitizer see out-of-bounds shared and global accesses. Include before any kernel
-// header, with MAMBA3_CUDA_EMU defined.
+// lets AddressSanitizer see out-of-bounds shared and global accesses. A kernel that declares its
+// dynamic shared memory as `extern __shared__ T name[]` (no emulation guard; on the host that
+// names a namespace-scope array) runs on that array instead, defined by the test and bound to
+// the kernel with bind_dynamic_smem: NaN-filled per block like the heap buffer, its bytes past
+// the launch's size poisoned for AddressSanitizer. Include before any kernel header, with
+// MAMBA3_CUDA_EMU defined.
+//
+// The fast-math intrinsics (__expf, __sincosf, __fdividef, rsqrtf) and the libm functions the
+// kernels call (expf, tanhf) use the host's libm here: close, not bit-exact to the device's
+// approximations, so emulated results are not the GPU's bits (hashes compare emulated runs).
 //
 // Not a simulator of timing or of the memory model: races that real hardware would expose can
 // pass here; compute-sanitizer racecheck on the device remains the check for those.
@@ -23,6 +31,9 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include <sanitizer/asan_interface.h>
+
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -71,14 +82,26 @@ T shfl_from(T v, FS src) {
   std::memcpy(&out, &r, sizeof(T));
   return out;
 }
+// The width argument of the shuffles splits the warp into segments of `width` lanes (a power of
+// two); a lane reads only inside its own segment.
 template <typename T>
-T shfl_xor(T v, int mask) {
-  return shfl_from(v, [mask](int lane) { return lane ^ mask; });
+T shfl_xor(T v, int mask, int width = 32) {
+  return shfl_from(v, [mask, width](int lane) {
+    const int src = lane ^ mask;
+    return (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane;
+  });
 }
-// __shfl_up_sync: lanes below delta keep their own value.
+// __shfl_up_sync: lanes whose index inside the segment is below delta keep their own value.
 template <typename T>
-T shfl_up(T v, int delta) {
-  return shfl_from(v, [delta](int lane) { return lane >= delta ? lane - delta : lane; });
+T shfl_up(T v, int delta, int width = 32) {
+  return shfl_from(v, [delta, width](int lane) {
+    return (lane & (width - 1)) >= delta ? lane - delta : lane;
+  });
+}
+// __shfl_sync: lane src of the segment.
+template <typename T>
+T shfl_idx(T v, int src, int width = 32) {
+  return shfl_from(v, [src, width](int lane) { return (lane & ~(width - 1)) + (src & (width - 1)); });
 }
 
 inline void syncwarp() { g_warps[linear_tid() / 32].bar.arrive_and_wait(); }
@@ -151,11 +174,39 @@ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
   for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
 
+// The largest dynamic shared memory of a block (sm_90): the size of a bound array.
+inline constexpr size_t kMaxDynamicSmem = 232448;
+
+// Arrays bound as the dynamic shared memory of kernels that declare it `extern __shared__`.
+struct BoundSmem {
+  const void* kernel;
+  unsigned char* array;
+  size_t bytes;
+};
+inline std::vector<BoundSmem> g_bound;
+
+template <typename... P>
+void bind_dynamic_smem(void (*kernel)(P...), void* array, size_t bytes) {
+  const void* k = reinterpret_cast<const void*>(kernel);
+  auto* a = static_cast<unsigned char*>(array);
+  for (BoundSmem& b : g_bound)
+    if (b.kernel == k) {
+      b.array = a, b.bytes = bytes;
+      return;
+    }
+  g_bound.push_back({k, a, bytes});
+}
+
 // kernel<<<grid, block, smem>>>(args...), synchronously.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
   const unsigned nt = block.x * block.y * block.z;
   if (nt % 32 != 0) throw std::runtime_error("m3emu: block size must be a multiple of 32");
+  const auto bound = std::find_if(g_bound.begin(), g_bound.end(), [&](const BoundSmem& b) {
+    return b.kernel == reinterpret_cast<const void*>(kernel);
+  });
+  if (bound != g_bound.end() && smem > bound->bytes)
+    fail("dynamic shared memory larger than the array bound to the kernel");
   g_block_dim = block;
   g_grid_dim = grid;
   for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -163,7 +214,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::barrier<> bar(static_cast<std::ptrdiff_t>(nt));
         std::vector<Warp> warps(nt / 32);
-        unsigned char* dyn = static_cast<unsigned char*>(std::malloc(smem > 0 ? smem : 1));
+        unsigned char* dyn = nullptr;
+        if (bound != g_bound.end()) {
+          dyn = bound->array;
+          ASAN_UNPOISON_MEMORY_REGION(dyn, bound->bytes);
+          ASAN_POISON_MEMORY_REGION(dyn + smem, bound->bytes - smem);
+        } else {
+          dyn = static_cast<unsigned char*>(std::malloc(smem > 0 ? smem : 1));
+        }
         std::memset(dyn, 0xff, smem);
         g_barrier = &bar;
         g_warps = warps.data();
@@ -181,7 +239,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
             warps[t / 32].bar.arrive_and_drop();
           });
         for (auto& th : threads) th.join();
-        std::free(dyn);
+        if (bound != g_bound.end())
+          ASAN_UNPOISON_MEMORY_REGION(dyn, bound->bytes);
+        else
+          std::free(dyn);
       }
 }
 
@@ -192,19 +253,38 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
 #define blockDim (::m3emu::g_block_dim)
 #define gridDim (::m3emu::g_grid_dim)
 #define __syncthreads() ::m3emu::syncthreads()
-#define __shfl_xor_sync(mask, v, lane_mask) ::m3emu::shfl_xor((v), (lane_mask))
-#define __shfl_up_sync(mask, v, delta) ::m3emu::shfl_up((v), (delta))
+#define __shfl_xor_sync(mask, v, ...) ::m3emu::shfl_xor((v), __VA_ARGS__)
+#define __shfl_up_sync(mask, v, ...) ::m3emu::shfl_up((v), __VA_ARGS__)
+#define __shfl_sync(mask, v, ...) ::m3emu::shfl_idx((v), __VA_ARGS__)
 #define __syncwarp(...) ::m3emu::syncwarp()
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+// The CUDA headers define __noinline__ only for a CUDA compiler (libstdc++ spells the attribute
+// __attribute__((__noinline__)), which an empty expansion leaves valid).
+#ifndef __noinline__
+#define __noinline__
+#endif
+
+// The device's integer min / max (global functions of the CUDA math library).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// Streaming (evict-first) store: a plain store here.
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+// The fast-math intrinsics through the host's libm (not bit-exact to the device; see the top).
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline void __sincosf(float x, float* s, float* c) { sincosf(x, s, c); }
 inline float __expf(float x) { return std::exp(x); }
+// As on the device, 0 for 2^126 < |y| (the device multiplies by an approximate reciprocal).
+inline float __fdividef(float x, float y) { return std::fabs(y) > 0x1p126f ? x * 0.f : x / y; }
 inline float __uint_as_float(unsigned int u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

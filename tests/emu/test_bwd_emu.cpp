@@ -10,9 +10,22 @@
 
 #include <gtest/gtest.h>
 
+#include "emu_lane.h"
 #include "test_util.h"
 
 namespace mamba3::test {
+
+// The emulated backward for the other emulated tests (emu_lane.h).
+namespace emu {
+Status backward_chunked(const BackwardArgs& args, const Dims& dims) {
+  return cuda::bwd::backward_chunked(args, dims);
+}
+Status saved_layout_for(const Inputs& in, const Dims& dims, bool forward_tc,
+                        cuda::SavedLayout* out) {
+  return cuda::bwd::saved_layout_for(in, dims, forward_tc, out);
+}
+}  // namespace emu
+
 namespace {
 
 // The emulated ldmatrix / mma.sync against the operand helpers of mma.cuh: a 16x16 by 16x16
@@ -63,22 +76,6 @@ TEST(EmuTensorCore, LdmatrixAndMmaMatchPlainProduct) {
         for (int k = 0; k < 16; ++k) want += a[i * 16 + k] * b[k * 16 + j];
         ASSERT_EQ(out[v * 256 + i * 16 + j], want) << "variant " << v << " at (" << i << ", " << j << ")";
       }
-}
-
-// MAMBA3_EMU_HASH=1: one FNV-1a hash of every gradient's bits per emulated run, so a refactor
-// that must not change any result can be checked without a GPU (same hashes before and after).
-void print_hashes(const Result& r, const std::string& label) {
-  std::printf("  hash %s:", label.c_str());
-  for (const auto& [name, v] : r) {
-    uint64_t h = 1469598103934665603ull;
-    for (double x : v) {
-      unsigned char b[sizeof(double)];
-      std::memcpy(b, &x, sizeof b);
-      for (unsigned char c : b) h = (h ^ c) * 1099511628211ull;
-    }
-    std::printf(" %s=%016llx", name.c_str(), static_cast<unsigned long long>(h));
-  }
-  std::printf("\n");
 }
 
 // Gradients of the emulated cuda backward, named as run() names them; *tc (if given) says
@@ -136,11 +133,9 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The tensor-core chunk kernels (bf16 q, k, v at N, P in {64, 128}): bf16 operands inside the
 // chunk (DESIGN §2.6) that a token-by-token naive evaluation cannot mirror, so the recipe does
-// not apply; issue 5's bar for the bf16 tensor-core backward is a relative L2 error <= 1e-2
-// against float64 for every gradient (the GPU tests use the same bound, kTcGradTol there), or
-// the recipe where a gradient is so ill-conditioned that naive float32 misses the bar itself
-// (expect_within_bar_or_recipe).
-constexpr double kTcGradTol = 1e-2;
+// not apply; issue 5's bar for the bf16 tensor-core backward is kTcGradTol (test_util.h, the GPU
+// tests' bound), or the recipe where a gradient is so ill-conditioned that naive float32 misses
+// the bar itself (expect_within_bar_or_recipe).
 
 // The emulated backward under the default routing (MAMBA3_CUDA_BWD_MIMO_TC unset: MIMO takes the
 // tensor cores too, bwd_launch.cuh); fails the test unless the tensor-core kernels ran.

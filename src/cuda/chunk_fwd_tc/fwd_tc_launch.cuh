@@ -1,0 +1,178 @@
+// Host side of the tensor-core forward (fwd_tc_kernel.cuh): when it serves the inputs, the
+// sequence split, its workspace and the launch sequence, with or without the saved buffer.
+// Compiled by nvcc in dispatch.cu, and as plain C++ by the CPU emulation test (MAMBA3_CUDA_EMU,
+// tests/emu/test_fwd_emu.cpp), which runs the same kernels with one host thread per CUDA thread.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/return_if_error.h"
+#include "core/validate.h"
+#include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
+#include "cuda/common/launch.cuh"
+#include "cuda/common/tile_record.cuh"
+
+#ifndef MAMBA3_CUDA_EMU
+#include "cuda/common/check.cuh"
+#include "cuda/common/workspace.h"
+#endif
+
+namespace mamba3::cuda::fwd_tc {
+
+#ifdef MAMBA3_CUDA_EMU
+#define M3F_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ((void)(stream), ::m3emu::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__))
+#define M3F_CHECK_LAUNCH(name) (void)0
+#else
+#define M3F_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define M3F_CHECK_LAUNCH(name) MAMBA3_CHECK_LAUNCH(name)
+#endif
+
+// MAMBA3_CUDA_SEG_LEN: tokens per segment of the sequence split (a positive multiple of 64), to
+// test or tune it; unset: chosen from the grid size. Anything else is an error, not "unset".
+inline Status segment_override(int64_t* seg_len) {
+  *seg_len = 0;
+  const char* env = std::getenv("MAMBA3_CUDA_SEG_LEN");
+  if (env == nullptr || *env == '\0') return Status::Ok();
+  char* endp = nullptr;
+  const long long v = std::strtoll(env, &endp, 10);
+  if (*endp != '\0' || v <= 0 || v % 64 != 0)
+    return Status::InvalidArgument(std::string("MAMBA3_CUDA_SEG_LEN: expected a positive multiple "
+                                               "of 64 tokens, got '") + env + "'");
+  *seg_len = v;
+  return Status::Ok();
+}
+
+// The tensor-core forward serves bf16 q, k, v with 16-byte aligned contiguous rows
+// (CoreParams::tc_vec) at N, P in {64, 128}, R dividing the 64-row chunk, NA <= 64.
+inline bool forward_uses_tensor_cores(const Inputs& in, const Dims& d, const CoreParams& p) {
+  return in.q.dtype == DType::kBF16 && in.k.dtype == DType::kBF16 && in.v.dtype == DType::kBF16 &&
+         p.tc_vec && (d.N == 64 || d.N == 128) && (d.P == 64 || d.P == 128) &&
+         kTcRows % d.R == 0 && d.NA <= 64;
+}
+
+// Training: ForwardArgs::saved (its size already checked against saved_numel by the API, so
+// the layout applies) gets the tile records, chunk-start states and decays; `*sv` stays empty
+// (null base) without a saved buffer.
+inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs* sv) {
+  *sv = SavedPtrs{};
+  if (!(a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0)) return Status::Ok();
+  const SavedLayout l = saved_layout(a.in, d);
+  if (l.bytes != a.saved.shape[0] * 4)
+    return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
+                                   " float32 elements for these inputs, got " +
+                                   std::to_string(a.saved.shape[0]));
+  if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
+    return Status::InvalidArgument("saved: data must be 16-byte aligned");
+  *sv = saved_ptrs(a.saved.data, l);
+  return Status::Ok();
+}
+
+// The sequence split of a call (DESIGN §2.5): MAMBA3_CUDA_SEG_LEN, else segments only when
+// (sequences x heads) CTAs would leave SMs idle. nseg == 1: no split.
+inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
+  *sp = SegParams{};
+  const int64_t heads = d.S * d.H;
+  int64_t seg_len = 0;
+  M3_RETURN_IF_ERROR(segment_override(&seg_len));
+  if (seg_len == 0) {
+    // Two CTAs per SM: split only when fewer (sequence, head) pairs than CTA slots, into as
+    // many segments as fill one wave, none shorter than 1024 tokens.
+    const int64_t slots = 2LL * sm_count();
+    const int64_t want = heads < slots ? slots / heads : 1;
+    if (want > 1) {
+      seg_len = (max_len + want - 1) / want;
+      seg_len = std::max<int64_t>(1024, (seg_len + 63) / 64 * 64);
+    }
+  }
+  if (seg_len > 0 && max_len > seg_len) {
+    sp->nseg = static_cast<int>((max_len + seg_len - 1) / seg_len);
+    sp->seg_len = static_cast<int>(seg_len);
+  }
+  return Status::Ok();
+}
+
+// Tensor-core forward for bf16 q, k, v with aligned rows at the compiled (N, P); `max_len` is
+// the longest sequence (packed sequences: checked on the host by the caller).
+template <int N, int P>
+Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, const SavedPtrs& sv,
+                         cudaStream_t stream) {
+  const TcLay lay = tc_layout<N, P>(p.R, p.NA);
+  const size_t bytes = static_cast<size_t>(lay.bytes);
+  const int64_t heads = d.S * d.H;
+  SegParams sp;
+  M3_RETURN_IF_ERROR(choose_segments(d, max_len, &sp));
+  const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
+  // The output pass: with a saved buffer (training) the instance that also writes the records.
+  auto output_pass = [&]() -> Status {
+    if (sv.base) {
+      auto kernel = fwd_tc_kernel<N, P, false, true>;
+      M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
+      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv);
+      M3F_CHECK_LAUNCH("fwd_tc_kernel (saving)");
+    } else {
+      auto kernel = fwd_tc_kernel<N, P, false>;
+      M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
+      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv);
+      M3F_CHECK_LAUNCH("fwd_tc_kernel");
+    }
+    return Status::Ok();
+  };
+  if (sp.nseg == 1) return output_pass();
+  // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the
+  // call stays asynchronous and capturable.
+  const int64_t slots = heads * sp.nseg, pn = static_cast<int64_t>(d.P) * d.N;
+  const size_t ws_bytes = sizeof(float) * (2 * slots * pn + slots) +
+                          sizeof(double) * 2 * slots * std::max<int64_t>(d.NA, 1);
+  void* ws = nullptr;
+#ifdef MAMBA3_CUDA_EMU
+  ws = std::malloc(ws_bytes);
+  std::memset(ws, 0xff, ws_bytes);  // NaN everywhere: an unwritten read shows up
+#else
+  MAMBA3_CHECK_CUDA(workspace_alloc(&ws, ws_bytes, stream));
+#endif
+  double* th = static_cast<double*>(ws);
+  sp.end_theta = th;
+  sp.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
+  float* f = reinterpret_cast<float*>(sp.start_theta + slots * std::max<int64_t>(d.NA, 1));
+  sp.end_state = f;
+  sp.start_state = f + slots * pn;
+  sp.end_decay = f + 2 * slots * pn;
+  Status st = [&]() -> Status {
+    auto states = fwd_tc_kernel<N, P, true>;
+    M3_RETURN_IF_ERROR(allow_smem(states, bytes));
+    M3F_LAUNCH(states, grid, kTcThreads, bytes, stream, p, sp, SavedPtrs{});
+    M3F_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
+    const size_t th_bytes = sizeof(double) * sp.nseg * std::max(p.NA, 1);
+    auto combine = fwd_tc_combine<N, P>;
+    M3F_LAUNCH(combine, static_cast<unsigned>(heads), 256, th_bytes, stream, p, sp);
+    M3F_CHECK_LAUNCH("fwd_tc_combine");
+    return output_pass();
+  }();
+#ifdef MAMBA3_CUDA_EMU
+  std::free(ws);
+  return st;
+#else
+  const cudaError_t fe = cudaFreeAsync(ws, stream);
+  if (!st.ok()) return st;
+  if (fe != cudaSuccess)
+    return Status::Internal(std::string("CUDA error in cudaFreeAsync: ") + cudaGetErrorString(fe));
+  return Status::Ok();
+#endif
+}
+
+// The instance for the call's (N, P); forward_uses_tensor_cores holds.
+inline Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len,
+                                const SavedPtrs& sv, cudaStream_t stream) {
+  if (d.N == 64 && d.P == 64) return launch_forward_tc<64, 64>(p, d, max_len, sv, stream);
+  if (d.N == 64 && d.P == 128) return launch_forward_tc<64, 128>(p, d, max_len, sv, stream);
+  if (d.N == 128 && d.P == 64) return launch_forward_tc<128, 64>(p, d, max_len, sv, stream);
+  return launch_forward_tc<128, 128>(p, d, max_len, sv, stream);
+}
+
+}  // namespace mamba3::cuda::fwd_tc

@@ -1,0 +1,289 @@
+// The cuda lane's tensor-core prefill forward (src/cuda/chunk_fwd_tc) runs on the CPU through
+// tests/emu/emu.h (one host thread per CUDA thread, AddressSanitizer), launched as the lane
+// launches it (fwd_tc_launch.cuh: eligibility, the sequence split, its workspace, the saving
+// instance), against the float64 reference with the GPU tests' bar (kTcForwardTol on out and the
+// ssm state, the recipe on the fp32 states; tests/cuda/test_cuda_lane.cpp). The saving instance
+// must leave out and the final states bitwise unchanged, and the emulated backward reading its
+// saved buffer must meet the tensor-core gradient bar (kTcGradTol). For developing the forward
+// without a GPU; the GPU tests are the real check. MAMBA3_EMU_HASH=1 prints one hash line per
+// case (out, final states, and for the saving cases the saved buffer and the gradients from it).
+#define MAMBA3_CUDA_EMU 1
+#include "emu.h"
+
+// fwd_tc_kernel.cuh declares its dynamic shared memory `extern __shared__` without an emulation
+// guard; compiled for the host that names these arrays, bound to its kernels (bind_fwd_smem).
+namespace mamba3::cuda {
+alignas(16) unsigned char tc_smem[m3emu::kMaxDynamicSmem];
+alignas(16) double th_s[m3emu::kMaxDynamicSmem / sizeof(double)];
+}  // namespace mamba3::cuda
+
+// clang-format off
+#include "cuda/chunk_fwd_tc/fwd_tc_launch.cuh"
+// clang-format on
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "emu_lane.h"
+#include "test_util.h"
+
+namespace mamba3::test {
+namespace {
+
+template <int N, int P>
+void bind_fwd_smem_np() {
+  using cuda::fwd_tc_combine;
+  using cuda::fwd_tc_kernel;
+  using cuda::tc_smem;
+  using cuda::th_s;
+  m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, false>, tc_smem, sizeof tc_smem);
+  m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, true>, tc_smem, sizeof tc_smem);
+  m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, false, true>, tc_smem, sizeof tc_smem);
+  m3emu::bind_dynamic_smem(fwd_tc_combine<N, P>, th_s, sizeof th_s);
+}
+
+void bind_fwd_smem() {
+  bind_fwd_smem_np<64, 64>();
+  bind_fwd_smem_np<64, 128>();
+  bind_fwd_smem_np<128, 64>();
+  bind_fwd_smem_np<128, 128>();
+}
+
+// The longest sequence (the lane reads it from cu_seqlens on the device, dispatch.cu).
+int64_t max_seq_len(const check::Problem& p) {
+  const auto& s = p.config().seqlens;
+  return s.empty() ? p.config().L : *std::max_element(s.begin(), s.end());
+}
+
+struct EmuForward {
+  Result r;                  // out and the final states, as run() names them
+  std::vector<float> saved;  // the saved buffer (saving runs)
+  int nseg = 0;              // segments of the sequence split (1: none)
+};
+
+// The emulated tensor-core forward of `p` (out in `out_dtype`), as dispatch.cu launches it;
+// `save`: with the saved buffer of saved_numel's size (the training instance). Fails the test
+// unless the tensor-core forward serves the inputs.
+EmuForward run_emu_forward(const check::Problem& p, DType out_dtype, bool save) {
+  bind_fwd_smem();
+  EmuForward e;
+  check::HostTensor out = p.make_out(out_dtype);
+  check::StateBuffers fs = p.make_states();
+  // Lane::kCpu: validation of host tensors; the kernels run emulated.
+  ForwardArgs f = forward_args(p, out, Lane::kCpu);
+  f.final_states = fs.view();
+  Dims d;
+  Status st = validate_forward(f, &d);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  const cuda::CoreParams cp = cuda::make_params(f, d);
+  const bool tc = cuda::fwd_tc::forward_uses_tensor_cores(f.in, d, cp);
+  EXPECT_TRUE(tc) << "the tensor-core forward does not serve these inputs";
+  if (!tc) return e;
+  if (save) {
+    cuda::SavedLayout l;
+    st = emu::saved_layout_for(f.in, d, tc, &l);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    EXPECT_GT(l.bytes, 0) << "the tensor-core path should save";
+    e.saved.assign(static_cast<size_t>(l.bytes / 4), -1.f);
+    f.saved = make_tensor(e.saved.data(), DType::kF32, {static_cast<int64_t>(e.saved.size())});
+  }
+  const int64_t max_len = max_seq_len(p);
+  cuda::SegParams sp;
+  st = cuda::fwd_tc::choose_segments(d, max_len, &sp);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  e.nseg = sp.nseg;
+  cuda::SavedPtrs sv;
+  st = cuda::fwd_tc::forward_saved_ptrs(f, d, &sv);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(sv.base != nullptr, save);
+  if (d.S * d.H > 0) {  // as launch_forward (dispatch.cu)
+    st = cuda::fwd_tc::launch_forward_tc(cp, d, max_len, sv, nullptr);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+  }
+  put(&e.r, "out", out);
+  put_states(&e.r, fs);
+  return e;
+}
+
+// Gradients of the emulated backward reading the forward's saved buffer (cotangents as run()
+// draws them).
+Result run_emu_backward_from_saved(const check::Problem& p, DType out_dtype,
+                                   std::vector<float>& saved) {
+  const RunOptions o;
+  check::HostTensor dout = p.random_d_out(out_dtype, o.cot_seed);
+  check::StateBuffers ds = p.random_d_states(o.cot_seed);
+  check::GradBuffers g = p.make_grads(false);
+  BackwardArgs b = backward_args(p.inputs(), dout, ds, g, Lane::kCpu, o.d_final);
+  b.saved = make_tensor(saved.data(), DType::kF32, {static_cast<int64_t>(saved.size())});
+  Dims d;
+  Status st = validate_backward(b, &d);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  st = emu::backward_chunked(b, d);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  Result r;
+  put_grads(&r, g);
+  return r;
+}
+
+// The reference's and naive float32's forward outputs (and gradients with `backward`).
+void references(const check::Problem& p, DType out_dtype, bool backward, Result* ref,
+                Result* naive) {
+  RunOptions o;
+  o.backward = backward;
+  o.out_dtype = out_dtype;
+  *ref = run(p, Eval::kReference, o);
+  *naive = run(p, Eval::kNaiveF32, o);
+}
+
+Result forward_only(const Result& r) {
+  Result o;
+  for (const auto& [name, v] : r)
+    if (name.rfind("grad.", 0) != 0) o[name] = v;
+  return o;
+}
+
+void print_errors(const Result& got, const Result& ref, const Result& naive) {
+  for (const auto& [name, v] : got) {
+    const bool circ = name == "final.angle";
+    const double e = check::compare(name, v, ref.at(name), 1, circ).rel_l2;
+    const double en = check::compare(name, naive.at(name), ref.at(name), 1, circ).rel_l2;
+    std::printf("  %-22s rel_l2 %.3e  (naive f32 %.3e)\n", name.c_str(), e, en);
+  }
+}
+
+// Out and every final state within the GPU tests' bar; `want_split`: the sequence split ran.
+void check_forward(const Case& c, bool want_split) {
+  check::Problem p = make(c, 600 + c.L);
+  Result ref, naive;
+  references(p, c.dtype, false, &ref, &naive);
+  const EmuForward got = run_emu_forward(p, c.dtype, false);
+  if (got.r.empty()) return;
+  if (want_split)
+    EXPECT_GT(got.nseg, 1) << "the sequence split did not run";
+  else
+    EXPECT_EQ(got.nseg, 1) << "the sequence split ran";
+  print_errors(got.r, ref, naive);
+  expect_tc_forward_within_bar(got.r, ref, naive, p.config().describe());
+  if (std::getenv("MAMBA3_EMU_HASH")) print_hashes(got.r, p.config().describe());
+  if (std::getenv("MAMBA3_EMU_DETERMINISM"))
+    expect_bitwise_equal(got.r, run_emu_forward(p, c.dtype, false).r, "two emulated forwards");
+}
+
+class EmuForwardTc : public testing::TestWithParam<Case> {};
+
+TEST_P(EmuForwardTc, WithinBf16Bar) {
+  ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", nullptr);
+  check_forward(GetParam(), false);
+}
+
+// D, Z and a bias on every case (check::default_config); states: the initial states.
+INSTANTIATE_TEST_SUITE_P(
+    Bf16, EmuForwardTc,
+    testing::Values(
+        Case{"tc_siso_n128_L100", 1, 100, 2, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+        Case{"tc_mimo_r4_halved_norm", 1, 40, 2, 1, 64, 64, 4, 16, true, true, true, {}, kH, kB},
+        Case{"tc_mimo_r2_per_rank", 1, 50, 2, 1, 64, 64, 2, 16, true, false, false, {}, kI, kB},
+        Case{"tc_siso_gqa_norm", 1, 70, 4, 2, 64, 64, 1, 16, true, true, false, {}, kH, kB},
+        Case{"tc_varlen", 1, 150, 2, 1, 64, 64, 1, 16, true, false, false, {70, 0, 1, 64, 15}, kI,
+             kB},
+        Case{"tc_n64_p128_halved", 1, 70, 2, 1, 64, 128, 1, 32, true, true, false, {}, kH, kB},
+        Case{"tc_n128_p128_na64", 1, 65, 1, 1, 128, 128, 1, 64, true, false, false, {}, kI, kB},
+        // NA not a multiple of 4: the angle tiles take the out-of-line 4-byte copy.
+        Case{"tc_siso_na6", 1, 40, 2, 1, 64, 64, 1, 6, true, false, false, {}, kI, kB},
+        Case{"tc_mimo_r8_gqa", 1, 20, 4, 2, 64, 64, 8, 16, true, true, true, {}, kH, kB},
+        Case{"tc_L1_nostates", 2, 1, 2, 1, 64, 64, 1, 16, false, false, false, {}, kI, kB}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+// The sequence split forced onto 64-token segments (MAMBA3_CUDA_SEG_LEN=64): the segment-state
+// pass, fwd_tc_combine and the output pass from the combined start states.
+class EmuForwardTcSplit : public testing::TestWithParam<Case> {};
+
+TEST_P(EmuForwardTcSplit, WithinBf16Bar) {
+  ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", "64");
+  check_forward(GetParam(), true);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Bf16, EmuForwardTcSplit,
+    testing::Values(
+        Case{"split_siso_norm", 1, 200, 2, 1, 128, 64, 1, 32, true, true, false, {}, kI, kB},
+        Case{"split_halved_nostates", 1, 150, 1, 1, 64, 64, 1, 16, false, false, false, {}, kH,
+             kB},
+        // Packed MIMO with an empty sequence and one that fits one segment.
+        Case{"split_mimo_r4_varlen", 1, 300, 2, 1, 64, 64, 4, 16, true, true, true,
+             {100, 0, 137, 63}, kH, kB}),
+    [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+TEST(EmuForwardTcSplitGate, BadSegmentLengthNamed) {
+  const Case c{"seg_bad", 1, 70, 1, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB};
+  check::Problem p = make(c, 5);
+  check::HostTensor out = p.make_out(DType::kBF16);
+  const ForwardArgs f = forward_args(p, out, Lane::kCpu);
+  Dims d;
+  ASSERT_TRUE(validate_forward(f, &d).ok());
+  ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", "100");
+  const Status st =
+      cuda::fwd_tc::launch_forward_tc(cuda::make_params(f, d), d, d.L, cuda::SavedPtrs{}, nullptr);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("MAMBA3_CUDA_SEG_LEN"), std::string::npos) << st.message();
+}
+
+// The saving instance (training; kSave): out and the final states bitwise those of the forward
+// that saves nothing and within the bar; the emulated backward reading the saved buffer within
+// the tensor-core gradient bar (kTcGradTol, or the recipe where naive float32 misses it), as
+// CudaBackward.SavedTilesTrainingMode on the GPU.
+struct SavedCase {
+  Case c;
+  const char* seg_len;  // MAMBA3_CUDA_SEG_LEN (null: unset)
+};
+
+class EmuForwardTcSaved : public testing::TestWithParam<SavedCase> {};
+
+TEST_P(EmuForwardTcSaved, BitwiseUnchangedAndBackwardWithinBar) {
+  const SavedCase& sc = GetParam();
+  const Case& c = sc.c;
+  ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", sc.seg_len);
+  ScopedEnv save("MAMBA3_CUDA_SAVE_TILES", nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
+  check::Problem p = make(c, 600 + c.L);
+  Result ref, naive;
+  references(p, c.dtype, true, &ref, &naive);
+  const EmuForward plain = run_emu_forward(p, c.dtype, false);
+  EmuForward saved = run_emu_forward(p, c.dtype, true);
+  if (saved.r.empty()) return;
+  EXPECT_EQ(saved.nseg > 1, sc.seg_len != nullptr);
+  expect_bitwise_equal(saved.r, plain.r, "forward outputs with and without saving");
+  const Result ref_f = forward_only(ref), naive_f = forward_only(naive);
+  expect_tc_forward_within_bar(saved.r, ref_f, naive_f, p.config().describe() + " (saving)");
+  const Result grads = run_emu_backward_from_saved(p, c.dtype, saved.saved);
+  const Result ref_g = grads_only(ref), naive_g = grads_only(naive);
+  print_errors(grads, ref_g, naive_g);
+  expect_within_bar_or_recipe(grads, ref_g, naive_g, kTcGradTol,
+                              p.config().describe() + " (backward from the saved buffer)");
+  if (std::getenv("MAMBA3_EMU_HASH")) {
+    Result all = saved.r;
+    all.insert(grads.begin(), grads.end());
+    print_hashes(all, p.config().describe() + " saving",
+                 {{"saved", fnv1a(saved.saved.data(), saved.saved.size() * sizeof(float))}});
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Bf16, EmuForwardTcSaved,
+    testing::Values(
+        SavedCase{{"saved_siso", 1, 100, 2, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_mimo_r4_gqa_norm", 1, 40, 4, 2, 64, 64, 4, 16, true, true, true, {}, kH,
+                   kB},
+                  nullptr},
+        SavedCase{{"saved_varlen_norm", 1, 150, 2, 1, 64, 64, 1, 16, true, true, false,
+                   {70, 0, 1, 64, 15}, kI, kB},
+                  nullptr},
+        SavedCase{{"saved_split_mimo_varlen", 1, 200, 2, 1, 64, 64, 2, 16, true, false, true,
+                   {100, 0, 37, 63}, kI, kB},
+                  "64"}),
+    [](const testing::TestParamInfo<SavedCase>& i) { return std::string(i.param.c.name); });
+
+}  // namespace
+}  // namespace mamba3::test
