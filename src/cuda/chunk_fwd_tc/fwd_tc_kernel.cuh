@@ -80,7 +80,7 @@ __host__ __device__ inline TcLay tc_layout(int R, int NA) {
   l.der = o, o += 5 * kTcRows * 4;               // cs, ex, gam, w, fw
   l.rowsq = o, o += 2 * kTcRows * 4;             // norm: partial sums of squares per half
   l.par = o, o += tc_up16((3 * R * P + P + 2 * R * N) * 4);  // psi, zeta, phi, wn, qb, kb
-  l.cell = o, o += 16;  // kSave: the saved cell of the sequence's first chunk (int64)
+  l.cell = o, o += 16;  // kSave: the saved cell of the sequence's first chunk (int64); D (float)
   l.bytes = o;
   return l;
 }
@@ -94,21 +94,36 @@ __device__ __forceinline__ uint32_t scale_bf16x2(uint32_t u, float lo, float hi)
   return pack_bf16(__uint_as_float(u << 16) * lo, __uint_as_float(u & 0xffff0000u) * hi);
 }
 
+// sin and cos of angle th[i] for a rope pair i (no rotation, sin 0 and cos 1 exactly, for
+// i >= NA): selects rather than branches.
+__device__ __forceinline__ void rope_sincos(const float* th, int i, int NA, float* sn, float* cs) {
+  float s_, c_;
+  __sincosf(i < NA ? th[i] : 0.f, &s_, &c_);
+  *sn = i < NA ? s_ : 0.f;
+  *cs = i < NA ? c_ : 1.f;
+}
+
 // Rotates 8 consecutive elements [c*8, c*8+8) of a row (interleaved pairs lie inside them) by
 // the token's angles th[i], i < NA.
 __device__ __forceinline__ void rope8_interleaved(float (&x)[8], int c, int NA, const float* th,
                                                   float (&y)[8]) {
+  if (c * 4 >= NA) return;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int i = c * 4 + e;
-    if (i < NA) {
-      float sn, cs;
-      __sincosf(th[i], &sn, &cs);
-      const float xa = x[2 * e], xb = x[2 * e + 1], ya = y[2 * e], yb = y[2 * e + 1];
-      x[2 * e] = xa * cs - xb * sn, x[2 * e + 1] = xa * sn + xb * cs;
-      y[2 * e] = ya * cs - yb * sn, y[2 * e + 1] = ya * sn + yb * cs;
-    }
+    float sn, cs;
+    rope_sincos(th, c * 4 + e, NA, &sn, &cs);
+    const float xa = x[2 * e], xb = x[2 * e + 1], ya = y[2 * e], yb = y[2 * e + 1];
+    x[2 * e] = xa * cs - xb * sn, x[2 * e + 1] = xa * sn + xb * cs;
+    y[2 * e] = ya * cs - yb * sn, y[2 * e + 1] = ya * sn + yb * cs;
   }
+}
+
+// x[e] += bias[e] for 8 floats at a 32-byte aligned shared address.
+__device__ __forceinline__ void add_bias8(float (&x)[8], const float* bias) {
+  const float4 b0 = reinterpret_cast<const float4*>(bias)[0];
+  const float4 b1 = reinterpret_cast<const float4*>(bias)[1];
+  x[0] += b0.x, x[1] += b0.y, x[2] += b0.z, x[3] += b0.w;
+  x[4] += b1.x, x[5] += b1.y, x[6] += b1.z, x[7] += b1.w;
 }
 
 // The angle tiles of layouts the float4 copy does not take (fp32 rows not 16-byte aligned, other
@@ -131,6 +146,58 @@ __device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64
       ang[i] = t < m ? dload_ro(A, off(t, a)) : 0.f;
     }
   }
+}
+
+// Where a CTA of fwd_tc_kernel works: its (sequence, head, segment) and token range.
+struct TcCta {
+  int s, h, g, b, seg, seq_begin, seq_end, n_seq, t_begin, t_end;
+  bool last_seg, idle;  // idle: nothing to do in this pass (the whole CTA returns)
+};
+
+__device__ __forceinline__ TcCta tc_cta(const CoreParams& p, const SegParams& sp, int slot,
+                                        bool states_pass) {
+  TcCta c;
+  c.seg = slot % sp.nseg;
+  const int sh = slot / sp.nseg;
+  c.s = sh / p.H, c.h = sh % p.H, c.g = c.h / p.hpg;
+  c.b = c.s, c.seq_begin = 0, c.seq_end = p.L;
+  if (p.cu_seqlens) {
+    c.b = 0;
+    c.seq_begin = p.cu_seqlens[c.s * p.cu_stride];
+    c.seq_end = p.cu_seqlens[(c.s + 1) * p.cu_stride];
+  }
+  c.n_seq = c.seq_end - c.seq_begin;
+  c.t_begin = 0, c.t_end = c.n_seq, c.last_seg = true, c.idle = false;
+  if (sp.nseg > 1) {
+    const int last = c.n_seq == 0 ? 0 : (c.n_seq - 1) / sp.seg_len;
+    c.idle = c.seg > last || (states_pass && c.seg >= last);
+    c.t_begin = c.seg * sp.seg_len;
+    c.t_end = min(c.n_seq, c.t_begin + sp.seg_len);
+    c.last_seg = c.seg == last;
+  }
+  return c;
+}
+
+// The CTA's and the thread's index through volatile reads: what is computed from them again
+// after the chunk loop is not merged with the first computation, so those values need no
+// registers across the loop (where two CTAs per SM leave 128 per thread, all taken).
+__device__ __forceinline__ int ctaid_x_again() {
+#ifndef MAMBA3_CUDA_EMU
+  int v;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  return v;
+#else
+  return static_cast<int>(blockIdx.x);
+#endif
+}
+__device__ __forceinline__ int tid_x_again() {
+#ifndef MAMBA3_CUDA_EMU
+  int v;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
+  return v;
+#else
+  return static_cast<int>(threadIdx.x);
+#endif
 }
 
 // kSave (training; not with kStates): every chunk also writes what the backward's loader would
@@ -174,26 +241,13 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   float* qb_s = wn_s + P;
   float* kb_s = qb_s + R * N;
 
-  const int slot = blockIdx.x, seg = slot % sp.nseg, sh = slot / sp.nseg;
-  const int s = sh / p.H, h = sh % p.H, g = h / p.hpg;
+  const int slot = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  int b = s, seq_begin = 0, seq_end = p.L;
-  if (p.cu_seqlens) {
-    b = 0;
-    seq_begin = p.cu_seqlens[s * p.cu_stride];
-    seq_end = p.cu_seqlens[(s + 1) * p.cu_stride];
-  }
-  const int n_seq = seq_end - seq_begin;
-  int t_begin = 0, t_end = n_seq;
-  bool last_seg = true;
-  if (sp.nseg > 1) {
-    const int last = n_seq == 0 ? 0 : (n_seq - 1) / sp.seg_len;
-    if (seg > last || (kStates && seg >= last)) return;  // whole CTA: no barrier skipped
-    t_begin = seg * sp.seg_len;
-    t_end = min(n_seq, t_begin + sp.seg_len);
-    last_seg = seg == last;
-  }
+  const TcCta cta = tc_cta(p, sp, slot, kStates);
+  if (cta.idle) return;  // whole CTA: no barrier skipped
+  const int s = cta.s, h = cta.h, g = cta.g, b = cta.b, seg = cta.seg;
+  const int seq_begin = cta.seq_begin, n_seq = cta.n_seq, t_begin = cta.t_begin, t_end = cta.t_end;
   const bool from_segment = sp.nseg > 1 && seg > 0;  // start state from pass 1 / combine
   const bool has_init = p.init_ssm.defined();
   // kSave: the saved cell of the sequence's first chunk (flat chunk ids over the sequences, as
@@ -242,33 +296,44 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   };
 
   // ---- Copies of the tiles of the chunk starting at token c0 (m tokens); rows past m are
-  // zero-filled so the products need no masks for them.
+  // zero-filled so the products need no masks for them. Addresses: the chunk's base (uniform,
+  // 64-bit) plus a 32-bit offset per thread and row (make_params: strides past the batch
+  // dimension < 2^24, so 64 tokens and 8 ranks stay inside 31 bits). Out-of-chunk rows read
+  // nothing and point at the tensor's start.
   auto pf_qk = [&](const DTensor& T, __nv_bfloat16* dst, int c0, int m) {
-    constexpr int kCh = N / 8, kRowsPerPass = kTcThreads / kCh;
+    const int tid = tid_x_again();
+    constexpr int kCh = N / 8, kRowsPerPass = kTcThreads / kCh;  // 16 (N = 128) or 32 rows
     const bool rank_dim = T.ndim == 5;
-    const int64_t sl = T.stride[1], sr = rank_dim ? T.stride[2] : 0;
-    const int c = tid % kCh;
+    const int sl = static_cast<int>(T.stride[1]), sr = rank_dim ? static_cast<int>(T.stride[2]) : 0;
+    const int c = tid % kCh, row0 = tid / kCh;
+    const int t0 = row0 >> lr, tstep = kRowsPerPass >> lr;  // R <= 8 divides kRowsPerPass
     const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(T.data);
-    const __nv_bfloat16* thr = base + b * T.stride[0] + g * T.stride[rank_dim ? 3 : 2] + c * 8;
+    const __nv_bfloat16* cb = base + b * T.stride[0] + g * T.stride[rank_dim ? 3 : 2] +
+                              static_cast<int64_t>(tok(c0)) * T.stride[1];
+    const int off0 = t0 * sl + (row0 & (R - 1)) * sr + c * 8;
 #pragma unroll
-    for (int row = tid / kCh; row < kTcRows; row += kRowsPerPass) {
-      const int t = row >> lr, r = row & (R - 1);
-      const bool ok = t < m;
-      cp_async16(dst + row * kQp + c * 8,
-                 ok ? thr + static_cast<int64_t>(tok(c0 + t)) * sl + r * sr : base, ok);
+    for (int j = 0; j < kTcRows / kRowsPerPass; ++j) {
+      const bool ok = t0 + j * tstep < m;
+      cp_async16(dst + (row0 + j * kRowsPerPass) * kQp + c * 8,
+                 ok ? cb + (off0 + j * tstep * sl) : base, ok);
     }
   };
   // One row of P bf16 per token (v, z: (B, L, H, P) with aligned contiguous rows) into dst.
   auto pf_rows = [&](const DTensor& T, __nv_bfloat16* dst, int c0, int m) {
-    constexpr int kCh = P / 8;
+    const int tid = tid_x_again();
+    constexpr int kCh = P / 8, kTokPerPass = kTcThreads / kCh;  // 32 (P = 64) or 16 tokens
+    const int c = tid % kCh, t0 = tid / kCh, s1 = static_cast<int>(T.stride[1]);
     const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(T.data);
-    for (int i = tid; i < C * kCh; i += kTcThreads) {
-      const int t = i / kCh, c = i % kCh;
-      const bool ok = t < m;
-      const int64_t off = ok ? b * T.stride[0] + static_cast<int64_t>(tok(c0 + t)) * T.stride[1] +
-                                   h * T.stride[2] + c * 8
-                             : 0;
-      cp_async16(dst + t * P + c * 8, base + off, ok);
+    const __nv_bfloat16* cb = base + b * T.stride[0] + static_cast<int64_t>(tok(c0)) * T.stride[1] +
+                              h * T.stride[2];
+    const int off0 = t0 * s1 + c * 8;
+#pragma unroll
+    for (int j = 0; j < (kTcRows + kTokPerPass - 1) / kTokPerPass; ++j) {
+      const int t = t0 + j * kTokPerPass;
+      if (t < C) {
+        const bool ok = t < m;
+        cp_async16(dst + t * P + c * 8, ok ? cb + (off0 + j * kTokPerPass * s1) : base, ok);
+      }
     }
   };
   auto pf_v = [&](int c0, int m) { pf_rows(p.v, Vr, c0, m); };
@@ -277,24 +342,33 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   };
   auto pf_ang = [&](int c0, int m) {
     const DTensor& A = p.angles;
-    auto off = [&](int t, int a) {
-      return b * A.stride[0] + static_cast<int64_t>(tok(c0 + t)) * A.stride[1] + h * A.stride[2] +
-             a * A.stride[3];
-    };
     if (p.ang_vec4) {
-      const int nc = NA / 4;
+      const int tid = tid_x_again();
+      // NA / 4 float4 per token, element i of the C x NA tile: token i / nc, float4 i % nc;
+      // both advanced per step of kTcThreads (no division inside the loop).
+      const int nc = NA >> 2;
+      if (nc == 0) return;
+      const float* base = static_cast<const float*>(A.data);
+      const float* cb = base + b * A.stride[0] + static_cast<int64_t>(tok(c0)) * A.stride[1] +
+                        h * A.stride[2];
+      const int s1 = static_cast<int>(A.stride[1]);
+      const int dt_i = kTcThreads / nc, dc_i = kTcThreads - dt_i * nc;
+      int t = tid / nc, c = tid - t * nc;
       for (int i = tid; i < C * nc; i += kTcThreads) {
-        const int t = i / nc, c = i % nc;
         const bool ok = t < m;
-        cp_async16(ang + t * NA + c * 4, static_cast<const float*>(A.data) + (ok ? off(t, c * 4) : 0),
-                   ok);
+        cp_async16(ang + 4 * i, ok ? cb + (t * s1 + c * 4) : base, ok);
+        t += dt_i, c += dc_i;
+        if (c >= nc) c -= nc, ++t;
       }
     } else {
-      pf_ang_general(A.data, A.dtype, off(0, 0), A.stride[1], A.stride[3], ang, m, C, NA, tid);
+      pf_ang_general(A.data, A.dtype,
+                     b * A.stride[0] + static_cast<int64_t>(tok(c0)) * A.stride[1] + h * A.stride[2],
+                     A.stride[1], A.stride[3], ang, m, C, NA, tid);
     }
   };
   // Per-token scalars of tokens c0 .. c0 + C (one look-ahead token) into one register each.
   auto ld_scal = [&](int c0) {
+    const int tid = tid_x_again();
     float v = 0.f;
     if (tid < 3 * (C + 1)) {
       const int which = tid / (C + 1), t = c0 + tid % (C + 1);
@@ -304,6 +378,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     return v;
   };
   auto st_scal = [&](float v) {
+    const int tid = tid_x_again();
     if (tid < 3 * (C + 1)) adt_s[tid] = v;  // adt_s, dt_s, tr_s are consecutive
   };
 
@@ -363,11 +438,19 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   st_scal(ld_scal(t_begin));
 
   float decay_prod = 1.f;  // kStates: product of the chunks' decays
-  const float dskip = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  const int rt = warp & 3, hh = warp >> 2;  // Y: row tile, column half
+  // D in shared memory (beside the saved cell), read where used: one register fewer across
+  // the chunk loop, where the 128 of two CTAs per SM are all taken.
+  float* dskip_s = reinterpret_cast<float*>(sm + lay.cell + 8);
+  if (tid == 0) *dskip_s = p.d.defined() ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
 
   int it = 0;
   for (int c0 = t_begin; c0 < t_end; c0 += C, ++it) {
+    // The thread's coordinates from a fresh read of its index each chunk (tid_x_again): the
+    // compiler then keeps none of them live across the loop's back edge.
+    const int tid = tid_x_again(), lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int xt = warp % Cfg::kXT, nh = warp / Cfg::kXT;  // state fragment: row tile, columns
+    [[maybe_unused]] const int rt = warp & 3, hh = warp >> 2;  // Y: row tile, column half
     const int m = min(C, t_end - c0), mr = m * R;
     const int c1 = c0 + C, m1 = c1 < t_end ? min(C, t_end - c1) : 0;
     __nv_bfloat16* Kc = (it & 1) ? K1 : K0;
@@ -392,20 +475,27 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     cp_async_commit();
     const float scal_next = m1 > 0 ? ld_scal(c1) : 0.f;
 
-    // ---- P1: decay prefix (warp 0) and angle prefix (all warps).
+    // ---- P1: decay prefix (warp 0) and angle prefix (all warps). Angle a: 8 lanes, ts
+    // consecutive tokens each. The carry (the lanes' totals, the chunk's end angle) is summed in
+    // float64 term by term; a token's angle is its lane's start, wrapped once in float64, plus
+    // the lane's float prefix (at most 8 terms), wrapped in float.
     if (NA > 0) {
       const int ts = (C + 7) / 8;  // tokens per lane; 8 lanes per angle
       for (int a0 = 0; a0 < NA; a0 += kTcThreads / 8) {
         const int a = a0 + tid / 8, l8 = tid & 7;
         const bool av = a < NA;
         const double th0 = av ? theta[a] : 0.0;
-        double run = 0.0, pre[8];
+        double run = 0.0;
+        float runf = 0.f, pre[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           const int t = l8 * ts + u;
-          if (u < ts && av && t < m)
-            run += static_cast<double>(static_cast<float>(kPiD) * tanhf(ang[t * NA + a]) * dt_s[t]);
-          pre[u] = run;
+          if (u < ts && av && t < m) {
+            const float inc = static_cast<float>(kPiD) * tanhf(ang[t * NA + a]) * dt_s[t];
+            run += static_cast<double>(inc);
+            runf += inc;
+          }
+          pre[u] = runf;
         }
         double incl = run;
 #pragma unroll
@@ -413,11 +503,11 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           const double y = __shfl_up_sync(0xffffffffu, incl, o, 8);
           if (l8 >= o) incl += y;
         }
-        const double excl = incl - run;
+        const float start = static_cast<float>(wrap_2pi(th0 + (incl - run)));
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           const int t = l8 * ts + u;
-          if (u < ts && av && t < m) ang[t * NA + a] = static_cast<float>(wrap_2pi(th0 + excl + pre[u]));
+          if (u < ts && av && t < m) ang[t * NA + a] = wrap_2pi_f(start + pre[u]);
         }
         __syncwarp();
         if (av && l8 == 7) theta[a] = wrap_2pi(th0 + incl);
@@ -473,13 +563,12 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           if (t >= m) continue;
           uint4* kp = reinterpret_cast<uint4*>(Kc + row * kQp + c * 8);
           uint4* qp = reinterpret_cast<uint4*>(Qs + row * kQp + c * 8);
-          float kf[8], qf[8];
+          float kf[8], qf[8] = {};
           bf16x8_to_float(*kp, kf);
-          if (!kStates) bf16x8_to_float(*qp, qf);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            kf[e] += kb_s[r * N + c * 8 + e];
-            qf[e] = kStates ? 0.f : qf[e] + qb_s[r * N + c * 8 + e];
+          add_bias8(kf, kb_s + r * N + c * 8);  // bias rows: 32-byte aligned (tc_layout)
+          if (!kStates) {
+            bf16x8_to_float(*qp, qf);
+            add_bias8(qf, qb_s + r * N + c * 8);
           }
           rope8_interleaved(kf, c, NA, th + t * NA, qf);
           *kp = float8_to_bf16x8(kf);
@@ -495,18 +584,20 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           uint4* k1p = reinterpret_cast<uint4*>(Kc + row * kQp + half + c * 8);
           uint4* q0p = reinterpret_cast<uint4*>(Qs + row * kQp + c * 8);
           uint4* q1p = reinterpret_cast<uint4*>(Qs + row * kQp + half + c * 8);
-          float k0[8], k1[8], q0[8], q1[8];
+          float k0[8], k1[8], q0[8] = {}, q1[8] = {};
           bf16x8_to_float(*k0p, k0);
           bf16x8_to_float(*k1p, k1);
-          if (!kStates) bf16x8_to_float(*q0p, q0), bf16x8_to_float(*q1p, q1);
+          add_bias8(k0, kb_s + r * N + c * 8), add_bias8(k1, kb_s + r * N + half + c * 8);
+          if (!kStates) {
+            bf16x8_to_float(*q0p, q0), bf16x8_to_float(*q1p, q1);
+            add_bias8(q0, qb_s + r * N + c * 8), add_bias8(q1, qb_s + r * N + half + c * 8);
+          }
+          if (c * 8 < NA) {
+            const float* tht = th + t * NA;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const int n = c * 8 + e;
-            k0[e] += kb_s[r * N + n], k1[e] += kb_s[r * N + half + n];
-            if (!kStates) q0[e] += qb_s[r * N + n], q1[e] += qb_s[r * N + half + n];
-            if (n < NA) {
+            for (int e = 0; e < 8; ++e) {
               float sn, co;
-              __sincosf(th[t * NA + n], &sn, &co);
+              rope_sincos(tht, c * 8 + e, NA, &sn, &co);
               const float ka = k0[e], kb = k1[e];
               k0[e] = ka * co - kb * sn, k1[e] = ka * sn + kb * co;
               if (!kStates) {
@@ -651,6 +742,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       }
       // + D v psi in fp32 from the raw v (column pairs: one 4-byte and one 8-byte load each).
       if (p.d.defined()) {
+        const float dskip = *dskip_s;
         const int tA = ra >> lr, rA = ra & (R - 1), tB = rb >> lr, rB = rb & (R - 1);
 #pragma unroll
         for (int j = 0; j < Cfg::kPH / 8; ++j) {
@@ -736,10 +828,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         }
       }
       if (p.z.defined()) {
-        auto gate = [](float z, float zeta) {
-          const float u = z * zeta;
-          return __fdividef(u, 1.f + __expf(-u));  // u sigmoid(u); 0 when exp overflows
-        };
+        auto gate = [](float z, float zeta) { return silu_approx(z * zeta); };
 #pragma unroll
         for (int j = 0; j < Cfg::kPH / 8; ++j) {
           const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
@@ -805,35 +894,40 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   }
   cp_async_wait<0>();
 
-  // ---- Segment end (state pass) or final states (last segment).
-  if constexpr (kStates) {
-#pragma unroll
-    for (int j = 0; j < Cfg::kNW / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int x = xt * 16 + gq + (e >> 1) * 8, n = nh * Cfg::kNW + j * 8 + 2 * tq + (e & 1);
-        sp.end_state[(static_cast<int64_t>(slot) * P + x) * N + n] = sreg[j][e];
-      }
-    __syncthreads();
-    if (tid < NA) sp.end_theta[static_cast<int64_t>(slot) * NA + tid] = theta[tid];
-    if (tid == 0) sp.end_decay[slot] = decay_prod;
-  } else {
-    if (!last_seg) return;
-    __syncthreads();  // theta final
-    if (p.fin_ssm.defined() && n_seq > 0) {
+  // ---- Segment end (state pass) or final states (last segment). The thread's fragment
+  // coordinates again from a fresh read of its index (see tid_x_again).
+  {
+    const int tid2 = tid_x_again(), warp2 = tid2 >> 5, lane2 = tid2 & 31;
+    const int xr = (warp2 % Cfg::kXT) * 16 + (lane2 >> 2), nc = (warp2 / Cfg::kXT) * Cfg::kNW + 2 * (lane2 & 3);
+    auto frag_x = [&](int e) { return xr + (e >> 1) * 8; };
+    auto frag_n = [&](int j, int e) { return nc + j * 8 + (e & 1); };
+    if constexpr (kStates) {
 #pragma unroll
       for (int j = 0; j < Cfg::kNW / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int x = xt * 16 + gq + (e >> 1) * 8, n = nh * Cfg::kNW + j * 8 + 2 * tq + (e & 1);
-          dstore(p.fin_ssm, s * p.fin_ssm.stride[0] + h * p.fin_ssm.stride[1] +
-                                x * p.fin_ssm.stride[2] + n * p.fin_ssm.stride[3],
-                 sreg[j][e]);
-        }
+        for (int e = 0; e < 4; ++e)
+          sp.end_state[(static_cast<int64_t>(slot) * P + frag_x(e)) * N + frag_n(j, e)] = sreg[j][e];
+      __syncthreads();
+      if (tid2 < NA) sp.end_theta[static_cast<int64_t>(slot) * NA + tid2] = theta[tid2];
+      if (tid2 == 0) sp.end_decay[slot] = decay_prod;
+    } else {
+      // Coordinates again (not kept live across the loop).
+      const TcCta e = tc_cta(p, sp, ctaid_x_again(), false);
+      if (!e.last_seg) return;
+      __syncthreads();  // theta final
+      if (p.fin_ssm.defined() && e.n_seq > 0) {
+#pragma unroll
+        for (int j = 0; j < Cfg::kNW / 8; ++j)
+#pragma unroll
+          for (int ee = 0; ee < 4; ++ee)
+            dstore(p.fin_ssm, e.s * p.fin_ssm.stride[0] + e.h * p.fin_ssm.stride[1] +
+                                  frag_x(ee) * p.fin_ssm.stride[2] + frag_n(j, ee) * p.fin_ssm.stride[3],
+                   sreg[j][ee]);
+      }
+      write_final_states(
+          p, e.s, e.h, e.g, e.b, e.seq_end, e.n_seq, theta, [&](int, int) { return 0.f; }, tid2,
+          kTcThreads, /*write_ssm=*/e.n_seq == 0);
     }
-    write_final_states(
-        p, s, h, g, b, seq_end, n_seq, theta, [&](int, int) { return 0.f; }, tid, kTcThreads,
-        /*write_ssm=*/n_seq == 0);
   }
 }
 

@@ -20,11 +20,12 @@ struct CoreParams {
   // Decode: the ssm state is fp32, rows contiguous and 16-byte aligned, N/4 divides 32, so
   // the step kernel streams it with float4 accesses.
   bool state_vec4 = false;
-  // Forward: q, k, v are bf16 with contiguous, 16-byte aligned rows (16-byte tile loads).
+  // Forward: q, k, v are bf16 with contiguous, 16-byte aligned rows (16-byte tile loads) and
+  // strides below 2^24 past the batch dimension (32-bit offsets inside a chunk).
   bool tc_vec = false;
-  // Tensor-core forward: z bf16 with 16-byte aligned contiguous rows (cp.async tiles); angles
-  // fp32 with 16-byte aligned contiguous rows of NA (NA % 4 == 0); out bf16 with contiguous,
-  // 4-byte aligned column pairs.
+  // Tensor-core forward: z bf16 with 16-byte aligned contiguous rows (cp.async tiles) and
+  // angles fp32 with 16-byte aligned contiguous rows of NA (NA % 4 == 0), strides as tc_vec's;
+  // out bf16 with contiguous, 4-byte aligned column pairs.
   bool z_vec = false, ang_vec4 = false, out_vec2 = false;
   float eps = 1e-5f;
 };
@@ -64,11 +65,19 @@ inline CoreParams make_params(const ForwardArgs& a, const Dims& d) {
            t.strides[1] % 4 == 0 && t.strides[0] % 4 == 0 &&
            reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
   };
-  auto rows16 = [](const Tensor& t) {
+  // The tensor-core forward addresses a chunk's tile rows as one 64-bit chunk base plus a
+  // 32-bit offset per thread (at most 64 tokens and 8 ranks from the base): strides other than
+  // the batch stride must stay below 2^24 elements (any layout of a realistic size does).
+  auto chunk32 = [](const Tensor& t) {
+    for (int i = 1; i < t.ndim; ++i)
+      if (t.strides[i] >= (int64_t{1} << 24)) return false;
+    return true;
+  };
+  auto rows16 = [&](const Tensor& t) {
     if (!t.defined() || t.dtype != DType::kBF16 || t.strides[t.ndim - 1] != 1) return false;
     for (int i = 0; i + 1 < t.ndim; ++i)
       if (t.strides[i] % 8 != 0) return false;
-    return reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+    return chunk32(t) && reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
   };
   p.tc_vec = rows16(in.q) && rows16(in.k) && rows16(in.v) && d.N % 16 == 0 && d.P % 8 == 0;
   p.z_vec = rows16(in.z) && d.P % 8 == 0;
@@ -76,7 +85,7 @@ inline CoreParams make_params(const ForwardArgs& a, const Dims& d) {
     const Tensor& A = in.angles;
     p.ang_vec4 = A.defined() && A.dtype == DType::kF32 && d.NA % 4 == 0 && A.strides[3] == 1 &&
                  A.strides[0] % 4 == 0 && A.strides[1] % 4 == 0 && A.strides[2] % 4 == 0 &&
-                 reinterpret_cast<uintptr_t>(A.data) % 16 == 0;
+                 chunk32(A) && reinterpret_cast<uintptr_t>(A.data) % 16 == 0;
     const Tensor& O = a.out;
     bool even = O.defined() && O.dtype == DType::kBF16 && O.strides[O.ndim - 1] == 1 &&
                 reinterpret_cast<uintptr_t>(O.data) % 4 == 0;
@@ -135,6 +144,20 @@ __device__ __forceinline__ float rope_element_theta(bool interleaved, int N, int
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
+// silu(u) = u sigmoid(u) from the approximate ex2 and reciprocal (MUFU; flush-to-zero, no
+// range fix-ups: ~2^-22 relative error, 0 when exp(-u) overflows, as __expf / __fdividef).
+// The CPU emulation (tests/emu) uses libm: close, not bit-exact.
+#ifndef MAMBA3_CUDA_EMU
+__device__ __forceinline__ float silu_approx(float u) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(u * -1.4426950408889634f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  return u * r;
+}
+#else
+inline float silu_approx(float u) { return u / (1.f + std::exp(-u)); }
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -146,6 +169,13 @@ __device__ __forceinline__ double wrap_2pi(double x) {
   const double two_pi = 2.0 * kPiD, inv_two_pi = 1.0 / (2.0 * kPiD);
   double w = fma(-two_pi, floor(x * inv_two_pi), x);
   return (w >= two_pi || w < 0.0) ? 0.0 : w;
+}
+
+// wrap_2pi in float, for small non-negative x (a wrapped angle plus a few increments).
+__device__ __forceinline__ float wrap_2pi_f(float x) {
+  constexpr float two_pi = static_cast<float>(2.0 * kPiD), inv_two_pi = static_cast<float>(0.5 / kPiD);
+  const float w = fmaf(-two_pi, floorf(x * inv_two_pi), x);
+  return (w >= two_pi || w < 0.f) ? 0.f : w;
 }
 
 }  // namespace mamba3::cuda
