@@ -212,17 +212,32 @@ template <bool kResidual = false>
 __device__ __forceinline__ void stage_state_bf16(const float* state, bf16* dst, int P, int N,
                                                  int qp, int tid) {
   const int n4 = N / 4, ln4 = log2_pow2(n4);  // N a power of two on the tensor-core path
-#pragma unroll 4
-  for (int i = tid; i < P * n4; i += kThreads) {
-    const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
-    float4 v = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(x) * N + n);
-    if constexpr (kResidual)
-      v = make_float4(bf16_residual(v.x), bf16_residual(v.y), bf16_residual(v.z),
-                      bf16_residual(v.w));
-    uint2 u;
-    u.x = pack_bf16(v.x, v.y);
-    u.y = pack_bf16(v.z, v.w);
-    *reinterpret_cast<uint2*>(dst + x * qp + n) = u;
+  const int total = P * n4;
+  // Four iterations' loads issued before their stores: through generic pointers the compiler
+  // may not move a global load above a shared store, and one load at a time in flight left
+  // the staging latency-bound (ncu: its packs waited on the loads).
+  for (int i0 = tid; i0 < total; i0 += 4 * kThreads) {
+    float4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i < total)
+        v[u] = *reinterpret_cast<const float4*>(state + static_cast<int64_t>(i >> ln4) * N +
+                                                (i & (n4 - 1)) * 4);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i >= total) break;
+      float4 w = v[u];
+      if constexpr (kResidual)
+        w = make_float4(bf16_residual(w.x), bf16_residual(w.y), bf16_residual(w.z),
+                        bf16_residual(w.w));
+      uint2 pk;
+      pk.x = pack_bf16(w.x, w.y);
+      pk.y = pack_bf16(w.z, w.w);
+      *reinterpret_cast<uint2*>(dst + (i >> ln4) * qp + (i & (n4 - 1)) * 4) = pk;
+    }
   }
 }
 

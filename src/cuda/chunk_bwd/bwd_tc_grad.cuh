@@ -334,17 +334,25 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   const int row0 = i0 + g, row1 = i0 + g + 8;
   const bool split_states = R > 1;  // see the dK phase
 
-  {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk.
-    constexpr int p4 = P / 4, lp4 = p4 == 16 ? 4 : 5;
-    for (int i = tid; i < kRows * p4; i += kT) {
-      const int row = i >> lp4, x = (i & (p4 - 1)) * 4;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  {  // dy rows (fp32 workspace) -> bf16 tile, 4 columns at a time; zero past the chunk. All
+     // loads first (see stage_state_bf16).
+    constexpr int p4 = P / 4, lp4 = p4 == 16 ? 4 : 5, kIt = kRows * p4 / kT;
+    static_assert(kRows * p4 % kT == 0, "whole passes");
+    float4 v[kIt];
+#pragma unroll
+    for (int u = 0; u < kIt; ++u) {
+      const int i = tid + u * kT, row = i >> lp4, x = (i & (p4 - 1)) * 4;
+      v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (row < mr)
-        v = *reinterpret_cast<const float4*>(dyg + (row >> lr) * dy_row + (row & (R - 1)) * P + x);
-      uint2 u;
-      u.x = pack_bf16(v.x, v.y);
-      u.y = pack_bf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(DYb + row * vp + x) = u;
+        v[u] = *reinterpret_cast<const float4*>(dyg + (row >> lr) * dy_row + (row & (R - 1)) * P + x);
+    }
+#pragma unroll
+    for (int u = 0; u < kIt; ++u) {
+      const int i = tid + u * kT, row = i >> lp4, x = (i & (p4 - 1)) * 4;
+      uint2 pk;
+      pk.x = pack_bf16(v[u].x, v[u].y);
+      pk.y = pack_bf16(v[u].z, v[u].w);
+      *reinterpret_cast<uint2*>(DYb + row * vp + x) = pk;
     }
   }
   stage_state_bf16(dsend, Sb, P, N, qp, tid);
@@ -543,17 +551,25 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   __syncthreads();
   {  // S_prev as the operand; on the way the sum of dS o S_prev (fp32) for d cs_last.
     float dsum = 0.f;
-    const int n4 = N / 4, ln4 = log2_pow2(n4);
-#pragma unroll 4
-    for (int i = tid; i < P * n4; i += kT) {
-      const int x = i >> ln4, n = (i & (n4 - 1)) * 4;
-      const float4 v = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
-      const float4 d = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
-      dsum += d.x * v.x + d.y * v.y + d.z * v.z + d.w * v.w;
-      uint2 u;
-      u.x = pack_bf16(v.x, v.y);
-      u.y = pack_bf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(Sb + x * qp + n) = u;
+    constexpr int n4 = N / 4, ln4 = log2_const(n4), kTotal = P * n4;
+    static_assert(kTotal % (4 * kT) == 0, "whole batches");
+    for (int i0 = tid; i0 < kTotal; i0 += 4 * kT) {  // 4 iterations' loads first (stage_state_bf16)
+      float4 v[4], d[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * kT, x = i >> ln4, n = (i & (n4 - 1)) * 4;
+        v[u] = *reinterpret_cast<const float4*>(sprev + static_cast<int64_t>(x) * N + n);
+        d[u] = *reinterpret_cast<const float4*>(dsend + static_cast<int64_t>(x) * N + n);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * kT, x = i >> ln4, n = (i & (n4 - 1)) * 4;
+        dsum += d[u].x * v[u].x + d[u].y * v[u].y + d[u].z * v[u].z + d[u].w * v[u].w;
+        uint2 pk;
+        pk.x = pack_bf16(v[u].x, v[u].y);
+        pk.y = pack_bf16(v[u].z, v[u].w);
+        *reinterpret_cast<uint2*>(Sb + x * qp + n) = pk;
+      }
     }
     dsum = warp_sum(dsum);
     if (lane == 0) red[kRedDs + warp] = dsum;

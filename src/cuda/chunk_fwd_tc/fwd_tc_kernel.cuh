@@ -659,7 +659,8 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
               float coef = 0.f;
-              if (rv[hr]) coef = tj < ti[hr] ? __expf(csi[hr] - csj) * wj : (tj == ti[hr] ? gmi[hr] : 0.f);
+              if (rv[hr])
+                coef = tj < ti[hr] ? ex2_approx((csi[hr] - csj) * kLog2e) * wj : (tj == ti[hr] ? gmi[hr] : 0.f);
               sc[j][2 * hr + e1] *= coef;
             }
           }

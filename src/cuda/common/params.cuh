@@ -148,15 +148,23 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-
 // range fix-ups: ~2^-22 relative error, 0 when exp(-u) overflows, as __expf / __fdividef).
 // The CPU emulation (tests/emu) uses libm: close, not bit-exact.
 #ifndef MAMBA3_CUDA_EMU
+// 2^x (MUFU, flush-to-zero, no range fix-up): for exponents of decays, at most 0.
+__device__ __forceinline__ float ex2_approx(float x) {
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x));
+  return e;
+}
 __device__ __forceinline__ float silu_approx(float u) {
   float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(u * -1.4426950408889634f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(u * -1.4426950408889634f));  // e^-u
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
   return u * r;
 }
 #else
+inline float ex2_approx(float x) { return std::exp2(x); }
 inline float silu_approx(float u) { return u / (1.f + std::exp(-u)); }
 #endif
+constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
