@@ -96,6 +96,17 @@ TEST_P(CudaSegmented, SplitForwardMatchesReference) {
   }
 }
 
+// Many segments of one (sequence, head): 101 segments x NA = 64 start angles are more than the
+// 48 KB of shared memory a launch gets without opting in (fwd_tc_combine once kept them there).
+TEST(CudaSegmentedForward, ManySegmentsOfOneSequence) {
+  REQUIRE_GPU();
+  Case c{"seg_many", 1, 6437, 1, 1, 128, 64, 1, 64, true, false, false, {},
+         RopePairing::kInterleaved, DType::kBF16};
+  check::Problem p = make(c, 79);
+  ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "64");
+  expect_cuda_forward(p, true, c.dtype, p.config().describe() + " MAMBA3_CUDA_SEG_LEN=64");
+}
+
 TEST(CudaSegmentedForward, BitwiseDeterministicAndBadOverrideNamed) {
   REQUIRE_GPU();
   Case c{"seg_det", 2, 700, 4, 1, 128, 64, 1, 32, true, true, false, {},

@@ -937,7 +937,6 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
 // rotation acts on the state's columns pair by pair like the rope of k.
 template <int N, int P>
 __global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp) {
-  extern __shared__ double th_s[];  // (nseg, NA): start angle of every segment
   const int sh = blockIdx.x, s = sh / p.H;
   const int NA = p.NA, nseg = sp.nseg;
   int n_seq = p.L;
@@ -948,11 +947,13 @@ __global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp
   for (int a = threadIdx.x; a < NA; a += blockDim.x) {
     double th = sp.end_theta[slot0 * NA + a];  // segment 0 ends at an absolute angle
     for (int j = 1; j <= last; ++j) {
-      th_s[j * NA + a] = th;
       sp.start_theta[(slot0 + j) * NA + a] = th;
       if (j < last) th = wrap_2pi(th + sp.end_theta[(slot0 + j) * NA + a]);
     }
   }
+  // The start angles are read back from global memory (visible to the block after the
+  // barrier), not kept in shared memory: nseg * NA doubles would exceed its limit on long
+  // sequences split finely.
   __syncthreads();
   for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
     const int x = i / N, n = i % N;
@@ -976,7 +977,7 @@ __global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp
       float e = E[n];
       if (ia >= 0) {
         float sn, cs;
-        __sincosf(static_cast<float>(th_s[j * NA + ia]), &sn, &cs);
+        __sincosf(static_cast<float>(sp.start_theta[(slot0 + j) * NA + ia]), &sn, &cs);
         const float self = E[n], other = E[partner];
         e = first ? self * cs - other * sn : other * sn + self * cs;
       }

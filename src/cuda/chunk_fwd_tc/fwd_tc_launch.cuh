@@ -145,12 +145,11 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   sp.end_decay = f + 2 * slots * pn;
   Status st = [&]() -> Status {
     auto states = fwd_tc_kernel<N, P, true>;
-    M3_RETURN_IF_ERROR(allow_smem(states, bytes));
+    M3_RETURN_IF_ERROR(allow_smem_max_carveout(states, bytes));  // two CTAs per SM, as pass 2
     M3F_LAUNCH(states, grid, kTcThreads, bytes, stream, p, sp, SavedPtrs{});
     M3F_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
-    const size_t th_bytes = sizeof(double) * sp.nseg * std::max(p.NA, 1);
     auto combine = fwd_tc_combine<N, P>;
-    M3F_LAUNCH(combine, static_cast<unsigned>(heads), 256, th_bytes, stream, p, sp);
+    M3F_LAUNCH(combine, static_cast<unsigned>(heads), 256, 0, stream, p, sp);
     M3F_CHECK_LAUNCH("fwd_tc_combine");
     return output_pass();
   }();
