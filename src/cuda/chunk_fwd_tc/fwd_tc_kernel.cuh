@@ -178,27 +178,24 @@ __device__ __forceinline__ TcCta tc_cta(const CoreParams& p, const SegParams& sp
   return c;
 }
 
-// The CTA's and the thread's index through volatile reads: what is computed from them again
-// after the chunk loop is not merged with the first computation, so those values need no
+// The CTA's (kCta) or the thread's index through a volatile read: what is computed from it
+// again after the chunk loop is not merged with the first computation, so those values need no
 // registers across the loop (where two CTAs per SM leave 128 per thread, all taken).
-__device__ __forceinline__ int ctaid_x_again() {
+template <bool kCta>
+__device__ __forceinline__ int index_again() {
 #ifndef MAMBA3_CUDA_EMU
   int v;
-  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  if constexpr (kCta)
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  else
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
   return v;
 #else
-  return static_cast<int>(blockIdx.x);
+  return static_cast<int>(kCta ? blockIdx.x : threadIdx.x);
 #endif
 }
-__device__ __forceinline__ int tid_x_again() {
-#ifndef MAMBA3_CUDA_EMU
-  int v;
-  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
-  return v;
-#else
-  return static_cast<int>(threadIdx.x);
-#endif
-}
+__device__ __forceinline__ int ctaid_x_again() { return index_again<true>(); }
+__device__ __forceinline__ int tid_x_again() { return index_again<false>(); }
 
 // kSave (training; not with kStates): every chunk also writes what the backward's loader would
 // compute (cuda/common/tile_record.cuh): its start state and decay, and its tile record (the
