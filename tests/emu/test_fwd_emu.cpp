@@ -229,6 +229,30 @@ TEST(EmuForwardTcSplitGate, BadSegmentLengthNamed) {
   EXPECT_NE(st.message().find("MAMBA3_CUDA_SEG_LEN"), std::string::npos) << st.message();
 }
 
+// The tensor-core forward addresses a chunk's rows with 32-bit offsets from a 64-bit chunk base
+// (make_params): q with a token stride of 2^24 elements or more must route off the tensor cores
+// (to the fp32 SIMT kernel), one just below must not. Only the routing is checked here (the
+// buffers are 32 MB of bf16 holding q's values at that stride).
+TEST(EmuForwardRouting, StridesOf2To24LeaveTheTensorCores) {
+  const Case c{"route_stride", 1, 2, 1, 1, 64, 64, 1, 16, false, false, false, {}, kI, kB};
+  check::Problem p = make(c, 6);
+  check::HostTensor out = p.make_out(DType::kBF16);
+  for (const int64_t stride : {(int64_t{1} << 24) - 64, int64_t{1} << 24}) {
+    ForwardArgs f = forward_args(p, out, Lane::kCpu);
+    const Tensor& q = f.in.q;  // (B, L, G, N) = (1, 2, 1, 64), contiguous
+    ASSERT_EQ(q.ndim, 4);
+    std::vector<uint16_t> buf(static_cast<size_t>(stride + 64));
+    for (int64_t t = 0; t < 2; ++t)
+      std::memcpy(buf.data() + t * stride, static_cast<const uint16_t*>(q.data) + t * q.strides[1],
+                  64 * sizeof(uint16_t));
+    f.in.q = make_strided(buf.data(), DType::kBF16, {1, 2, 1, 64}, {2 * stride, stride, 64, 1});
+    Dims d;
+    ASSERT_TRUE(validate_forward(f, &d).ok());
+    const bool tc = cuda::fwd_tc::forward_uses_tensor_cores(f.in, d, cuda::make_params(f, d));
+    EXPECT_EQ(tc, stride < (int64_t{1} << 24)) << "q token stride " << stride;
+  }
+}
+
 // The saving instance (training; kSave): out and the final states bitwise those of the forward
 // that saves nothing and within the bar; the emulated backward reading the saved buffer within
 // the tensor-core gradient bar (kTcGradTol, or the recipe where naive float32 misses it), as
