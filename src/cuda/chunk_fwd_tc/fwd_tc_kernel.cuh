@@ -151,6 +151,7 @@ __device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64
 // Where a CTA of fwd_tc_kernel works: its (sequence, head, segment) and token range.
 struct TcCta {
   int s, h, g, b, seg, seq_begin, seq_end, n_seq, t_begin, t_end;
+  int last;             // the sequence's last segment (0 without a split)
   bool last_seg, idle;  // idle: nothing to do in this pass (the whole CTA returns)
 };
 
@@ -167,13 +168,13 @@ __device__ __forceinline__ TcCta tc_cta(const CoreParams& p, const SegParams& sp
     c.seq_end = p.cu_seqlens[(c.s + 1) * p.cu_stride];
   }
   c.n_seq = c.seq_end - c.seq_begin;
-  c.t_begin = 0, c.t_end = c.n_seq, c.last_seg = true, c.idle = false;
+  c.t_begin = 0, c.t_end = c.n_seq, c.last = 0, c.last_seg = true, c.idle = false;
   if (sp.nseg > 1) {
-    const int last = c.n_seq == 0 ? 0 : (c.n_seq - 1) / sp.seg_len;
-    c.idle = c.seg > last || (states_pass && c.seg >= last);
+    c.last = c.n_seq == 0 ? 0 : (c.n_seq - 1) / sp.seg_len;
+    c.idle = c.seg > c.last || (states_pass && c.seg >= c.last);
     c.t_begin = c.seg * sp.seg_len;
     c.t_end = min(c.n_seq, c.t_begin + sp.seg_len);
-    c.last_seg = c.seg == last;
+    c.last_seg = c.seg == c.last;
   }
   return c;
 }
@@ -934,11 +935,9 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
 // rotation acts on the state's columns pair by pair like the rope of k.
 template <int N, int P>
 __global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp) {
-  const int sh = blockIdx.x, s = sh / p.H;
+  const int sh = blockIdx.x;
   const int NA = p.NA, nseg = sp.nseg;
-  int n_seq = p.L;
-  if (p.cu_seqlens) n_seq = p.cu_seqlens[(s + 1) * p.cu_stride] - p.cu_seqlens[s * p.cu_stride];
-  const int last = n_seq == 0 ? 0 : (n_seq - 1) / sp.seg_len;
+  const int last = tc_cta(p, sp, sh * nseg, false).last;  // the split as fwd_tc_kernel sees it
   if (last == 0) return;
   const int64_t slot0 = static_cast<int64_t>(sh) * nseg;
   for (int a = threadIdx.x; a < NA; a += blockDim.x) {

@@ -144,27 +144,27 @@ __device__ __forceinline__ float rope_element_theta(bool interleaved, int N, int
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
-// silu(u) = u sigmoid(u) from the approximate ex2 and reciprocal (MUFU; flush-to-zero, no
-// range fix-ups: ~2^-22 relative error, 0 when exp(-u) overflows, as __expf / __fdividef).
-// The CPU emulation (tests/emu) uses libm: close, not bit-exact.
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x on the MUFU (ex2.approx.ftz: flush-to-zero, no range fix-up, ~2^-22 relative error),
+// for exponents of decays (at most 0) and the gate below. silu(u) = u sigmoid(u) =
+// u / (1 + 2^(-u log2 e)) with rcp.approx.ftz: 0 when exp(-u) overflows, as __expf /
+// __fdividef gave. The CPU emulation (tests/emu) uses libm: close, not bit-exact.
 #ifndef MAMBA3_CUDA_EMU
-// 2^x (MUFU, flush-to-zero, no range fix-up): for exponents of decays, at most 0.
 __device__ __forceinline__ float ex2_approx(float x) {
   float e;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x));
   return e;
 }
 __device__ __forceinline__ float silu_approx(float u) {
-  float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(u * -1.4426950408889634f));  // e^-u
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2_approx(u * -kLog2e)));
   return u * r;
 }
 #else
 inline float ex2_approx(float x) { return std::exp2(x); }
 inline float silu_approx(float u) { return u / (1.f + std::exp(-u)); }
 #endif
-constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -179,7 +179,8 @@ __device__ __forceinline__ double wrap_2pi(double x) {
   return (w >= two_pi || w < 0.0) ? 0.0 : w;
 }
 
-// wrap_2pi in float, for small non-negative x (a wrapped angle plus a few increments).
+// wrap_2pi in float, for x of small magnitude (a wrapped angle plus a few increments of
+// either sign).
 __device__ __forceinline__ float wrap_2pi_f(float x) {
   constexpr float two_pi = static_cast<float>(2.0 * kPiD), inv_two_pi = static_cast<float>(0.5 / kPiD);
   const float w = fmaf(-two_pi, floorf(x * inv_two_pi), x);
