@@ -194,6 +194,8 @@ TEST(Validation, EmptySequencesAndZeroLengthAreValid) {
   }
 }
 
+// The PsiV cache is the cuda lane's (tensor-core path, tests/cuda); the reference and cpu lanes
+// fail closed.
 TEST(Gates, PsivCacheFailsClosedNamingTheGate) {
   Fixture x(base());
   ASSERT_EQ(setenv("MAMBA3_PSIV_CACHE", "1", 1), 0);

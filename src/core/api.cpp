@@ -16,29 +16,31 @@
 namespace mamba3 {
 namespace {
 
-constexpr const char* kPsivGate = "MAMBA3_PSIV_CACHE";
-
-// A gate is on for "1", "true", "on", "yes"; off when unset, empty or "0"/"false"/"off"/"no".
-// Anything else is an error so a typo never silently selects a path.
-Status read_gate(const char* name, bool* on) {
+// A gate is on for "1", "true", "on", "yes"; off for "0", "false", "off", "no"; unset when the
+// variable is unset or empty. Anything else is an error so a typo never silently selects a path.
+Status read_gate(const char* name, GateValue* value) {
   const char* v = std::getenv(name);
-  *on = false;
+  *value = GateValue::kUnset;
   if (v == nullptr) return Status::Ok();
   const std::string s(v);
-  if (s.empty() || s == "0" || s == "false" || s == "off" || s == "no") return Status::Ok();
+  if (s.empty()) return Status::Ok();
+  if (s == "0" || s == "false" || s == "off" || s == "no") {
+    *value = GateValue::kOff;
+    return Status::Ok();
+  }
   if (s == "1" || s == "true" || s == "on" || s == "yes") {
-    *on = true;
+    *value = GateValue::kOn;
     return Status::Ok();
   }
   return Status::InvalidArgument(std::string(name) + ": expected 0 or 1, got \"" + s + "\"");
 }
 
-// PsiV cache (DESIGN.md §3): no lane of this build implements it, so asking for it fails.
+// PsiV cache (DESIGN.md §3): only the cuda lane implements it (on its tensor-core path, which
+// it checks itself), so asking for it elsewhere fails.
 Status check_psiv_gate(Lane lane) {
-  bool on = false;
-  Status st = read_gate(kPsivGate, &on);
-  if (!st.ok()) return st;
-  if (on)
+  GateValue v = GateValue::kUnset;
+  M3_RETURN_IF_ERROR(psiv_cache_gate(&v));
+  if (v == GateValue::kOn && lane != Lane::kCuda)
     return Status::NotSupported(std::string(kPsivGate) + "=1: the PsiV cache is not implemented on the " +
                                 lane_name(lane) +
                                 " lane of this build; unset the gate to run the default path");
@@ -68,7 +70,12 @@ Status check_saved(const Tensor& saved, Lane lane, const Inputs& in, const Dims&
     return Status::InvalidArgument("saved: expected a (" + std::to_string(want) +
                                    ",) float32 tensor on the inputs' device for the " +
                                    lane_name(lane) + " lane, got " + saved.shape_string() + " " +
-                                   dtype_name(saved.dtype));
+                                   dtype_name(saved.dtype) +
+                                   (lane == Lane::kCuda
+                                        ? " (the size follows MAMBA3_CUDA_SAVE_TILES, "
+                                          "MAMBA3_CUDA_BWD_MIMO_TC and MAMBA3_PSIV_CACHE: keep "
+                                          "them unchanged between the forward and its backward)"
+                                        : ""));
   if (want > 0 && saved.strides[0] != 1)
     return Status::InvalidArgument("saved: must be contiguous (stride 1), got stride " +
                                    std::to_string(saved.strides[0]));
@@ -76,6 +83,8 @@ Status check_saved(const Tensor& saved, Lane lane, const Inputs& in, const Dims&
 }
 
 }  // namespace
+
+Status psiv_cache_gate(GateValue* value) { return read_gate(kPsivGate, value); }
 
 Status saved_numel(const ForwardArgs& args, int64_t* numel) {
   Dims d;
@@ -187,13 +196,25 @@ GateInfo default_on_gate(const char* name, const std::string& description,
 }  // namespace
 
 std::vector<GateInfo> gates() {
-  bool on = false;
-  Status st = read_gate(kPsivGate, &on);
+  GateValue v = GateValue::kUnset;
+  Status st = read_gate(kPsivGate, &v);
   std::vector<GateInfo> out = {
       {kPsivGate,
-       "MIMO: materialize PsiV = V * psi in the forward and read it in the backward" +
-           std::string(st.ok() ? "" : " (current value invalid: " + st.message() + ")"),
-       on, "none (setting it makes every forward/backward call fail with an error naming it)"}};
+       "MIMO: materialize PsiV = V * psi in the forward and read it in the backward (1: on; "
+       "0: off, the backward computes it again from v; unset: on where psi (mimo_v) is given, "
+       "off otherwise)" +
+           std::string(!st.ok() ? " (current value invalid: " + st.message() + ")"
+                       : v == GateValue::kUnset
+                           ? " (unset now: decided per call, on where psi is given)"
+                           : ""),
+       v == GateValue::kOn,
+       cuda::compiled()
+           ? "cuda lane, tensor-core path (bf16 q, k, v at N, P in {64, 128}): the tile records "
+             "the training forward saves (or the backward's loader writes) carry v psi; "
+             "elsewhere (cpu, reference, cuda SIMT kernels) setting it to 1 makes the call fail "
+             "with an error naming it"
+           : "none in this build (no cuda lane): setting it to 1 makes every forward/backward "
+             "call fail with an error naming it"}};
   // Parsed by the cuda lane (src/cuda/chunk_bwd/bwd_launch.cuh), which rejects other values.
   out.push_back(default_on_gate("MAMBA3_CUDA_BWD_MIMO_TC",
                                 "bf16 MIMO backward on the tensor-core kernels (unset or 1, the "

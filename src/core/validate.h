@@ -33,4 +33,13 @@ Status validate_backward(const BackwardArgs& args, Dims* dims);
 // Step dims: L = 1, S = B.
 Status validate_step(const StepArgs& args, Dims* dims);
 
+// The PsiV cache gate (DESIGN.md §3), MAMBA3_PSIV_CACHE: on for "1", "true", "on", "yes"; off
+// for "0", "false", "off", "no"; unset or empty: the lane's default (the cuda lane: on for MIMO
+// with psi given, where it measured faster, NOTES.md); anything else is an error naming it. Read
+// per call by the API (an explicit on fails on lanes without the cache) and by the cuda lane
+// (the record layout).
+inline constexpr const char* kPsivGate = "MAMBA3_PSIV_CACHE";
+enum class GateValue { kUnset, kOn, kOff };
+Status psiv_cache_gate(GateValue* value);
+
 }  // namespace mamba3

@@ -70,6 +70,7 @@ Status launch_forward(const ForwardArgs& a, const Dims& d, int64_t max_len) {
   M3_RETURN_IF_ERROR(fwd_tc::forward_saved_ptrs(a, d, &sv));
   if (fwd_tc::forward_uses_tensor_cores(a.in, d, p))
     return fwd_tc::launch_forward_tc(p, d, max_len, sv, stream);
+  M3_RETURN_IF_ERROR(psiv_cache_refused("forward", "the fp32 SIMT kernel"));
   if (sv.base)
     return Status::Internal("saved: a saved buffer for a forward off the tensor-core path");
   const FwdSmem lay = fwd_smem_layout(p.N, p.P, p.NA);

@@ -259,6 +259,121 @@ TEST(CudaBackward, SaveTilesGate) {
   EXPECT_NE(st.message().find(std::to_string(n)), std::string::npos) << st.message();
 }
 
+// The PsiV cache (MAMBA3_PSIV_CACHE, DESIGN §3) on the tensor-core path: on, the tile records
+// carry v psi (the training forward's saved buffer grows by rows x P bf16 per cell) and the
+// backward copies it back; off, it computes it from the raw v and psi; unset, on where psi is
+// given. Both give the same bits, saved or recomputing, SISO and MIMO (psi sums, GQA, P = 128,
+// packed sequences, split forward). A buffer saved under one setting is refused by the other
+// (its size differs), naming the gate; off the tensor-core path setting the gate to 1 fails,
+// naming it.
+TEST(CudaBackward, PsivCacheGate) {
+  REQUIRE_GPU();
+  struct GateCase {
+    Case c;
+    const char* seg_len;
+  };
+  for (const GateCase& gc :
+       {GateCase{{"psiv_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+                 nullptr},
+        GateCase{{"psiv_mimo_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH,
+                  kB},
+                 nullptr},
+        GateCase{{"psiv_p128_r2", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
+                 nullptr},
+        GateCase{{"psiv_split_mimo_varlen", 1, 300, 2, 1, 64, 64, 2, 16, true, false, true,
+                  {100, 0, 137, 63}, kI, kB},
+                 "128"}}) {
+    const Case& c = gc.c;
+    SCOPED_TRACE(c.name);
+    ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", gc.seg_len);
+    check::Problem p = make(c, 1700 + c.L);
+    check::HostTensor out = p.make_out(c.dtype);
+    const ForwardArgs f = forward_args(p, out, Lane::kCuda);
+    int64_t n_off = 0, n_on = 0, n_unset = 0;
+    {
+      ScopedEnv off("MAMBA3_PSIV_CACHE", "0");
+      ASSERT_TRUE(cuda::saved_numel_staged(f, &n_off).ok());
+    }
+    {
+      ScopedEnv on("MAMBA3_PSIV_CACHE", "1");
+      ASSERT_TRUE(cuda::saved_numel_staged(f, &n_on).ok());
+    }
+    {
+      ScopedEnv unset("MAMBA3_PSIV_CACHE", nullptr);
+      ASSERT_TRUE(cuda::saved_numel_staged(f, &n_unset).ok());
+    }
+    EXPECT_GT(n_on, n_off) << "the records with v psi should be larger";
+    // Unset: the cache where psi (mimo_v) is given (the MIMO cases here), not without it.
+    EXPECT_EQ(n_unset, p.inputs().mimo_v.defined() ? n_on : n_off);
+    RunOptions o;
+    o.out_dtype = c.dtype;
+    Result plain_off, saved_off, plain_on, saved_on;
+    {
+      ScopedEnv off("MAMBA3_PSIV_CACHE", "0");
+      plain_off = run(p, Eval::kCuda, o);
+      o.use_saved = true;
+      saved_off = run(p, Eval::kCuda, o);
+      o.use_saved = false;
+    }
+    {
+      ScopedEnv on("MAMBA3_PSIV_CACHE", "1");
+      plain_on = run(p, Eval::kCuda, o);
+      o.use_saved = true;
+      saved_on = run(p, Eval::kCuda, o);
+      o.use_saved = false;
+    }
+    expect_bitwise_equal(plain_on, plain_off, "recomputing backward, cache on vs off");
+    expect_bitwise_equal(saved_on, saved_off, "saved buffer, cache on vs off");
+    const Result ref = grads_only(run(p, Eval::kReference, o));
+    const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
+    expect_within_bar_or_recipe(grads_only(saved_on), ref, naive, kTcGradTol,
+                                p.config().describe() + " (PsiV cache)");
+  }
+  // A buffer saved with the cache, read back without it: refused, naming the gate.
+  Case c{"psiv_mismatch", 1, 100, 2, 1, 64, 64, 4, 16, true, false, true, {}, kI, kB};
+  check::Problem p = make(c, 6);
+  check::HostTensor out = p.make_out(DType::kBF16);
+  ForwardArgs f = forward_args(p, out, Lane::kCuda);
+  int64_t n = 0;
+  std::vector<float> saved;
+  {
+    ScopedEnv on("MAMBA3_PSIV_CACHE", "1");
+    ASSERT_TRUE(cuda::saved_numel_staged(f, &n).ok());
+    saved.assign(static_cast<size_t>(n), 0.f);
+    f.saved = make_tensor(saved.data(), DType::kF32, {n});
+    const Status st = cuda::forward_staged(f);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+  check::HostTensor dout = p.random_d_out(DType::kBF16, 7);
+  check::StateBuffers ds = p.random_d_states(7);
+  check::GradBuffers g = p.make_grads(false);
+  BackwardArgs b = backward_args(p.inputs(), dout, ds, g, Lane::kCuda);
+  b.saved = f.saved;
+  ScopedEnv off("MAMBA3_PSIV_CACHE", "0");
+  Status st = cuda::backward_staged(b);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("MAMBA3_PSIV_CACHE"), std::string::npos) << st.message();
+  // fp32 inputs take the SIMT kernels: the gate fails there, forward and backward.
+  Case cf{"psiv_simt", 1, 100, 2, 1, 64, 64, 4, 16, true, false, true, {}, kI, kF};
+  check::Problem pf = make(cf, 8);
+  check::HostTensor outf = pf.make_out(DType::kF32);
+  check::HostTensor doutf = pf.random_d_out(DType::kF32, 7);
+  check::StateBuffers dsf = pf.random_d_states(7);
+  check::GradBuffers gf = pf.make_grads(false);
+  {  // unset: the default (no cache there), no error
+    ScopedEnv unset("MAMBA3_PSIV_CACHE", nullptr);
+    const Status s = cuda::forward_staged(forward_args(pf, outf, Lane::kCuda));
+    EXPECT_TRUE(s.ok()) << s.ToString();
+  }
+  ScopedEnv on("MAMBA3_PSIV_CACHE", "1");
+  for (const Status& s : {cuda::forward_staged(forward_args(pf, outf, Lane::kCuda)),
+                          cuda::backward_staged(backward_args(pf.inputs(), doutf, dsf, gf,
+                                                              Lane::kCuda))}) {
+    EXPECT_EQ(s.code(), StatusCode::kNotSupported) << s.ToString();
+    EXPECT_NE(s.message().find("MAMBA3_PSIV_CACHE"), std::string::npos) << s.message();
+  }
+}
+
 // Off the tensor-core path the cuda lane saves nothing: saved_numel is 0, an empty buffer is
 // accepted and changes no bit, a non-empty one is an error naming the expected size.
 TEST(CudaBackward, EmptySavedBufferChangesNothing) {

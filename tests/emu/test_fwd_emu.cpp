@@ -309,5 +309,39 @@ INSTANTIATE_TEST_SUITE_P(
                   "64"}),
     [](const testing::TestParamInfo<SavedCase>& i) { return std::string(i.param.c.name); });
 
+// The PsiV cache (MAMBA3_PSIV_CACHE=1): the saved records carry v psi and the emulated backward
+// copies it back; with 0 the backward computes it again from the raw v. The same bits
+// either way (forward outputs and gradients), MIMO with psi and SISO; the buffer with the cache
+// is larger by rows x P bf16 per cell. CudaBackward.PsivCacheGate runs the same on the GPU.
+TEST(EmuPsivCache, SameBitsOnAndOff) {
+  ScopedEnv save("MAMBA3_CUDA_SAVE_TILES", nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
+  for (const Case& c :
+       {Case{"psiv_mimo_r4", 1, 40, 2, 1, 64, 64, 4, 16, true, false, true, {}, kI, kB},
+        Case{"psiv_siso", 1, 70, 2, 1, 64, 64, 1, 16, false, false, false, {}, kH, kB}}) {
+    SCOPED_TRACE(c.name);
+    check::Problem p = make(c, 800 + c.L);
+    EmuForward f_off, f_on;
+    Result g_off, g_on;
+    {
+      ScopedEnv off("MAMBA3_PSIV_CACHE", "0");
+      f_off = run_emu_forward(p, c.dtype, true);
+      if (f_off.r.empty()) return;
+      g_off = run_emu_backward_from_saved(p, c.dtype, f_off.saved);
+    }
+    {
+      ScopedEnv on("MAMBA3_PSIV_CACHE", "1");
+      f_on = run_emu_forward(p, c.dtype, true);
+      if (f_on.r.empty()) return;
+      g_on = run_emu_backward_from_saved(p, c.dtype, f_on.saved);
+    }
+    const int64_t cells = c.B * ((c.L + 64 / c.R - 1) / (64 / c.R)) * c.H;
+    EXPECT_GE(static_cast<int64_t>(f_on.saved.size() - f_off.saved.size()) * 4,
+              cells * 64 * c.P * 2);
+    expect_bitwise_equal(f_on.r, f_off.r, "forward outputs, cache on vs off");
+    expect_bitwise_equal(g_on, g_off, "gradients from the saved buffer, cache on vs off");
+  }
+}
+
 }  // namespace
 }  // namespace mamba3::test

@@ -264,7 +264,9 @@ inline Status saved_layout_for(const Inputs& in, const Dims& d, bool forward_tc,
   bool tc = false;
   const int rows = pick_backward_rows(b, d, make_params(f, d), smem_limit, mimo_tc, &tc);
   if (!tc || rows != kRecordRows) return Status::Ok();
-  *out = saved_layout(in, d);
+  bool psiv = false;
+  M3_RETURN_IF_ERROR(psiv_cache_on(in, &psiv));
+  *out = saved_layout(in, d, psiv);
   return Status::Ok();
 }
 
@@ -279,6 +281,9 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   BwdParams bp = make_bwd_params(a, d);
   bool tc = false;
   const int rows = pick_backward_rows(a, d, bp.p, smem_limit, mimo_tc, &tc);
+  if (!tc) M3_RETURN_IF_ERROR(psiv_cache_refused("backward", "the fp32 SIMT kernels"));
+  bool psiv = false;
+  M3_RETURN_IF_ERROR(psiv_cache_on(a.in, &psiv));
   if (rows == 0)
     return Status::NotSupported("cuda lane backward: N = " + std::to_string(d.N) + ", P = " +
                                 std::to_string(d.P) + " does not fit the device's shared memory");
@@ -289,11 +294,12 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const bool from_saved = a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0;
   SavedLayout sl{};
   if (from_saved) {
-    sl = saved_layout(a.in, d);
+    sl = saved_layout(a.in, d, psiv);
     if (!tc || sl.bytes != a.saved.shape[0] * 4 || rows != kRecordRows)
       return Status::InvalidArgument(
           "saved: not a saved buffer of the tensor-core path for these inputs (its size must be "
-          "saved_numel of them, with the same MAMBA3_CUDA_SAVE_TILES / MAMBA3_CUDA_BWD_MIMO_TC)");
+          "saved_numel of them, with the same MAMBA3_CUDA_SAVE_TILES / MAMBA3_CUDA_BWD_MIMO_TC / "
+          "MAMBA3_PSIV_CACHE)");
     if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
       return Status::InvalidArgument("saved: data must be 16-byte aligned");
     bp.saved_hdr = static_cast<const int32_t*>(a.saved.data);
@@ -336,7 +342,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     buf.reserve(&ws.initp, S * H * (R * P + 1));
   }
   if (tc && !from_saved) {  // the chunk loader's output, once per chunk (bwd_tc.cuh, tc_chunk_tiles)
-    bp.tr = tile_record(N, P, rows, bp.C, NA);
+    bp.tr = tile_record(N, P, rows, bp.C, NA, psiv);
     buf.reserve(&ws.tiles, cells * bp.tr.bytes);
   }
   M3_RETURN_IF_ERROR(buf.allocate());

@@ -417,10 +417,54 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   __syncthreads();
 }
 
+// Without the PsiV cache (TileRecord::v < 0) the record has no v psi tile; its readers build it
+// from the raw v as the loader does, row t R + r of lay.v = bf16(float(v_t) * psi_r), rows past
+// the chunk zero. tc_fetch_v_rows copies v_t into every row t R + r (cp.async, with the record's
+// copies; v has 16-byte aligned contiguous rows on the tensor-core path): the tile itself where
+// psi is absent (1: bf16(v * 1) = v). Where psi is given (tc_v_rows_need_psi), tc_scale_v_rows
+// scales it in place after the barrier that publishes the copies and psi, and the caller
+// synchronizes again. (Measured 2026-11-30 against scaling by each thread's own copies with psi
+// read into registers from global memory, no extra barrier: that was 18 % slower at `megacpp`.)
+__device__ __forceinline__ void tc_fetch_v_rows(const BwdParams& bp, const Chunk& ck,
+                                                const TcSmem& lay, unsigned char* sm, int tid) {
+  const DTensor& v = bp.p.v;
+  const int p8 = bp.p.P / 8, lp8 = log2_pow2(p8), lr = log2_pow2(bp.p.R);
+  const bf16* v0 = static_cast<const bf16*>(v.data) + ck.b * v.stride[0] +
+                   static_cast<int64_t>(ck.begin + ck.t0) * v.stride[1] + ck.h * v.stride[2];
+  bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
+  for (int i = tid; i < lay.rows * p8; i += kThreads) {
+    const int row = i >> lp8, c = (i & (p8 - 1)) * 8;
+    const bool valid = row < ck.mr;
+    cp_async16(V + row * lay.vp + c, valid ? v0 + (row >> lr) * v.stride[1] + c : v0, valid);
+  }
+}
+__device__ __forceinline__ bool tc_v_rows_need_psi(const BwdParams& bp) {
+  return bp.tr.v < 0 && bp.p.mimo_v.defined();
+}
+// psi: (R, P) in shared memory. Rows past the chunk hold zeros and are left so.
+__device__ __forceinline__ void tc_scale_v_rows(const BwdParams& bp, const TcSmem& lay,
+                                                unsigned char* sm, const float* psi, int mr,
+                                                int tid) {
+  const int P = bp.p.P, p8 = P / 8, lp8 = log2_pow2(p8), R = bp.p.R;
+  bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
+  for (int i = tid; i < mr * p8; i += kThreads) {
+    const int row = i >> lp8, c = (i & (p8 - 1)) * 8;
+    uint4* at = reinterpret_cast<uint4*>(V + row * lay.vp + c);
+    const float* ps = psi + (row & (R - 1)) * P + c;
+    float f[8];
+    bf16x8_to_float(*at, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] *= ps[e];
+    *at = float8_to_bf16x8(f);
+  }
+}
+
 // The chunk's tile record (Workspace::tiles, TileRecord): kFetch false stores what
 // tc_load_chunk(want_q, kVPsi) left in shared memory (after its barrier); kFetch true issues
-// cp.async copies that put the same bytes back in place of running the loader again. The
-// caller then waits (cp_async_wait_all) and synchronizes before reading them.
+// cp.async copies that put the same bytes back in place of running the loader again (v psi
+// without the PsiV cache: the raw v rows, tc_fetch_v_rows). The caller then waits
+// (cp_async_wait_all) and synchronizes before reading them, and where tc_v_rows_need_psi
+// scales the v rows (tc_scale_v_rows) and synchronizes again.
 template <bool kFetch>
 __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk& ck,
                                                const TcSmem& lay, unsigned char* sm, int tid) {
@@ -444,7 +488,10 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
   };
   tile(lay.q, tr.q, N, lay.qp);
   tile(lay.k, tr.k, N, lay.qp);
-  tile(lay.v, tr.v, P, lay.vp);
+  if (tr.v >= 0)
+    tile(lay.v, tr.v, P, lay.vp);  // the PsiV cache
+  else if constexpr (kFetch)
+    tc_fetch_v_rows(bp, ck, lay, sm, tid);  // then tc_scale_v_rows where psi is given
   // fp32 arrays, dense in both places: the wrapped angles and the loader's scalar arrays.
   auto flat = [&](int s_off, int g_off, int floats) {
     for (int i = tid; i < floats / 4; i += kThreads)

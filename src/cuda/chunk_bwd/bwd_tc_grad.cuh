@@ -358,6 +358,10 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   stage_state_bf16(dsend, Sb, P, N, qp, tid);
   cp_async_wait_all();
   __syncthreads();
+  if (tc_v_rows_need_psi(bp)) {  // v psi of a record without the PsiV cache
+    tc_scale_v_rows(bp, lay, sm, psi, ck0.mr, tid);
+    __syncthreads();
+  }
 
   // Scores: raw = Q K^T and dA = dY V^T (fp32, causal 16-column groups only), then A o M and
   // dA o M (bf16, zero above the diagonal and past the chunk; every element has one owner) and

@@ -117,6 +117,10 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
   cp_async_wait_all();
   __syncthreads();
+  if (tc_v_rows_need_psi(bp)) {  // v psi of a record without the PsiV cache
+    tc_scale_v_rows(bp, lay, sm, psi, ck.mr, tid);
+    __syncthreads();
+  }
   const float* sc = reinterpret_cast<const float*>(sm + lay.scal);
   const float* cs = sc + kCs * kMaxRows;
   const float* ex = sc + kE * kMaxRows;

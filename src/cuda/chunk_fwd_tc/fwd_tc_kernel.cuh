@@ -671,7 +671,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       }
       __syncthreads();  // S3b: score tile complete
     }
-    if constexpr (kSave) {  // the rotated q, k and v psi tiles (rows past the chunk are zero)
+    if constexpr (kSave) {  // the rotated q, k (and v psi) tiles (rows past the chunk are zero)
       auto tile = [&](const __nv_bfloat16* src, int pitch, int off, int cols) {
         const int c8 = cols / 8, lc = cols == 128 ? 4 : 3;  // cols in {64, 128}
         uint4* dst = reinterpret_cast<uint4*>(save_rec() + off);
@@ -681,7 +681,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       };
       tile(Qs, kQp, sv.tr.q, N);
       tile(Kc, kQp, sv.tr.k, N);
-      tile(Vs, kVp, sv.tr.v, P);
+      if (sv.tr.v >= 0) tile(Vs, kVp, sv.tr.v, P);  // the PsiV cache (tile_record)
       // The scalar arrays, all 64 entries (zero past the chunk's m tokens).
       float* sc = reinterpret_cast<float*>(save_rec() + sv.tr.sc);
       for (int i = tid; i < kLoaderScalars * kRecordRows; i += kTcThreads) {

@@ -62,7 +62,9 @@ inline bool forward_uses_tensor_cores(const Inputs& in, const Dims& d, const Cor
 inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs* sv) {
   *sv = SavedPtrs{};
   if (!(a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0)) return Status::Ok();
-  const SavedLayout l = saved_layout(a.in, d);
+  bool psiv = false;
+  M3_RETURN_IF_ERROR(psiv_cache_on(a.in, &psiv));
+  const SavedLayout l = saved_layout(a.in, d, psiv);
   if (l.bytes != a.saved.shape[0] * 4)
     return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
                                    " float32 elements for these inputs, got " +

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "core/return_if_error.h"
 #include "core/validate.h"
 
 namespace mamba3::cuda {
@@ -24,20 +25,23 @@ enum LoaderScalar : int {
 };
 inline constexpr int kRecordRows = 64;  // rows of a tensor-core chunk (kTcRows, kMaxRows)
 
-// One chunk's record, byte offsets (16-byte aligned): the rotated biased q and k rows and the
-// v * psi rows as the tensor-core loader rounds them (bf16, rows x N | P, dense; rows past the
-// chunk zero), the wrapped angles (C x NA fp32) and the scalar arrays (kLoaderScalars x 64 fp32).
-// 50 KB at N = 128, P = 64, R = 1, NA = 32, 64-row chunks.
+// One chunk's record, byte offsets (16-byte aligned): the rotated biased q and k rows and, with
+// the PsiV cache (MAMBA3_PSIV_CACHE=1), the v * psi rows as the tensor-core loader rounds them
+// (bf16, rows x N | P, dense; rows past the chunk zero), the wrapped angles (C x NA fp32) and the
+// scalar arrays (kLoaderScalars x 64 fp32). Without the cache v = -1: the readers build v * psi
+// again from the raw v and psi (tc_fetch_v_rows, tc_scale_v_rows: the same bits). 42 KB at
+// N = 128, P = 64, R = 1, NA = 32, 64-row chunks (50 KB with the cache).
 struct TileRecord {
   int q, k, v, th, sc, bytes;
 };
-__host__ __device__ inline TileRecord tile_record(int N, int P, int rows, int C, int NA) {
+__host__ __device__ inline TileRecord tile_record(int N, int P, int rows, int C, int NA,
+                                                  bool psiv) {
   auto up16 = [](int x) { return (x + 15) & ~15; };
   TileRecord r;
   r.q = 0;
   r.k = r.q + rows * N * 2;
-  r.v = r.k + rows * N * 2;
-  r.th = r.v + rows * P * 2;
+  r.v = psiv ? r.k + rows * N * 2 : -1;
+  r.th = r.k + rows * N * 2 + (psiv ? rows * P * 2 : 0);
   r.sc = r.th + up16(C * NA * 4);
   r.bytes = r.sc + kLoaderScalars * kRecordRows * 4;
   return r;
@@ -50,7 +54,7 @@ __host__ __device__ inline TileRecord tile_record(int N, int P, int rows, int C,
 // bytes, each region 256-byte aligned.
 inline constexpr int kSavedHeaderInts = 16;
 inline constexpr int32_t kSavedMagicCuda = 0x4d334355;  // "M3CU"
-inline constexpr int32_t kSavedVersionCuda = 1;
+inline constexpr int32_t kSavedVersionCuda = 2;  // 2: the PsiV flag (header[11] bit 3)
 
 struct SavedLayout {
   int64_t cells = 0;   // ncu * H
@@ -60,15 +64,16 @@ struct SavedLayout {
 };
 
 // The layout for validated dimensions; ncu is the backward's bound on the chunk count (packed
-// sequences: ceil(L / C) + S, else S * ceil(L / C)). Whether the inputs get a saved buffer at all
-// is the lane's call (saved_layout_for in chunk_bwd/bwd_launch.cuh).
-__host__ inline SavedLayout saved_layout(const Inputs& in, const Dims& d) {
+// sequences: ceil(L / C) + S, else S * ceil(L / C)). psiv: the records carry v psi (the PsiV
+// cache). Whether the inputs get a saved buffer at all is the lane's call (saved_layout_for in
+// chunk_bwd/bwd_launch.cuh).
+__host__ inline SavedLayout saved_layout(const Inputs& in, const Dims& d, bool psiv) {
   SavedLayout s;
   const int64_t C = kRecordRows / d.R;
   const int64_t ncu = d.varlen ? (d.L + C - 1) / C + d.S : d.S * ((d.L + C - 1) / C);
   s.cells = ncu * d.H;
   s.tr = tile_record(static_cast<int>(d.N), static_cast<int>(d.P), kRecordRows,
-                     static_cast<int>(C), static_cast<int>(d.NA));
+                     static_cast<int>(C), static_cast<int>(d.NA), psiv);
   auto up256 = [](int64_t x) { return (x + 255) / 256 * 256; };
   int64_t o = 256;  // the header
   s.decay = o, o += up256(s.cells * 4);
@@ -81,11 +86,36 @@ __host__ inline SavedLayout saved_layout(const Inputs& in, const Dims& d) {
       static_cast<int32_t>(d.H), static_cast<int32_t>(d.G), static_cast<int32_t>(d.N),
       static_cast<int32_t>(d.P), static_cast<int32_t>(d.R), static_cast<int32_t>(d.NA),
       static_cast<int32_t>(d.S),
-      (d.varlen ? 1 : 0) | (interleaved ? 2 : 0) | (d.per_rank_out ? 4 : 0),
+      (d.varlen ? 1 : 0) | (interleaved ? 2 : 0) | (d.per_rank_out ? 4 : 0) | (psiv ? 8 : 0),
       static_cast<int32_t>(C), static_cast<int32_t>(s.cells & 0x7fffffff),
       static_cast<int32_t>(s.cells >> 31), static_cast<int32_t>(s.tr.bytes)};
   for (int i = 0; i < kSavedHeaderInts; ++i) s.header[i] = h[i];
   return s;
+}
+
+// Whether this call's tile records carry v psi (the PsiV cache, DESIGN.md §3): MAMBA3_PSIV_CACHE
+// 1 / 0, and where unset, on where psi (mimo_v) is given. Measured (H200, 2026-11-30, same run,
+// training forward + backward): with psi (`megacpp`, R = 4) the cache is 3.2 % faster, at `train`
+// with R = 4 1.1 %; without psi v psi is v itself, and copying it into the records made SISO
+// `train` 0.8 % slower (NOTES.md, "PsiV cache").
+__host__ inline Status psiv_cache_on(const Inputs& in, bool* on) {
+  GateValue v = GateValue::kUnset;
+  M3_RETURN_IF_ERROR(psiv_cache_gate(&v));
+  *on = v == GateValue::kOn || (v == GateValue::kUnset && in.mimo_v.defined());
+  return Status::Ok();
+}
+
+// An explicit MAMBA3_PSIV_CACHE=1 on a cuda path without the cache (the SIMT kernels): the
+// error naming the gate; Ok otherwise. `what`: "forward" or "backward".
+__host__ inline Status psiv_cache_refused(const char* what, const char* path) {
+  GateValue v = GateValue::kUnset;
+  M3_RETURN_IF_ERROR(psiv_cache_gate(&v));
+  if (v != GateValue::kOn) return Status::Ok();
+  return Status::NotSupported(std::string(kPsivGate) +
+                              "=1: the PsiV cache is implemented on the cuda lane's tensor-core "
+                              "path only (bf16 q, k, v with 16-byte aligned contiguous rows at N, "
+                              "P in {64, 128}); this " + what + " takes " + path +
+                              "; unset the gate to run it");
 }
 
 // Device pointers of a saved buffer (null base: nothing saved).
