@@ -119,3 +119,29 @@ def test_workspace_is_cached_until_released():
     assert mamba3.release_cached_memory() > 0
     assert mamba3.release_cached_memory() == 0
     assert torch.equal(grad_v(), g1)
+
+
+def test_psiv_cache_gate_gives_the_same_gradients(monkeypatch):
+    # MAMBA3_PSIV_CACHE on the tensor-core path (MIMO with psi): 1 keeps v psi in the saved
+    # records, 0 rebuilds it from v in the backward, unset caches where psi is given. The same
+    # bits either way; a backward run under another setting than its forward is refused, naming
+    # the gate (the saved buffer's size differs).
+    def grads(forward_gate, backward_gate=None):
+        p = _to(_problem(R=4), "cuda")
+        leaves = [p[k].detach().requires_grad_(True) for k in ("q", "v", "mimo_v")]
+        p["q"], p["v"], p["mimo_v"] = leaves
+        if forward_gate is None:
+            monkeypatch.delenv("MAMBA3_PSIV_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("MAMBA3_PSIV_CACHE", forward_gate)
+        out, _ = _combined(p)
+        if backward_gate is not None:
+            monkeypatch.setenv("MAMBA3_PSIV_CACHE", backward_gate)
+        return torch.autograd.grad(out.float().sum(), leaves)
+
+    base = grads("0")
+    for gate in ("1", None):
+        for a, b in zip(grads(gate), base):
+            assert torch.equal(a, b), gate
+    with pytest.raises(RuntimeError, match=r"MAMBA3_PSIV_CACHE"):
+        grads("1", backward_gate="0")
