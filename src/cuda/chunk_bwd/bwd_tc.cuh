@@ -425,18 +425,26 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
 // scales it in place after the barrier that publishes the copies and psi, and the caller
 // synchronizes again. (Measured 2026-11-30 against scaling by each thread's own copies with psi
 // read into registers from global memory, no extra barrier: that was 18 % slower at `megacpp`.)
-__device__ __forceinline__ void tc_fetch_v_rows(const BwdParams& bp, const Chunk& ck,
-                                                const TcSmem& lay, unsigned char* sm, int tid) {
+// cp.async of `rows` rows of the chunk's raw bf16 v (contiguous, 16-byte aligned on the
+// tensor-core path) into shared memory at byte offset `dst`, pitch lay.vp: row i gets token
+// i >> lr, rows from `valid` on zero.
+__device__ __forceinline__ void tc_copy_v_rows(const BwdParams& bp, const Chunk& ck,
+                                               const TcSmem& lay, unsigned char* sm, int dst,
+                                               int rows, int lr, int valid, int tid) {
   const DTensor& v = bp.p.v;
-  const int p8 = bp.p.P / 8, lp8 = log2_pow2(p8), lr = log2_pow2(bp.p.R);
+  const int p8 = bp.p.P / 8, lp8 = log2_pow2(p8);
   const bf16* v0 = static_cast<const bf16*>(v.data) + ck.b * v.stride[0] +
                    static_cast<int64_t>(ck.begin + ck.t0) * v.stride[1] + ck.h * v.stride[2];
-  bf16* V = reinterpret_cast<bf16*>(sm + lay.v);
-  for (int i = tid; i < lay.rows * p8; i += kThreads) {
+  bf16* D = reinterpret_cast<bf16*>(sm + dst);
+  for (int i = tid; i < rows * p8; i += kThreads) {
     const int row = i >> lp8, c = (i & (p8 - 1)) * 8;
-    const bool valid = row < ck.mr;
-    cp_async16(V + row * lay.vp + c, valid ? v0 + (row >> lr) * v.stride[1] + c : v0, valid);
+    const bool ok = row < valid;
+    cp_async16(D + row * lay.vp + c, ok ? v0 + (row >> lr) * v.stride[1] + c : v0, ok);
   }
+}
+__device__ __forceinline__ void tc_fetch_v_rows(const BwdParams& bp, const Chunk& ck,
+                                                const TcSmem& lay, unsigned char* sm, int tid) {
+  tc_copy_v_rows(bp, ck, lay, sm, lay.v, lay.rows, log2_pow2(bp.p.R), ck.mr, tid);
 }
 __device__ __forceinline__ bool tc_v_rows_need_psi(const BwdParams& bp) {
   return bp.tr.v < 0 && bp.p.mimo_v.defined();
@@ -509,20 +517,11 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
   flat(lay.scal, tr.sc, kLoaderScalars * kMaxRows);
 }
 
-// cp.async of the chunk's raw bf16 v rows (contiguous, 16-byte aligned on the tensor-core path)
-// into the (C, P) tile lay.vr, pitch lay.vp; rows past the chunk zero. The caller waits.
+// cp.async of the chunk's raw bf16 v rows into the (C, P) tile lay.vr, pitch lay.vp; rows past
+// the chunk zero. The caller waits.
 __device__ __forceinline__ void tc_fetch_raw_v(const BwdParams& bp, const Chunk& ck,
                                                const TcSmem& lay, unsigned char* sm, int tid) {
-  const DTensor& v = bp.p.v;
-  const int p8 = bp.p.P / 8, lp8 = log2_pow2(p8);
-  const bf16* v0 = static_cast<const bf16*>(v.data) + ck.b * v.stride[0] +
-                   static_cast<int64_t>(ck.begin + ck.t0) * v.stride[1] + ck.h * v.stride[2];
-  bf16* VR = reinterpret_cast<bf16*>(sm + lay.vr);
-  for (int i = tid; i < lay.C * p8; i += kThreads) {
-    const int t = i >> lp8, c = (i & (p8 - 1)) * 8;
-    const bool valid = t < ck.m;
-    cp_async16(VR + t * lay.vp + c, valid ? v0 + t * v.stride[1] + c : v0, valid);
-  }
+  tc_copy_v_rows(bp, ck, lay, sm, lay.vr, lay.C, 0, ck.m, tid);
 }
 
 // grid (chunks, H): bwd_chunk_state_kernel on the tensor cores: the chunk's state increment
