@@ -197,7 +197,7 @@ GateInfo default_on_gate(const char* name, const std::string& description,
 
 std::vector<GateInfo> gates() {
   GateValue v = GateValue::kUnset;
-  Status st = read_gate(kPsivGate, &v);
+  Status st = psiv_cache_gate(&v);
   std::vector<GateInfo> out = {
       {kPsivGate,
        "MIMO: materialize PsiV = V * psi in the forward and read it in the backward (1: on; "

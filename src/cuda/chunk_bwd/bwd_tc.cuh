@@ -417,14 +417,6 @@ __device__ void tc_load_chunk(const BwdParams& bp, const Chunk& ck, const TcSmem
   __syncthreads();
 }
 
-// Without the PsiV cache (TileRecord::v < 0) the record has no v psi tile; its readers build it
-// from the raw v as the loader does, row t R + r of lay.v = bf16(float(v_t) * psi_r), rows past
-// the chunk zero. tc_fetch_v_rows copies v_t into every row t R + r (cp.async, with the record's
-// copies; v has 16-byte aligned contiguous rows on the tensor-core path): the tile itself where
-// psi is absent (1: bf16(v * 1) = v). Where psi is given (tc_v_rows_need_psi), tc_scale_v_rows
-// scales it in place after the barrier that publishes the copies and psi, and the caller
-// synchronizes again. (Measured 2026-11-30 against scaling by each thread's own copies with psi
-// read into registers from global memory, no extra barrier: that was 18 % slower at `megacpp`.)
 // cp.async of `rows` rows of the chunk's raw bf16 v (contiguous, 16-byte aligned on the
 // tensor-core path) into shared memory at byte offset `dst`, pitch lay.vp: row i gets token
 // i >> lr, rows from `valid` on zero.
@@ -442,6 +434,15 @@ __device__ __forceinline__ void tc_copy_v_rows(const BwdParams& bp, const Chunk&
     cp_async16(D + row * lay.vp + c, ok ? v0 + (row >> lr) * v.stride[1] + c : v0, ok);
   }
 }
+
+// Without the PsiV cache (TileRecord::v < 0) the record has no v psi tile; its readers build it
+// from the raw v as the loader does, row t R + r of lay.v = bf16(float(v_t) * psi_r), rows past
+// the chunk zero. tc_fetch_v_rows copies v_t into every row t R + r (cp.async, with the record's
+// copies; v has 16-byte aligned contiguous rows on the tensor-core path): the tile itself where
+// psi is absent (1: bf16(v * 1) = v). Where psi is given (tc_v_rows_need_psi), tc_scale_v_rows
+// scales it in place after the barrier that publishes the copies and psi, and the caller
+// synchronizes again. (Measured 2026-11-30 against scaling by each thread's own copies with psi
+// read into registers from global memory, no extra barrier: that was 18 % slower at `megacpp`.)
 __device__ __forceinline__ void tc_fetch_v_rows(const BwdParams& bp, const Chunk& ck,
                                                 const TcSmem& lay, unsigned char* sm, int tid) {
   tc_copy_v_rows(bp, ck, lay, sm, lay.v, lay.rows, log2_pow2(bp.p.R), ck.mr, tid);
