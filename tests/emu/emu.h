@@ -327,3 +327,193 @@ inline void cp_async_commit() {}
 template <int kPending>
 inline void cp_async_wait() {}
 }  // namespace mamba3::cuda
+
+// ---- The Hopper primitives of src/cuda/common/tma.cuh.
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+
+#include "cuda/common/tma_view.h"
+
+namespace m3emu {
+
+// Byte offset of p inside the block's dynamic shared memory (the emulated shared-window
+// address; the window is taken as 1024-byte aligned, as the kernels align their swizzled tiles).
+inline uint32_t smem_offset(const void* p, size_t bytes, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (g_dynamic == nullptr || c < g_dynamic || c + bytes > g_dynamic + g_dynamic_bytes) fail(what);
+  return static_cast<uint32_t>(c - g_dynamic);
+}
+
+// mbarriers by their shared-memory offset (per block: cleared by mbar_init): arrivals still
+// expected in the current phase, transaction bytes still expected, completed phases.
+struct Mbar {
+  uint32_t count = 0, arrivals_left = 0, phases = 0;
+  int64_t tx = 0;
+};
+inline std::mutex g_mbar_mutex;
+inline std::map<uint32_t, Mbar> g_mbars;
+
+inline void mbar_maybe_complete(Mbar& b) {
+  if (b.arrivals_left == 0 && b.tx == 0) ++b.phases, b.arrivals_left = b.count;
+}
+inline Mbar& mbar_of(uint64_t* bar) {
+  const uint32_t off = smem_offset(bar, 8, "mbarrier outside dynamic shared memory");
+  if (off % 8 != 0) fail("mbarrier not 8-byte aligned");
+  const auto it = g_mbars.find(off);
+  if (it == g_mbars.end()) fail("mbarrier used before mbar_init");
+  return it->second;
+}
+
+}  // namespace m3emu
+
+namespace mamba3::cuda {
+
+// A tensor map as the emulation reads it: the checked view and its global base.
+struct TmaMap {
+  TmaView view;
+  const void* base = nullptr;
+};
+
+inline uint32_t smem_addr(const void* p) {
+  return ::m3emu::smem_offset(p, 1, "shared address outside dynamic shared memory");
+}
+
+inline void mbar_init(uint64_t* bar, uint32_t count) {
+  const uint32_t off = ::m3emu::smem_offset(bar, 8, "mbarrier outside dynamic shared memory");
+  std::lock_guard<std::mutex> lk(::m3emu::g_mbar_mutex);
+  ::m3emu::Mbar& b = ::m3emu::g_mbars[off];
+  b = ::m3emu::Mbar{};
+  b.count = b.arrivals_left = count;
+}
+inline void mbar_init_fence() {}
+inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  std::lock_guard<std::mutex> lk(::m3emu::g_mbar_mutex);
+  ::m3emu::Mbar& b = ::m3emu::mbar_of(bar);
+  if (b.arrivals_left == 0) ::m3emu::fail("mbarrier: more arrivals than its count");
+  b.tx += bytes;
+  --b.arrivals_left;
+  ::m3emu::mbar_maybe_complete(b);
+}
+// Spins (other emulated threads make progress meanwhile); a phase that never completes fails
+// after 60 s instead of hanging the test.
+inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lk(::m3emu::g_mbar_mutex);
+      if ((::m3emu::mbar_of(bar).phases & 1u) != (parity & 1u)) return;
+    }
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(60))
+      ::m3emu::fail("mbarrier wait: the phase never completed");
+    std::this_thread::yield();
+  }
+}
+
+// The copy engine's box copy, done at once: zero outside the view, the 128-byte swizzle on the
+// destination offsets, then the bytes are reported to the mbarrier.
+inline void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3,
+                        uint64_t* bar) {
+  const TmaView& v = map->view;
+  if (v.rank != 4) ::m3emu::fail("tma_load_4d on a view whose rank is not 4");
+  const uint32_t bytes = v.box_bytes();
+  const uint32_t off = ::m3emu::smem_offset(dst, bytes, "TMA box outside dynamic shared memory");
+  if (off % (v.swizzle == 128 ? 1024 : 128) != 0)
+    ::m3emu::fail("TMA destination not aligned (128 bytes; 1024 under the 128-byte swizzle)");
+  const int c[4] = {c0, c1, c2, c3};
+  const int eb = v.elem_bytes;
+  uint32_t lin = 0;
+  for (uint32_t i3 = 0; i3 < v.box[3]; ++i3)
+    for (uint32_t i2 = 0; i2 < v.box[2]; ++i2)
+      for (uint32_t i1 = 0; i1 < v.box[1]; ++i1)
+        for (uint32_t i0 = 0; i0 < v.box[0]; ++i0, lin += eb) {
+          const int64_t x[4] = {int64_t{c[0]} + i0, int64_t{c[1]} + i1, int64_t{c[2]} + i2,
+                                int64_t{c[3]} + i3};
+          bool in = true;
+          for (int d = 0; d < 4; ++d) in = in && x[d] >= 0 && static_cast<uint64_t>(x[d]) < v.dim[d];
+          unsigned char* to = ::m3emu::g_dynamic + (v.swizzle == 128 ? swizzle128(off + lin) : off + lin);
+          if (in)
+            std::memcpy(to, static_cast<const unsigned char*>(map->base) + tma_view_offset(v, x), eb);
+          else
+            std::memset(to, 0, eb);
+        }
+  std::lock_guard<std::mutex> lk(::m3emu::g_mbar_mutex);
+  ::m3emu::Mbar& b = ::m3emu::mbar_of(bar);
+  b.tx -= bytes;
+  ::m3emu::mbar_maybe_complete(b);
+}
+
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int kPending>
+inline void wgmma_wait() {}
+
+}  // namespace mamba3::cuda
+
+namespace m3emu {
+
+// Element (row, col) of a 128-byte swizzled operand through a wgmma descriptor: row `row` of
+// 64 bf16 lies at start + (row / 8) * SBO + (row % 8) * 128 (swizzled on the absolute offset).
+inline float wgmma_operand(uint64_t desc, int row, int col) {
+  if ((desc >> 62) != 1) fail("wgmma descriptor: only the 128-byte swizzle is emulated");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+  if (col < 0 || col >= 64) fail("wgmma operand column outside the swizzle span");
+  const uint32_t lin = start + static_cast<uint32_t>(row / 8) * sbo + (row % 8) * 128u + col * 2u;
+  const uint32_t at = mamba3::cuda::swizzle128(lin);
+  if (g_dynamic == nullptr || at + 2 > g_dynamic_bytes) fail("wgmma operand outside dynamic shared memory");
+  uint16_t h;
+  std::memcpy(&h, g_dynamic + at, 2);
+  return bf16_bits(h);
+}
+
+// d (+)= A B for the calling thread's accumulator elements (tma.cuh's layout); A(row, k) from
+// `a_at`, B(k, n) through descriptor `db` (K-major: B stored [n][k]; MN-major: [k][n]). Each
+// output is a fp32 sum over k = 0..15 in order, added to the accumulator like mma_bf16.
+template <typename FA>
+inline void wgmma_m64n64k16(float (&d)[32], FA a_at, uint64_t db, bool trans_b, bool accumulate) {
+  const int t = linear_tid(), lane = t % 32, w = (t / 32) % 4, g = lane / 4, q = lane % 4;
+  float out[32];
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + (e >> 1) * 8, col = 8 * j + 2 * q + (e & 1);
+      float acc = accumulate ? d[4 * j + e] : 0.f;
+      for (int k = 0; k < 16; ++k)
+        acc += a_at(row, k) * (trans_b ? wgmma_operand(db, k, col) : wgmma_operand(db, col, k));
+      out[4 * j + e] = acc;
+    }
+  for (int i = 0; i < 32; ++i) d[i] = out[i];
+}
+
+}  // namespace m3emu
+
+namespace mamba3::cuda {
+
+template <bool kTransB>
+inline void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  ::m3emu::wgmma_m64n64k16(
+      d, [&](int row, int k) { return ::m3emu::wgmma_operand(desc_a, row, k); }, desc_b, kTransB,
+      accumulate);
+}
+
+// A from registers: the warp's fragments exchanged like mma_bf16's (rows 16w.. of warp w).
+template <bool kTransB>
+inline void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                               bool accumulate) {
+  const int lane = ::m3emu::linear_tid() % 32;
+  ::m3emu::Warp& w = ::m3emu::g_warps[::m3emu::linear_tid() / 32];
+  for (int i = 0; i < 4; ++i) w.frag[lane][i] = a[i];
+  w.bar.arrive_and_wait();
+  auto A = [&](int row, int k) {
+    const int r = row % 16;
+    const int reg = (r >= 8) + 2 * (k >= 8);
+    const uint32_t u = w.frag[(r % 8) * 4 + (k % 8) / 2][reg];
+    return ::m3emu::bf16_bits(k % 2 ? u >> 16 : u);
+  };
+  ::m3emu::wgmma_m64n64k16(d, A, desc_b, kTransB, accumulate);
+  w.bar.arrive_and_wait();
+}
+
+}  // namespace mamba3::cuda
