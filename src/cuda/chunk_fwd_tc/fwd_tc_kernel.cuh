@@ -5,9 +5,12 @@
 //   Y      = A V + diag(exp(cs)) Q S^T + D v          (registers, fp32)
 //   S      = exp(cs_last) S + (fw V)^T K              (fp32 state in registers)
 //   out    = norm/gate/rank reduction of Y            (from registers)
-// Every input tile of the next chunk is copied with cp.async while the current chunk computes
-// (DESIGN.md §3): k one chunk ahead into a second buffer; z at the chunk's start for its own
-// epilogue; q, v and the angles after the products (the score tile reuses the angle buffer).
+// Every input tile of the next chunk is copied while the current chunk computes (DESIGN.md §3):
+// k one chunk ahead into a second buffer; z at the chunk's start for its own epilogue; q, v and
+// the angles after the products (the score tile reuses the angle buffer). The dense tiles (v,
+// z, fp32 angle rows) come through the copy engine (TMA, cuda/common/tma.cuh: one thread
+// issues a box per tile, completing on an mbarrier); q and k, whose padded pitches keep the
+// ldmatrix reads conflict-free, through cp.async.
 // Per-token scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6): rotated
 // q and k, v*psi, the masked scores, the state as the operand of Q S^T, and fw*v*psi. The
 // state itself and every sum stay fp32.
@@ -24,6 +27,7 @@
 #include "cuda/common/layer_io.cuh"
 #include "cuda/common/mma.cuh"
 #include "cuda/common/tile_record.cuh"
+#include "cuda/common/tma.cuh"
 
 namespace mamba3::cuda {
 
@@ -54,25 +58,38 @@ struct TcCfg {
 };
 
 struct TcLay {
-  int q, k0, k1, vs, ss, vraw, z, ang, theta, scal, der, rowsq, par, cell, bytes;
+  int bar, q, k0, k1, vs, ss, vraw, z, ang, theta, scal, der, rowsq, par, cell, bytes;
 };
 
 __host__ __device__ constexpr int tc_up16(int x) { return (x + 15) & ~15; }
+__host__ __device__ constexpr int tc_up128(int x) { return (x + 127) & ~127; }
 
-// Shared-memory byte offsets for rank R and NA angles.
+// The copy engine's maps of the tiles it moves (fwd_tc_launch.cuh, forward_maps): v and z rows
+// (boxes of C tokens x P bf16) and fp32 angle rows (C x NA). z unused without CoreParams::z_vec,
+// ang without ang_vec4 or with NA = 0.
+struct FwdMaps {
+  TmaMap v, z, ang;
+};
+
+// Shared-memory byte offsets for rank R and NA angles from the (128-byte aligned) dynamic
+// shared memory base; the copy engine's destinations vraw, z and ang are 128-byte aligned.
 template <int N, int P>
 __host__ __device__ inline TcLay tc_layout(int R, int NA) {
   using Cfg = TcCfg<N, P>;
   const int C = kTcRows / R;
   TcLay l{};
   int o = 0;
+  // mbarriers first (at the base: no offset kept in a register): [0] the chunk's v and angle
+  // rows, [1] its z rows.
+  l.bar = o, o += 16;
   l.q = o, o += kTcRows * Cfg::kQp * 2;
   l.k0 = o, o += kTcRows * Cfg::kQp * 2;
   l.k1 = o, o += kTcRows * Cfg::kQp * 2;
   l.vs = o, o += kTcRows * Cfg::kVp * 2;
   l.ss = o, o += P * Cfg::kQp * 2;
-  l.vraw = o, o += tc_up16(C * P * 2);
-  l.z = o, o += tc_up16(C * P * 2);
+  o = tc_up128(o);
+  l.vraw = o, o += tc_up128(C * P * 2);
+  l.z = o, o += tc_up128(C * P * 2);
   // Raw angles, then (after the rope) the chunk's masked bf16 scores (64 x 72).
   l.ang = o, o += tc_up16(C * NA * 4 > kTcRows * kScp * 2 ? C * NA * 4 : kTcRows * kScp * 2);
   l.theta = o, o += 64 * 8;
@@ -204,11 +221,11 @@ __device__ __forceinline__ int tid_x_again() { return index_again<false>(); }
 // them), so the backward skips its own loader pass and state scan.
 template <int N, int P, bool kStates, bool kSave = false>
 __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
-    fwd_tc_kernel(CoreParams p, SegParams sp, SavedPtrs sv) {
+    fwd_tc_kernel(CoreParams p, SegParams sp, SavedPtrs sv, const __grid_constant__ FwdMaps mp) {
   static_assert(!(kStates && kSave), "the state pass saves nothing");
   using Cfg = TcCfg<N, P>;
   constexpr int kQp = Cfg::kQp, kVp = Cfg::kVp;
-  extern __shared__ __align__(16) unsigned char tc_smem[];
+  extern __shared__ __align__(128) unsigned char tc_smem[];
   unsigned char* sm = tc_smem;
   const int R = p.R, NA = p.NA, C = kTcRows / R;
   const int lr = 31 - __clz(R);  // R is a power of two: row t * R + r = (t << lr) | r
@@ -238,12 +255,24 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   float* wn_s = phi_s + R * P;
   float* qb_s = wn_s + P;
   float* kb_s = qb_s + R * N;
+  uint64_t* bar = reinterpret_cast<uint64_t*>(sm);  // lay.bar == 0
 
   const int slot = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
   const TcCta cta = tc_cta(p, sp, slot, kStates);
   if (cta.idle) return;  // whole CTA: no barrier skipped
+  if (tid == 0) {  // visible to all threads (and the copy engine) after the first barrier
+    // The layout's 128-byte alignment of the copy engine's destinations assumes a 128-byte
+    // aligned dynamic shared memory base (it starts the CTA's window: no static shared memory).
+#ifndef MAMBA3_CUDA_EMU
+    if (smem_addr(tc_smem) & 127u) __trap();
+#endif
+    mbar_init(bar, 1);
+    mbar_init_fence();
+    mbar_init(bar + 1, 1);
+    mbar_init_fence();
+  }
   const int s = cta.s, h = cta.h, g = cta.g, b = cta.b, seg = cta.seg;
   const int seq_begin = cta.seq_begin, n_seq = cta.n_seq, t_begin = cta.t_begin, t_end = cta.t_end;
   const bool from_segment = sp.nseg > 1 && seg > 0;  // start state from pass 1 / combine
@@ -316,52 +345,40 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
                  ok ? cb + (off0 + j * tstep * sl) : base, ok);
     }
   };
-  // One row of P bf16 per token (v, z: (B, L, H, P) with aligned contiguous rows) into dst.
-  auto pf_rows = [&](const DTensor& T, __nv_bfloat16* dst, int c0, int m) {
-    const int tid = tid_x_again();
-    constexpr int kCh = P / 8, kTokPerPass = kTcThreads / kCh;  // 32 (P = 64) or 16 tokens
-    const int c = tid % kCh, t0 = tid / kCh, s1 = static_cast<int>(T.stride[1]);
-    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(T.data);
-    const __nv_bfloat16* cb = base + b * T.stride[0] + static_cast<int64_t>(tok(c0)) * T.stride[1] +
-                              h * T.stride[2];
-    const int off0 = t0 * s1 + c * 8;
-#pragma unroll
-    for (int j = 0; j < (kTcRows + kTokPerPass - 1) / kTokPerPass; ++j) {
-      const int t = t0 + j * kTokPerPass;
-      if (t < C) {
-        const bool ok = t < m;
-        cp_async16(dst + t * P + c * 8, ok ? cb + (off0 + j * kTokPerPass * s1) : base, ok);
-      }
+  // v and the fp32 angle rows (ang_vec4) of the chunk at token c0 through the copy engine, on
+  // bar[0] (one thread issues both boxes); rows past the view's end arrive as zeros, rows of a
+  // following sequence or segment are zeroed after the wait (zero_tail). Other angle layouts:
+  // every thread, pf_ang_general (cp.async group or plain loads, zero past m).
+  auto pf_tiles = [&](int c0, int m) {
+    const bool ang_tma = p.ang_vec4 && NA > 0;
+    if (tid_x_again() == 0) {
+      mbar_arrive_expect_tx(bar, static_cast<uint32_t>(C * P * 2 + (ang_tma ? C * NA * 4 : 0)));
+      tma_load_4d(Vr, &mp.v, 0, tok(c0), h, b, bar);
+      if (ang_tma) tma_load_4d(ang, &mp.ang, 0, tok(c0), h, b, bar);
     }
-  };
-  auto pf_v = [&](int c0, int m) { pf_rows(p.v, Vr, c0, m); };
-  auto pf_z = [&](int c0, int m) {
-    if (p.z_vec) pf_rows(p.z, Zs, c0, m);
-  };
-  auto pf_ang = [&](int c0, int m) {
-    const DTensor& A = p.angles;
-    if (p.ang_vec4) {
-      const int tid = tid_x_again();
-      // NA / 4 float4 per token, element i of the C x NA tile: token i / nc, float4 i % nc;
-      // both advanced per step of kTcThreads (no division inside the loop).
-      const int nc = NA >> 2;
-      if (nc == 0) return;
-      const float* base = static_cast<const float*>(A.data);
-      const float* cb = base + b * A.stride[0] + static_cast<int64_t>(tok(c0)) * A.stride[1] +
-                        h * A.stride[2];
-      const int s1 = static_cast<int>(A.stride[1]);
-      const int dt_i = kTcThreads / nc, dc_i = kTcThreads - dt_i * nc;
-      int t = tid / nc, c = tid - t * nc;
-      for (int i = tid; i < C * nc; i += kTcThreads) {
-        const bool ok = t < m;
-        cp_async16(ang + 4 * i, ok ? cb + (t * s1 + c * 4) : base, ok);
-        t += dt_i, c += dc_i;
-        if (c >= nc) c -= nc, ++t;
-      }
-    } else {
+    if (!p.ang_vec4) {
+      const DTensor& A = p.angles;
       pf_ang_general(A.data, A.dtype,
                      b * A.stride[0] + static_cast<int64_t>(tok(c0)) * A.stride[1] + h * A.stride[2],
-                     A.stride[1], A.stride[3], ang, m, C, NA, tid);
+                     A.stride[1], A.stride[3], ang, m, C, NA, tid_x_again());
+    }
+  };
+  // After the wait for a chunk of m < C tokens: its v rows (and copy-engine angle rows) past m
+  // are zero, as the products and the saved record expect.
+  auto zero_tail = [&](int m) {
+    const int tid = tid_x_again();
+    uint4* v4 = reinterpret_cast<uint4*>(Vr + m * P);
+    for (int i = tid; i < (C - m) * P / 8; i += kTcThreads) v4[i] = make_uint4(0, 0, 0, 0);
+    if (p.ang_vec4) {
+      uint4* a4 = reinterpret_cast<uint4*>(ang + m * NA);
+      for (int i = tid; i < (C - m) * NA / 4; i += kTcThreads) a4[i] = make_uint4(0, 0, 0, 0);
+    }
+  };
+  // z rows of the chunk at token c0 (z_vec) on bar[1], for its own epilogue.
+  auto pf_z = [&](int c0) {
+    if (p.z_vec && tid_x_again() == 0) {
+      mbar_arrive_expect_tx(bar + 1, static_cast<uint32_t>(C * P * 2));
+      tma_load_4d(Zs, &mp.z, 0, tok(c0), h, b, bar + 1);
     }
   };
   // Per-token scalars of tokens c0 .. c0 + C (one look-ahead token) into one register each.
@@ -429,8 +446,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     const int m0 = min(C, t_end - t_begin);
     pf_qk(p.k, K0, t_begin, m0);
     if (!kStates) pf_qk(p.q, Qs, t_begin, m0);
-    pf_v(t_begin, m0);
-    pf_ang(t_begin, m0);
+    pf_tiles(t_begin, m0);
   }
   cp_async_commit();
   st_scal(ld_scal(t_begin));
@@ -466,10 +482,12 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       }
     }
     cp_async_wait<0>();
+    mbar_wait(bar, it & 1);
+    if (m < C) zero_tail(m);
     __syncthreads();  // S1: this chunk's tiles and scalars are in shared memory
-    // Group 1: k of the next chunk, z of this one (for its epilogue).
+    // Group 1: k of the next chunk; z of this one (for its epilogue) on bar[1].
     if (m1 > 0) pf_qk(p.k, (it & 1) ? K0 : K1, c1, m1);
-    if (!kStates) pf_z(c0, m);
+    if (!kStates) pf_z(c0);
     cp_async_commit();
     const float scal_next = m1 > 0 ? ld_scal(c1) : 0.f;
 
@@ -767,12 +785,15 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         if (tq == 0) rowsq[hh * kTcRows + ra] = s0, rowsq[hh * kTcRows + rb] = s1;
       }
     }
-    cp_async_wait<0>();  // group 1 (k of the next chunk, z of this one) has landed
-    __syncthreads();     // S4: Q, Ss and the raw v are read; row sums and z visible
+    cp_async_wait<0>();  // group 1 (k of the next chunk) has landed
+    if (!kStates && p.z_vec) mbar_wait(bar + 1, it & 1);  // z of this one
+    // This thread's generic writes to buffers the copy engine refills next (the angles and
+    // scores, zeroed tails) ordered before the copy engine's writes (issued after S4).
+    fence_proxy_async();
+    __syncthreads();  // S4: Q, Ss and the raw v are read; row sums and z visible
     if (m1 > 0) {
       if (!kStates) pf_qk(p.q, Qs, c1, m1);
-      pf_v(c1, m1);
-      pf_ang(c1, m1);
+      pf_tiles(c1, m1);
     }
     cp_async_commit();  // group 2
 

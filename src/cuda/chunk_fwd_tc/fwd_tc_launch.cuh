@@ -15,6 +15,7 @@
 #include "cuda/chunk_fwd_tc/fwd_tc_kernel.cuh"
 #include "cuda/common/launch.cuh"
 #include "cuda/common/tile_record.cuh"
+#include "cuda/common/tma_map.h"
 
 #ifndef MAMBA3_CUDA_EMU
 #include "cuda/common/check.cuh"
@@ -99,6 +100,31 @@ inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
   return Status::Ok();
 }
 
+// The copy engine's maps of the kernel's dense tiles (FwdMaps): v, z (z_vec) and the fp32
+// angle rows (ang_vec4, NA > 0), each (B, L, H, X) as rows of X elements per (batch, head) with
+// boxes of one chunk's C tokens. The conditions of those flags (and of the tensor-core path for
+// v) make the views legal; a refusal here is an internal error.
+inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
+  *mp = FwdMaps{};
+  const int C = kTcRows / static_cast<int>(d.R);
+  auto rows = [&](const DTensor& T, int64_t cols, int elem_bytes, const char* what,
+                  TmaMap* map) -> Status {
+    RowTensor t;
+    t.batch = d.B, t.tokens = d.L, t.ranks = 1, t.heads = d.H, t.cols = cols;
+    t.s_batch = T.stride[0], t.s_token = T.stride[1], t.s_head = T.stride[2], t.s_col = T.stride[3];
+    t.elem_bytes = elem_bytes;
+    const RowTileView rv =
+        row_tile_view(t, reinterpret_cast<uintptr_t>(T.data), C, static_cast<int>(cols), 0);
+    if (!rv.error.empty())
+      return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
+    return make_tma_map(rv.view, T.data, what, map);
+  };
+  M3_RETURN_IF_ERROR(rows(p.v, d.P, 2, "v", &mp->v));
+  if (p.z_vec) M3_RETURN_IF_ERROR(rows(p.z, d.P, 2, "z", &mp->z));
+  if (p.ang_vec4 && d.NA > 0) M3_RETURN_IF_ERROR(rows(p.angles, d.NA, 4, "angles", &mp->ang));
+  return Status::Ok();
+}
+
 // Tensor-core forward for bf16 q, k, v with aligned rows at the compiled (N, P); `max_len` is
 // the longest sequence (packed sequences: checked on the host by the caller).
 template <int N, int P>
@@ -109,18 +135,20 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   const int64_t heads = d.S * d.H;
   SegParams sp;
   M3_RETURN_IF_ERROR(choose_segments(d, max_len, &sp));
+  FwdMaps mp;
+  M3_RETURN_IF_ERROR(forward_maps(p, d, &mp));
   const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
   // The output pass: with a saved buffer (training) the instance that also writes the records.
   auto output_pass = [&]() -> Status {
     if (sv.base) {
       auto kernel = fwd_tc_kernel<N, P, false, true>;
       M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
-      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv);
+      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
       M3F_CHECK_LAUNCH("fwd_tc_kernel (saving)");
     } else {
       auto kernel = fwd_tc_kernel<N, P, false>;
       M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
-      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv);
+      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
       M3F_CHECK_LAUNCH("fwd_tc_kernel");
     }
     return Status::Ok();
@@ -148,7 +176,7 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   Status st = [&]() -> Status {
     auto states = fwd_tc_kernel<N, P, true>;
     M3_RETURN_IF_ERROR(allow_smem_max_carveout(states, bytes));  // two CTAs per SM, as pass 2
-    M3F_LAUNCH(states, grid, kTcThreads, bytes, stream, p, sp, SavedPtrs{});
+    M3F_LAUNCH(states, grid, kTcThreads, bytes, stream, p, sp, SavedPtrs{}, mp);
     M3F_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
     auto combine = fwd_tc_combine<N, P>;
     M3F_LAUNCH(combine, static_cast<unsigned>(heads), 256, 0, stream, p, sp);
