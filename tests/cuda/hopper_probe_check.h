@@ -20,6 +20,7 @@ struct ProbeCase {
   const char* name;
   int B, L, R, G;
   int pad;  // extra elements after each (token, rank, group) row: a strided, non-packed tensor
+  bool broadcast_groups = false;  // every group reads the same rows (group stride 0)
 };
 
 inline uint16_t to_bf16_bits(float f) {  // round to nearest even
@@ -48,6 +49,7 @@ inline RowData make_rows(const ProbeCase& c, int cols, uint32_t seed) {
   cuda::RowTensor& t = d.t;
   t.batch = c.B, t.tokens = c.L, t.ranks = c.R, t.heads = c.G, t.cols = cols;
   t.s_col = 1, t.s_head = cols + c.pad, t.s_rank = c.G * t.s_head, t.s_token = c.R * t.s_rank;
+  if (c.broadcast_groups) t.s_head = 0, t.s_rank = cols + c.pad, t.s_token = c.R * t.s_rank;
   t.s_batch = static_cast<int64_t>(c.L) * t.s_token;
   t.elem_bytes = 2;
   d.bits.assign(static_cast<size_t>(c.B) * t.s_batch, 0x7fc0);
@@ -131,12 +133,14 @@ inline void check_probe(const ProbeCase& c, const RowData& q, const RowData& k, 
 }
 
 // Cases: SISO with a partial last chunk, MIMO R = 4 and R = 8 (16 and 8 tokens per chunk),
-// strided rows, several batches and groups.
+// strided rows, several batches and groups, and groups broadcast from one set of rows (a
+// zero stride, as an expanded torch tensor has).
 inline std::vector<ProbeCase> probe_cases() {
   return {{"siso_partial", 2, 100, 1, 2, 0},
           {"mimo_r4", 1, 37, 4, 1, 0},
           {"mimo_r8_strided", 2, 19, 8, 2, 8},
-          {"siso_strided", 1, 64, 1, 3, 24}};
+          {"siso_strided", 1, 64, 1, 3, 24},
+          {"broadcast_groups", 2, 70, 2, 3, 0, true}};
 }
 
 }  // namespace mamba3::test::hopper
