@@ -102,32 +102,28 @@ inline void check_probe(const ProbeCase& c, const RowData& q, const RowData& k, 
               report("ldmatrix q tile (" + std::to_string(i) + ", " + std::to_string(x) + ") of cell " +
                      std::to_string(cell) + ": " + std::to_string(gotf) + " != " + std::to_string(want));
           }
-        for (int i = 0; i < 64; ++i)
-          for (int j = 0; j < 64; ++j) {
-            double ref = 0, mag = 0;
-            for (int x = 0; x < 128; ++x) {
-              const double pr = static_cast<double>(val(q, i, x)) * val(k, j, x);
-              ref += pr, mag += std::fabs(pr);
-            }
-            const float got = out.s[cell * 64 * 64 + i * 64 + j];
-            if (!(std::fabs(got - ref) <= 128 * 0x1p-23 * mag))
-              report("S(" + std::to_string(i) + ", " + std::to_string(j) + ") of cell " +
-                     std::to_string(cell) + ": " + std::to_string(got) + " vs " + std::to_string(ref));
-          }
-        // Y from the kernel's own S (rounded to bf16 as the kernel rounds it).
-        for (int i = 0; i < 64; ++i)
-          for (int x = 0; x < 64; ++x) {
-            double ref = 0, mag = 0;
+        // A 64 x 64 product `got` against the sum over n terms a(i, t) b(t, j) in float64.
+        auto product = [&](const char* name, const std::vector<float>& got, int n, auto a, auto b) {
+          for (int i = 0; i < 64; ++i)
             for (int j = 0; j < 64; ++j) {
-              const double sb = bf16_value(to_bf16_bits(out.s[cell * 64 * 64 + i * 64 + j]));
-              const double pr = sb * val(v, j, x);
-              ref += pr, mag += std::fabs(pr);
+              double ref = 0, mag = 0;
+              for (int t = 0; t < n; ++t) {
+                const double pr = static_cast<double>(a(i, t)) * b(t, j);
+                ref += pr, mag += std::fabs(pr);
+              }
+              const float g = got[cell * 64 * 64 + i * 64 + j];
+              if (!(std::fabs(g - ref) <= n * 0x1p-23 * mag))
+                report(std::string(name) + "(" + std::to_string(i) + ", " + std::to_string(j) +
+                       ") of cell " + std::to_string(cell) + ": " + std::to_string(g) + " vs " +
+                       std::to_string(ref));
             }
-            const float got = out.y[cell * 64 * 64 + i * 64 + x];
-            if (!(std::fabs(got - ref) <= 64 * 0x1p-23 * mag))
-              report("Y(" + std::to_string(i) + ", " + std::to_string(x) + ") of cell " +
-                     std::to_string(cell) + ": " + std::to_string(got) + " vs " + std::to_string(ref));
-          }
+        };
+        product("S", out.s, 128, [&](int i, int x) { return val(q, i, x); },
+                [&](int x, int j) { return val(k, j, x); });
+        // Y from the kernel's own S (rounded to bf16 as the kernel rounds it).
+        product("Y", out.y, 64,
+                [&](int i, int j) { return bf16_value(to_bf16_bits(out.s[cell * 64 * 64 + i * 64 + j])); },
+                [&](int j, int x) { return val(v, j, x); });
       }
   EXPECT_EQ(bad, 0) << c.name << ": " << bad << " mismatches";
 }
