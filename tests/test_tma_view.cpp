@@ -63,6 +63,46 @@ TEST(TmaView, RowTileIndexMapMatchesTheTensor) {
   }
 }
 
+// The rank-5 view of the forward's q and k boxes: (N + 8) columns x R ranks x C tokens, the 8
+// columns past N outside the view (zeros: the padded pitch), any token / rank strides, and q
+// shared by the ranks (rank stride 0).
+TEST(TmaView, RankTileIndexMapMatchesTheTensor) {
+  struct Case {
+    int64_t B, L, R, G, X, pad;
+    bool shared_ranks;
+  };
+  for (const Case& c : {Case{2, 100, 1, 2, 128, 0, false}, Case{1, 37, 4, 1, 64, 0, false},
+                        Case{2, 19, 8, 2, 128, 8, false}, Case{1, 21, 4, 2, 128, 0, true}}) {
+    RowTensor t = rows(c.B, c.L, c.R, c.G, c.X, c.pad);
+    if (c.shared_ranks) {  // (B, L, G, X) read by every rank
+      t.s_rank = 0, t.s_token = c.G * t.s_head, t.s_batch = c.L * t.s_token;
+    } else {
+      t.s_token += 8;  // rows of a token not evenly spaced: no 2-D collapse, still a 5-D view
+      t.s_batch = c.L * t.s_token;
+    }
+    const int C = 64 / static_cast<int>(c.R);
+    const RowTileView rv = rank_tile_view(t, 0x1000, static_cast<int>(c.X) + 8, C);
+    ASSERT_EQ(rv.error, "");
+    const TmaView& v = rv.view;
+    ASSERT_EQ(v.box_bytes(), 64u * (c.X + 8) * 2);  // 64 rows of the padded pitch
+    for (int b = 0; b < c.B; ++b)
+      for (int g = 0; g < c.G; ++g)
+        for (int64_t c0 = 0; c0 < c.L; c0 += C)
+          for (uint32_t it = 0; it < v.box[2]; ++it)
+            for (uint32_t r = 0; r < v.box[1]; ++r)
+              for (uint32_t x = 0; x < v.box[0]; ++x) {
+                const int64_t at[5] = {x, r, c0 + it, g, b};
+                bool inside = true;
+                for (int d = 0; d < 5; ++d) inside = inside && static_cast<uint64_t>(at[d]) < v.dim[d];
+                ASSERT_EQ(inside, x < c.X && c0 + it < c.L);
+                if (!inside) continue;
+                const uint64_t want = 2 * static_cast<uint64_t>(b * t.s_batch + (c0 + it) * t.s_token +
+                                                                r * t.s_rank + g * t.s_head + x);
+                ASSERT_EQ(tma_view_offset(v, at), want);
+              }
+  }
+}
+
 TEST(TmaView, RefusesWhatTheCopyEngineCannotTake) {
   const RowTensor good = rows(2, 64, 4, 2, 128, 0);
   EXPECT_EQ(row_tile_view(good, 0x1000, 64, 64, 128).error, "");

@@ -412,26 +412,26 @@ inline void mbar_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // The copy engine's box copy, done at once: zero outside the view, the 128-byte swizzle on the
-// destination offsets, then the bytes are reported to the mbarrier.
-inline void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3,
-                        uint64_t* bar) {
+// destination offsets, then the bytes are reported to the mbarrier. Views of rank 4 or 5.
+inline void tma_load(void* dst, const TmaMap* map, const int (&c)[5], int rank, uint64_t* bar) {
   const TmaView& v = map->view;
-  if (v.rank != 4) ::m3emu::fail("tma_load_4d on a view whose rank is not 4");
+  if (v.rank != rank) ::m3emu::fail("TMA copy of a view of another rank");
   const uint32_t bytes = v.box_bytes();
   const uint32_t off = ::m3emu::smem_offset(dst, bytes, "TMA box outside dynamic shared memory");
   if (off % (v.swizzle == 128 ? 1024 : 128) != 0)
     ::m3emu::fail("TMA destination not aligned (128 bytes; 1024 under the 128-byte swizzle)");
-  const int c[4] = {c0, c1, c2, c3};
   const int eb = v.elem_bytes;
+  const uint32_t b4 = rank == 5 ? v.box[4] : 1;
   uint32_t lin = 0;
+  for (uint32_t i4 = 0; i4 < b4; ++i4)
   for (uint32_t i3 = 0; i3 < v.box[3]; ++i3)
     for (uint32_t i2 = 0; i2 < v.box[2]; ++i2)
       for (uint32_t i1 = 0; i1 < v.box[1]; ++i1)
         for (uint32_t i0 = 0; i0 < v.box[0]; ++i0, lin += eb) {
-          const int64_t x[4] = {int64_t{c[0]} + i0, int64_t{c[1]} + i1, int64_t{c[2]} + i2,
-                                int64_t{c[3]} + i3};
+          const int64_t x[5] = {int64_t{c[0]} + i0, int64_t{c[1]} + i1, int64_t{c[2]} + i2,
+                                int64_t{c[3]} + i3, int64_t{c[4]} + i4};
           bool in = true;
-          for (int d = 0; d < 4; ++d) in = in && x[d] >= 0 && static_cast<uint64_t>(x[d]) < v.dim[d];
+          for (int d = 0; d < rank; ++d) in = in && x[d] >= 0 && static_cast<uint64_t>(x[d]) < v.dim[d];
           unsigned char* to = ::m3emu::g_dynamic + (v.swizzle == 128 ? swizzle128(off + lin) : off + lin);
           if (in)
             std::memcpy(to, static_cast<const unsigned char*>(map->base) + tma_view_offset(v, x), eb);
@@ -442,6 +442,18 @@ inline void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, in
   ::m3emu::Mbar& b = ::m3emu::mbar_of(bar);
   b.tx -= bytes;
   ::m3emu::mbar_maybe_complete(b);
+}
+inline void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3,
+                        uint64_t* bar) {
+  tma_load(dst, map, {c0, c1, c2, c3, 0}, 4, bar);
+}
+inline void tma_load_5d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3, int c4,
+                        uint64_t* bar) {
+  tma_load(dst, map, {c0, c1, c2, c3, c4}, 5, bar);
+}
+inline void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  std::lock_guard<std::mutex> lk(::m3emu::g_mbar_mutex);
+  ::m3emu::mbar_of(bar).tx += bytes;
 }
 
 inline void fence_proxy_async() {}

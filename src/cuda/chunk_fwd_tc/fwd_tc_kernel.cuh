@@ -7,10 +7,11 @@
 //   out    = norm/gate/rank reduction of Y            (from registers)
 // Every input tile of the next chunk is copied while the current chunk computes (DESIGN.md §3):
 // k one chunk ahead into a second buffer; z at the chunk's start for its own epilogue; q, v and
-// the angles after the products (the score tile reuses the angle buffer). The dense tiles (v,
-// z, fp32 angle rows) come through the copy engine (TMA, cuda/common/tma.cuh: one thread
-// issues a box per tile, completing on an mbarrier); q and k, whose padded pitches keep the
-// ldmatrix reads conflict-free, through cp.async.
+// the angles after the products (the score tile reuses the angle buffer). All of them come
+// through the copy engine (TMA, cuda/common/tma.cuh: one thread issues a box per tile,
+// completing on an mbarrier). q and k are (C tokens, R ranks, N + 8 columns) boxes of a rank-5
+// view whose last 8 columns lie past the tensor's N and arrive as zeros: the rows land with the
+// padded pitch that keeps the ldmatrix reads conflict-free.
 // Per-token scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6): rotated
 // q and k, v*psi, the masked scores, the state as the operand of Q S^T, and fw*v*psi. The
 // state itself and every sum stay fp32.
@@ -64,11 +65,11 @@ struct TcLay {
 __host__ __device__ constexpr int tc_up16(int x) { return (x + 15) & ~15; }
 __host__ __device__ constexpr int tc_up128(int x) { return (x + 127) & ~127; }
 
-// The copy engine's maps of the tiles it moves (fwd_tc_launch.cuh, forward_maps): v and z rows
-// (boxes of C tokens x P bf16) and fp32 angle rows (C x NA). z unused without CoreParams::z_vec,
-// ang without ang_vec4 or with NA = 0.
+// The copy engine's maps of the tiles it moves (fwd_tc_launch.cuh, forward_maps): q and k rows
+// (boxes of C tokens x R ranks x (N + 8) bf16), v and z rows (C tokens x P bf16) and fp32
+// angle rows (C x NA). z unused without CoreParams::z_vec, ang without ang_vec4 or with NA = 0.
 struct FwdMaps {
-  TmaMap v, z, ang;
+  TmaMap q, k, v, z, ang;
 };
 
 // Shared-memory byte offsets for rank R and NA angles from the (128-byte aligned) dynamic
@@ -79,9 +80,9 @@ __host__ __device__ inline TcLay tc_layout(int R, int NA) {
   const int C = kTcRows / R;
   TcLay l{};
   int o = 0;
-  // mbarriers first (at the base: no offset kept in a register): [0] the chunk's v and angle
-  // rows, [1] its z rows.
-  l.bar = o, o += 16;
+  // mbarriers first (at the base: no offset kept in a register): [0] the chunk's q, k, v and
+  // angle rows, [1] its z rows; the tiles from 128 bytes on (the copy engine's alignment).
+  l.bar = o, o = 128;
   l.q = o, o += kTcRows * Cfg::kQp * 2;
   l.k0 = o, o += kTcRows * Cfg::kQp * 2;
   l.k1 = o, o += kTcRows * Cfg::kQp * 2;
@@ -322,37 +323,26 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     return b * T.stride[0] + h * T.stride[1] + static_cast<int64_t>(tok(t)) * T.stride[2];
   };
 
-  // ---- Copies of the tiles of the chunk starting at token c0 (m tokens); rows past m are
-  // zero-filled so the products need no masks for them. Addresses: the chunk's base (uniform,
-  // 64-bit) plus a 32-bit offset per thread and row (make_params: strides past the batch
-  // dimension < 2^24, so 64 tokens and 8 ranks stay inside 31 bits). Out-of-chunk rows read
-  // nothing and point at the tensor's start.
-  auto pf_qk = [&](const DTensor& T, __nv_bfloat16* dst, int c0, int m) {
-    const int tid = tid_x_again();
-    constexpr int kCh = N / 8, kRowsPerPass = kTcThreads / kCh;  // 16 (N = 128) or 32 rows
-    const bool rank_dim = T.ndim == 5;
-    const int sl = static_cast<int>(T.stride[1]), sr = rank_dim ? static_cast<int>(T.stride[2]) : 0;
-    const int c = tid % kCh, row0 = tid / kCh;
-    const int t0 = row0 >> lr, tstep = kRowsPerPass >> lr;  // R <= 8 divides kRowsPerPass
-    const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(T.data);
-    const __nv_bfloat16* cb = base + b * T.stride[0] + g * T.stride[rank_dim ? 3 : 2] +
-                              static_cast<int64_t>(tok(c0)) * T.stride[1];
-    const int off0 = t0 * sl + (row0 & (R - 1)) * sr + c * 8;
-#pragma unroll
-    for (int j = 0; j < kTcRows / kRowsPerPass; ++j) {
-      const bool ok = t0 + j * tstep < m;
-      cp_async16(dst + (row0 + j * kRowsPerPass) * kQp + c * 8,
-                 ok ? cb + (off0 + j * tstep * sl) : base, ok);
+  // ---- Copies of the tiles of the chunk starting at token c0 (m tokens), through the copy
+  // engine. The k rows of the next chunk go on bar[0] without an arrival (pf_k, after S1); q,
+  // v and the fp32 angle rows (ang_vec4) add their bytes and the phase's one arrival (pf_tiles,
+  // after S4), so bar[0]'s phase `it` completes when all of chunk `it`'s tiles have landed.
+  // Rows past the view's end arrive as zeros; rows of a following sequence or segment are zeroed
+  // after the wait (zero_tail). Other angle layouts: every thread, pf_ang_general (cp.async
+  // group or plain loads, zero past m).
+  constexpr uint32_t kQkBytes = kTcRows * kQp * 2;
+  auto pf_k = [&](__nv_bfloat16* dst, int c0) {
+    if (tid_x_again() == 0) {
+      mbar_expect_tx(bar, kQkBytes);
+      tma_load_5d(dst, &mp.k, 0, 0, tok(c0), g, b, bar);
     }
   };
-  // v and the fp32 angle rows (ang_vec4) of the chunk at token c0 through the copy engine, on
-  // bar[0] (one thread issues both boxes); rows past the view's end arrive as zeros, rows of a
-  // following sequence or segment are zeroed after the wait (zero_tail). Other angle layouts:
-  // every thread, pf_ang_general (cp.async group or plain loads, zero past m).
   auto pf_tiles = [&](int c0, int m) {
     const bool ang_tma = p.ang_vec4 && NA > 0;
     if (tid_x_again() == 0) {
-      mbar_arrive_expect_tx(bar, static_cast<uint32_t>(C * P * 2 + (ang_tma ? C * NA * 4 : 0)));
+      mbar_arrive_expect_tx(bar, static_cast<uint32_t>((kStates ? 0 : kQkBytes) + C * P * 2 +
+                                                       (ang_tma ? C * NA * 4 : 0)));
+      if (!kStates) tma_load_5d(Qs, &mp.q, 0, 0, tok(c0), g, b, bar);
       tma_load_4d(Vr, &mp.v, 0, tok(c0), h, b, bar);
       if (ang_tma) tma_load_4d(ang, &mp.ang, 0, tok(c0), h, b, bar);
     }
@@ -363,10 +353,14 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
                      A.stride[1], A.stride[3], ang, m, C, NA, tid_x_again());
     }
   };
-  // After the wait for a chunk of m < C tokens: its v rows (and copy-engine angle rows) past m
-  // are zero, as the products and the saved record expect.
-  auto zero_tail = [&](int m) {
+  // After the wait for a chunk of m < C tokens: its q and k rows past m R, v rows (and
+  // copy-engine angle rows) past m are zero, as the products and the saved record expect.
+  auto zero_tail = [&](int m, __nv_bfloat16* Kc) {
     const int tid = tid_x_again();
+    for (int i = tid; i < (kTcRows - m * R) * kQp / 8; i += kTcThreads) {
+      reinterpret_cast<uint4*>(Kc + m * R * kQp)[i] = make_uint4(0, 0, 0, 0);
+      if (!kStates) reinterpret_cast<uint4*>(Qs + m * R * kQp)[i] = make_uint4(0, 0, 0, 0);
+    }
     uint4* v4 = reinterpret_cast<uint4*>(Vr + m * P);
     for (int i = tid; i < (C - m) * P / 8; i += kTcThreads) v4[i] = make_uint4(0, 0, 0, 0);
     if (p.ang_vec4) {
@@ -444,8 +438,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   // ---- Prologue: the first chunk's tiles and scalars.
   if (t_begin < t_end) {
     const int m0 = min(C, t_end - t_begin);
-    pf_qk(p.k, K0, t_begin, m0);
-    if (!kStates) pf_qk(p.q, Qs, t_begin, m0);
+    pf_k(K0, t_begin);
     pf_tiles(t_begin, m0);
   }
   cp_async_commit();
@@ -481,14 +474,13 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         __stcs(reinterpret_cast<float2*>(st + (x + 8) * N + n), make_float2(sreg[j][2], sreg[j][3]));
       }
     }
-    cp_async_wait<0>();
+    cp_async_wait<0>();  // pf_ang_general's copies (angles not taken by the copy engine)
     mbar_wait(bar, it & 1);
-    if (m < C) zero_tail(m);
+    if (m < C) zero_tail(m, Kc);
     __syncthreads();  // S1: this chunk's tiles and scalars are in shared memory
-    // Group 1: k of the next chunk; z of this one (for its epilogue) on bar[1].
-    if (m1 > 0) pf_qk(p.k, (it & 1) ? K0 : K1, c1, m1);
+    // k of the next chunk (bar[0]); z of this one (for its epilogue) on bar[1].
+    if (m1 > 0) pf_k((it & 1) ? K0 : K1, c1);
     if (!kStates) pf_z(c0);
-    cp_async_commit();
     const float scal_next = m1 > 0 ? ld_scal(c1) : 0.f;
 
     // ---- P1: decay prefix (warp 0) and angle prefix (all warps). Angle a: 8 lanes, ts
@@ -785,17 +777,13 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         if (tq == 0) rowsq[hh * kTcRows + ra] = s0, rowsq[hh * kTcRows + rb] = s1;
       }
     }
-    cp_async_wait<0>();  // group 1 (k of the next chunk) has landed
     if (!kStates && p.z_vec) mbar_wait(bar + 1, it & 1);  // z of this one
     // This thread's generic writes to buffers the copy engine refills next (the angles and
     // scores, zeroed tails) ordered before the copy engine's writes (issued after S4).
     fence_proxy_async();
     __syncthreads();  // S4: Q, Ss and the raw v are read; row sums and z visible
-    if (m1 > 0) {
-      if (!kStates) pf_qk(p.q, Qs, c1, m1);
-      pf_tiles(c1, m1);
-    }
-    cp_async_commit();  // group 2
+    if (m1 > 0) pf_tiles(c1, m1);
+    cp_async_commit();
 
     // ---- P4: S = exp(cs_last) S + (fw V psi)^T K.
     {

@@ -100,10 +100,10 @@ inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
   return Status::Ok();
 }
 
-// The copy engine's maps of the kernel's dense tiles (FwdMaps): v, z (z_vec) and the fp32
-// angle rows (ang_vec4, NA > 0), each (B, L, H, X) as rows of X elements per (batch, head) with
-// boxes of one chunk's C tokens. The conditions of those flags (and of the tensor-core path for
-// v) make the views legal; a refusal here is an internal error.
+// The copy engine's maps of the kernel's tiles (FwdMaps): q and k, v, z (z_vec) and the fp32
+// angle rows (ang_vec4, NA > 0); v, z and angles (B, L, H, X) as rows of X elements per (batch,
+// head) with boxes of one chunk's C tokens. The conditions of those flags (and of the
+// tensor-core path for q, k and v) make the views legal; a refusal here is an internal error.
 inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
   *mp = FwdMaps{};
   const int C = kTcRows / static_cast<int>(d.R);
@@ -119,6 +119,24 @@ inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
       return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
     return make_tma_map(rv.view, T.data, what, map);
   };
+  // q and k: (B, L, R, G, N), or (B, L, G, N) shared by the R ranks (rank stride 0), boxes of
+  // all R ranks of C tokens with N + 8 columns (the padded pitch of the kernel's tiles; the 8
+  // past N arrive as zeros).
+  auto qk = [&](const DTensor& T, const char* what, TmaMap* map) -> Status {
+    const bool rank_dim = T.ndim == 5;
+    RowTensor t;
+    t.batch = d.B, t.tokens = d.L, t.ranks = d.R, t.heads = d.G, t.cols = d.N;
+    t.s_batch = T.stride[0], t.s_token = T.stride[1], t.s_rank = rank_dim ? T.stride[2] : 0;
+    t.s_head = T.stride[rank_dim ? 3 : 2], t.s_col = T.stride[rank_dim ? 4 : 3];
+    t.elem_bytes = 2;
+    const RowTileView rv = rank_tile_view(t, reinterpret_cast<uintptr_t>(T.data),
+                                          static_cast<int>(d.N) + 8, C);
+    if (!rv.error.empty())
+      return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
+    return make_tma_map(rv.view, T.data, what, map);
+  };
+  M3_RETURN_IF_ERROR(qk(p.q, "q", &mp->q));
+  M3_RETURN_IF_ERROR(qk(p.k, "k", &mp->k));
   M3_RETURN_IF_ERROR(rows(p.v, d.P, 2, "v", &mp->v));
   if (p.z_vec) M3_RETURN_IF_ERROR(rows(p.z, d.P, 2, "z", &mp->z));
   if (p.ang_vec4 && d.NA > 0) M3_RETURN_IF_ERROR(rows(p.angles, d.NA, 4, "angles", &mp->ang));

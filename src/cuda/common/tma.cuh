@@ -77,6 +77,24 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const TmaMap* map, int c0
       : "memory");
 }
 
+// The same for a rank-5 view.
+__device__ __forceinline__ void tma_load_5d(void* dst, const TmaMap* map, int c0, int c1, int c2,
+                                            int c3, int c4, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+      "r"(smem_addr(bar))
+      : "memory");
+}
+
+// Expects `bytes` more transaction bytes in the current phase, without an arrival.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
 // Orders this thread's earlier generic shared-memory writes before later async-proxy reads
 // (wgmma operands, TMA stores) of them.
 __device__ __forceinline__ void fence_proxy_async() {

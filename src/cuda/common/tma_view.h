@@ -126,6 +126,45 @@ inline RowTileView row_tile_view(const RowTensor& t, uintptr_t base, int box_row
   return r;
 }
 
+// The rank-5 view (columns, ranks, tokens, heads, batch) of a row tensor with a box of
+// box_cols columns, all R ranks and C tokens: the same (C·R) rows as row_tile_view's box, for
+// any strides (no collapse needed). box_cols may exceed the tensor's columns: the copy engine
+// writes zeros for the columns past them, so the rows land in shared memory with a padded
+// pitch of box_cols elements. Coordinates of a chunk: (0, 0, c0, g, b).
+inline RowTileView rank_tile_view(const RowTensor& t, uintptr_t base, int box_cols, int C) {
+  RowTileView r;
+  if (t.ranks < 1 || t.tokens < 0 || t.batch < 1 || t.heads < 1 || t.cols < 1) {
+    r.error = "empty or negative row tensor dimensions";
+    return r;
+  }
+  if (t.s_col != 1) {
+    r.error = "column stride " + std::to_string(t.s_col) + " is not 1";
+    return r;
+  }
+  TmaView& v = r.view;
+  const uint64_t eb = static_cast<uint64_t>(t.elem_bytes);
+  v.rank = 5;
+  v.elem_bytes = t.elem_bytes;
+  v.dim[0] = static_cast<uint64_t>(t.cols);
+  v.dim[1] = static_cast<uint64_t>(t.ranks);
+  v.dim[2] = static_cast<uint64_t>(t.tokens > 0 ? t.tokens : 1);
+  v.dim[3] = static_cast<uint64_t>(t.heads);
+  v.dim[4] = static_cast<uint64_t>(t.batch);
+  v.stride[0] = eb;
+  v.stride[1] = static_cast<uint64_t>(t.s_rank) * eb;
+  v.stride[2] = static_cast<uint64_t>(t.s_token) * eb;
+  v.stride[3] = static_cast<uint64_t>(t.s_head) * eb;
+  v.stride[4] = static_cast<uint64_t>(t.s_batch) * eb;
+  for (int i = 1; i < 5; ++i)
+    if (v.dim[i] == 1) v.stride[i] = 16;  // any stride is the tensor's; a legal one for the map
+  v.box[0] = static_cast<uint32_t>(box_cols);
+  v.box[1] = static_cast<uint32_t>(t.ranks);
+  v.box[2] = static_cast<uint32_t>(C);
+  v.box[3] = v.box[4] = 1;
+  r.error = tma_view_error(v, base);
+  return r;
+}
+
 // The index map: coordinates (innermost first) of the box holding rows [c0·R, c0·R + box_rows)
 // and columns [col0, col0 + box_cols) of (batch b, head g), chunk starting at token c0.
 inline void row_tile_coords(int b, int g, int64_t c0, int R, int col0, int32_t (&c)[4]) {
