@@ -81,24 +81,34 @@ struct RowTileView {
   std::string error;  // "" when the view is legal
 };
 
+// What both views of a row tensor require of it: sizes, and a dense column dimension ("" when
+// fine).
+inline std::string row_tensor_error(const RowTensor& t) {
+  if (t.ranks < 1 || t.tokens < 0 || t.batch < 1 || t.heads < 1 || t.cols < 1)
+    return "empty or negative row tensor dimensions";
+  if (t.s_col != 1) return "column stride " + std::to_string(t.s_col) + " is not 1";
+  return "";
+}
+
+// Size-1 dimensions may carry any stride (the caller's tensor may be a broadcast view): the copy
+// engine still checks them, so they get a legal one.
+inline void legal_unit_strides(TmaView& v) {
+  for (int i = 1; i < v.rank; ++i)
+    if (v.dim[i] == 1) v.stride[i] = 16;
+}
+
 // The rank-4 view (columns, rows = tokens · ranks, heads, batch) of a row tensor, with a box of
 // box_rows rows and box_cols columns. Illegal where a token's rows are not evenly spaced or the
 // copy engine's rules fail; the error then names the reason.
 inline RowTileView row_tile_view(const RowTensor& t, uintptr_t base, int box_rows, int box_cols,
                                  int swizzle) {
   RowTileView r;
-  if (t.ranks < 1 || t.tokens < 0 || t.batch < 1 || t.heads < 1 || t.cols < 1) {
-    r.error = "empty or negative row tensor dimensions";
-    return r;
-  }
+  r.error = row_tensor_error(t);
+  if (!r.error.empty()) return r;
   if (t.ranks > 1 && t.s_token != t.ranks * t.s_rank) {
     r.error = "token stride " + std::to_string(t.s_token) + " is not R x rank stride (R = " +
               std::to_string(t.ranks) + ", rank stride " + std::to_string(t.s_rank) +
               "): a token's rows do not collapse into one row dimension";
-    return r;
-  }
-  if (t.s_col != 1) {
-    r.error = "column stride " + std::to_string(t.s_col) + " is not 1";
     return r;
   }
   TmaView& v = r.view;
@@ -117,11 +127,8 @@ inline RowTileView row_tile_view(const RowTensor& t, uintptr_t base, int box_row
   v.box[0] = static_cast<uint32_t>(box_cols);
   v.box[1] = static_cast<uint32_t>(box_rows);
   v.box[2] = v.box[3] = 1;
-  // Size-1 dimensions may carry any stride (the caller's tensor may be a broadcast view): the
-  // copy engine still checks them, so they get a legal one.
-  for (int i = 1; i < 4; ++i)
-    if (v.dim[i] == 1) v.stride[i] = 16;
   if (v.dim[1] == 0) v.dim[1] = 1;  // an empty sequence: nothing is copied, the map stays legal
+  legal_unit_strides(v);
   r.error = tma_view_error(v, base);
   return r;
 }
@@ -133,14 +140,8 @@ inline RowTileView row_tile_view(const RowTensor& t, uintptr_t base, int box_row
 // pitch of box_cols elements. Coordinates of a chunk: (0, 0, c0, g, b).
 inline RowTileView rank_tile_view(const RowTensor& t, uintptr_t base, int box_cols, int C) {
   RowTileView r;
-  if (t.ranks < 1 || t.tokens < 0 || t.batch < 1 || t.heads < 1 || t.cols < 1) {
-    r.error = "empty or negative row tensor dimensions";
-    return r;
-  }
-  if (t.s_col != 1) {
-    r.error = "column stride " + std::to_string(t.s_col) + " is not 1";
-    return r;
-  }
+  r.error = row_tensor_error(t);
+  if (!r.error.empty()) return r;
   TmaView& v = r.view;
   const uint64_t eb = static_cast<uint64_t>(t.elem_bytes);
   v.rank = 5;
@@ -155,8 +156,7 @@ inline RowTileView rank_tile_view(const RowTensor& t, uintptr_t base, int box_co
   v.stride[2] = static_cast<uint64_t>(t.s_token) * eb;
   v.stride[3] = static_cast<uint64_t>(t.s_head) * eb;
   v.stride[4] = static_cast<uint64_t>(t.s_batch) * eb;
-  for (int i = 1; i < 5; ++i)
-    if (v.dim[i] == 1) v.stride[i] = 16;  // any stride is the tensor's; a legal one for the map
+  legal_unit_strides(v);
   v.box[0] = static_cast<uint32_t>(box_cols);
   v.box[1] = static_cast<uint32_t>(t.ranks);
   v.box[2] = static_cast<uint32_t>(C);
