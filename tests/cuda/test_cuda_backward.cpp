@@ -155,6 +155,12 @@ TEST(CudaBackward, BitwiseDeterministic) {
   }
 }
 
+// A case run under MAMBA3_CUDA_SEG_LEN = seg_len (null: unset, the lane's own split).
+struct SegCase {
+  Case c;
+  const char* seg_len;
+};
+
 Result collect(const check::GradBuffers& g) {
   Result r;
   put_grads(&r, g);
@@ -171,33 +177,29 @@ Result collect(const check::GradBuffers& g) {
 // sequence split (MAMBA3_CUDA_SEG_LEN=64: records written by its second pass).
 TEST(CudaBackward, SavedTilesTrainingMode) {
   REQUIRE_GPU();
-  struct SavedCase {
-    Case c;
-    const char* seg_len;
-  };
-  for (const SavedCase& sc :
-       {SavedCase{{"saved_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
-                  nullptr},
-        SavedCase{{"saved_siso_halved_norm", 1, 200, 2, 1, 64, 64, 1, 16, true, true, false, {},
-                   kH, kB},
-                  nullptr},
-        SavedCase{{"saved_mimo_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH,
-                   kB},
-                  nullptr},
-        SavedCase{{"saved_mimo_r4_n64", 1, 90, 4, 2, 64, 64, 4, 16, true, true, true, {}, kI, kB},
-                  nullptr},
-        SavedCase{{"saved_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
-                  nullptr},
-        SavedCase{{"saved_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false,
-                   {80, 0, 63, 57}, kI, kB},
-                  nullptr},
-        SavedCase{{"saved_p128_r2", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
-                  nullptr},
-        SavedCase{{"saved_split", 1, 333, 2, 1, 128, 64, 1, 32, true, true, false, {}, kH, kB},
-                  "64"},
-        SavedCase{{"saved_split_mimo_varlen", 1, 300, 2, 1, 64, 64, 2, 16, true, false, true,
-                   {100, 0, 137, 63}, kI, kB},
-                  "128"}}) {
+  for (const SegCase& sc :
+       {SegCase{{"saved_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+                nullptr},
+        SegCase{{"saved_siso_halved_norm", 1, 200, 2, 1, 64, 64, 1, 16, true, true, false, {},
+                 kH, kB},
+                nullptr},
+        SegCase{{"saved_mimo_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH,
+                 kB},
+                nullptr},
+        SegCase{{"saved_mimo_r4_n64", 1, 90, 4, 2, 64, 64, 4, 16, true, true, true, {}, kI, kB},
+                nullptr},
+        SegCase{{"saved_per_rank", 1, 45, 2, 1, 128, 64, 4, 16, false, false, false, {}, kI, kB},
+                nullptr},
+        SegCase{{"saved_varlen", 1, 200, 4, 2, 128, 64, 1, 32, true, true, false,
+                 {80, 0, 63, 57}, kI, kB},
+                nullptr},
+        SegCase{{"saved_p128_r2", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
+                nullptr},
+        SegCase{{"saved_split", 1, 333, 2, 1, 128, 64, 1, 32, true, true, false, {}, kH, kB},
+                "64"},
+        SegCase{{"saved_split_mimo_varlen", 1, 300, 2, 1, 64, 64, 2, 16, true, false, true,
+                 {100, 0, 137, 63}, kI, kB},
+                "128"}}) {
     const Case& c = sc.c;
     SCOPED_TRACE(c.name);
     ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", sc.seg_len);
@@ -268,21 +270,17 @@ TEST(CudaBackward, SaveTilesGate) {
 // naming it.
 TEST(CudaBackward, PsivCacheGate) {
   REQUIRE_GPU();
-  struct GateCase {
-    Case c;
-    const char* seg_len;
-  };
-  for (const GateCase& gc :
-       {GateCase{{"psiv_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
-                 nullptr},
-        GateCase{{"psiv_mimo_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH,
-                  kB},
-                 nullptr},
-        GateCase{{"psiv_p128_r2", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
-                 nullptr},
-        GateCase{{"psiv_split_mimo_varlen", 1, 300, 2, 1, 64, 64, 2, 16, true, false, true,
-                  {100, 0, 137, 63}, kI, kB},
-                 "128"}}) {
+  for (const SegCase& gc :
+       {SegCase{{"psiv_siso", 2, 300, 4, 1, 128, 64, 1, 32, true, false, false, {}, kI, kB},
+                nullptr},
+        SegCase{{"psiv_mimo_gqa_norm", 2, 130, 4, 2, 128, 64, 4, 32, true, true, true, {}, kH,
+                 kB},
+                nullptr},
+        SegCase{{"psiv_p128_r2", 1, 130, 2, 1, 64, 128, 2, 32, true, false, true, {}, kI, kB},
+                nullptr},
+        SegCase{{"psiv_split_mimo_varlen", 1, 300, 2, 1, 64, 64, 2, 16, true, false, true,
+                 {100, 0, 137, 63}, kI, kB},
+                "128"}}) {
     const Case& c = gc.c;
     SCOPED_TRACE(c.name);
     ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", gc.seg_len);

@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   float* wn_s = phi_s + R * P;
   float* qb_s = wn_s + P;
   float* kb_s = qb_s + R * N;
-  uint64_t* bar = reinterpret_cast<uint64_t*>(sm);  // lay.bar == 0
+  uint64_t* bar = reinterpret_cast<uint64_t*>(sm + lay.bar);  // a constant (0): no register
 
   const int slot = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

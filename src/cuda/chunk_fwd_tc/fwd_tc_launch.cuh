@@ -107,17 +107,20 @@ inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
 inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
   *mp = FwdMaps{};
   const int C = kTcRows / static_cast<int>(d.R);
+  auto encode = [](const RowTileView& rv, const void* base, const char* what, TmaMap* map) {
+    if (!rv.error.empty())
+      return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
+    return make_tma_map(rv.view, base, what, map);
+  };
   auto rows = [&](const DTensor& T, int64_t cols, int elem_bytes, const char* what,
                   TmaMap* map) -> Status {
     RowTensor t;
     t.batch = d.B, t.tokens = d.L, t.ranks = 1, t.heads = d.H, t.cols = cols;
     t.s_batch = T.stride[0], t.s_token = T.stride[1], t.s_head = T.stride[2], t.s_col = T.stride[3];
     t.elem_bytes = elem_bytes;
-    const RowTileView rv =
-        row_tile_view(t, reinterpret_cast<uintptr_t>(T.data), C, static_cast<int>(cols), 0);
-    if (!rv.error.empty())
-      return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
-    return make_tma_map(rv.view, T.data, what, map);
+    return encode(
+        row_tile_view(t, reinterpret_cast<uintptr_t>(T.data), C, static_cast<int>(cols), 0), T.data,
+        what, map);
   };
   // q and k: (B, L, R, G, N), or (B, L, G, N) shared by the R ranks (rank stride 0), boxes of
   // all R ranks of C tokens with N + 8 columns (the padded pitch of the kernel's tiles; the 8
@@ -129,11 +132,9 @@ inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
     t.s_batch = T.stride[0], t.s_token = T.stride[1], t.s_rank = rank_dim ? T.stride[2] : 0;
     t.s_head = T.stride[rank_dim ? 3 : 2], t.s_col = T.stride[rank_dim ? 4 : 3];
     t.elem_bytes = 2;
-    const RowTileView rv = rank_tile_view(t, reinterpret_cast<uintptr_t>(T.data),
-                                          static_cast<int>(d.N) + 8, C);
-    if (!rv.error.empty())
-      return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
-    return make_tma_map(rv.view, T.data, what, map);
+    return encode(
+        rank_tile_view(t, reinterpret_cast<uintptr_t>(T.data), static_cast<int>(d.N) + 8, C),
+        T.data, what, map);
   };
   M3_RETURN_IF_ERROR(qk(p.q, "q", &mp->q));
   M3_RETURN_IF_ERROR(qk(p.k, "k", &mp->k));
