@@ -24,6 +24,8 @@
 // every segment from its start state.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/common/async_copy.cuh"
 #include "cuda/common/layer_io.cuh"
 #include "cuda/common/mma.cuh"
@@ -483,26 +485,34 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     if (!kStates) pf_z(c0);
     const float scal_next = m1 > 0 ? ld_scal(c1) : 0.f;
 
-    // ---- P1: decay prefix (warp 0) and angle prefix (all warps). Angle a: 8 lanes, ts
+    // ---- P1: angle prefix (all warps) and decay prefix (warp 0). Angle a: 8 lanes, ts
     // consecutive tokens each. The carry (the lanes' totals, the chunk's end angle) is summed in
     // float64 term by term; a token's angle is its lane's start, wrapped once in float64, plus
-    // the lane's float prefix (at most 8 terms), wrapped in float.
+    // the lane's float prefix (at most 8 terms), wrapped in float. Rows past m: zero.
     if (NA > 0) {
-      const int ts = (C + 7) / 8;  // tokens per lane; 8 lanes per angle
+      const int ts = C >> 3;  // tokens per lane (R <= 8: at least one); 8 lanes per angle
       for (int a0 = 0; a0 < NA; a0 += kTcThreads / 8) {
         const int a = a0 + tid / 8, l8 = tid & 7;
         const bool av = a < NA;
         const double th0 = av ? theta[a] : 0.0;
+        float* pa = ang + l8 * ts * NA + a;
+        // Unrolled over at most 8 tokens, leaving at ts (uniform: a branch, not predicated
+        // work): the loads and the tanh of a lane's tokens are independent, the sums chains.
+        float inc[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (u >= ts) break;
+          const int t = l8 * ts + u;
+          inc[u] =
+              av && t < m ? static_cast<float>(kPiD) * tanh_abs_err(pa[u * NA]) * dt_s[t] : 0.f;
+        }
         double run = 0.0;
         float runf = 0.f, pre[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-          const int t = l8 * ts + u;
-          if (u < ts && av && t < m) {
-            const float inc = static_cast<float>(kPiD) * tanhf(ang[t * NA + a]) * dt_s[t];
-            run += static_cast<double>(inc);
-            runf += inc;
-          }
+          if (u >= ts) break;
+          run += static_cast<double>(inc[u]);
+          runf += inc[u];
           pre[u] = runf;
         }
         double incl = run;
@@ -514,8 +524,9 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         const float start = static_cast<float>(wrap_2pi(th0 + (incl - run)));
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
+          if (u >= ts) break;
           const int t = l8 * ts + u;
-          if (u < ts && av && t < m) ang[t * NA + a] = wrap_2pi_f(start + pre[u]);
+          if (av) pa[u * NA] = t < m ? wrap_2pi_f(start + pre[u]) : 0.f;
         }
         __syncwarp();
         if (av && l8 == 7) theta[a] = wrap_2pi(th0 + incl);
@@ -619,18 +630,26 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         }
       }
       constexpr int kVc = P / 8;
-      for (int i = tid; i < kTcRows * kVc; i += kTcThreads) {
-        const int row = i / kVc, c = i % kVc, t = row >> lr, r = row & (R - 1);
-        float vf[8];
-        if (t < m) {
-          bf16x8_to_float(*reinterpret_cast<const uint4*>(Vr + t * P + c * 8), vf);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vf[e] *= psi_s[r * P + c * 8 + e];
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vf[e] = 0.f;
+      if (!p.mimo_v.defined()) {  // psi = 1: bf16(v psi) is v, a copy (the rows past m are zero)
+        for (int i = tid; i < kTcRows * kVc; i += kTcThreads) {
+          const int row = i / kVc, c = i % kVc;
+          *reinterpret_cast<uint4*>(Vs + row * kVp + c * 8) =
+              *reinterpret_cast<const uint4*>(Vr + (row >> lr) * P + c * 8);
         }
-        *reinterpret_cast<uint4*>(Vs + row * kVp + c * 8) = float8_to_bf16x8(vf);
+      } else {
+        for (int i = tid; i < kTcRows * kVc; i += kTcThreads) {
+          const int row = i / kVc, c = i % kVc, t = row >> lr, r = row & (R - 1);
+          float vf[8];
+          if (t < m) {
+            bf16x8_to_float(*reinterpret_cast<const uint4*>(Vr + t * P + c * 8), vf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vf[e] *= psi_s[r * P + c * 8 + e];
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vf[e] = 0.f;
+          }
+          *reinterpret_cast<uint4*>(Vs + row * kVp + c * 8) = float8_to_bf16x8(vf);
+        }
       }
     }
     __syncthreads();  // S3: rotated tiles ready; the angle buffer now holds the scores
@@ -836,36 +855,48 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         }
       }
       if (p.z.defined()) {
-        auto gate = [](float z, float zeta) { return silu_approx(z * zeta); };
+        // silu(z zeta); zeta (MIMO_Z) multiplied only where given (absent it is 1).
+        auto gate_loop = [&](auto with_zeta) {
 #pragma unroll
-        for (int j = 0; j < Cfg::kPH / 8; ++j) {
-          const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
-          float2 za, zb;
-          if (p.z_vec) {
-            za = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Zs + tA * P + x));
-            zb = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Zs + tB * P + x));
-          } else {
-            auto zl = [&](int t, int xx) {
-              return t < m ? dload_ro(p.z, b * p.z.stride[0] +
-                                               static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
-                                               h * p.z.stride[2] + xx * p.z.stride[3])
-                           : 0.f;
-            };
-            za = make_float2(zl(tA, x), zl(tA, x + 1)), zb = make_float2(zl(tB, x), zl(tB, x + 1));
+          for (int j = 0; j < Cfg::kPH / 8; ++j) {
+            const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
+            float2 za, zb;
+            if (p.z_vec) {
+              za = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Zs + tA * P + x));
+              zb = bf16x2_bits_to_float2(*reinterpret_cast<const uint32_t*>(Zs + tB * P + x));
+            } else {
+              auto zl = [&](int t, int xx) {
+                return t < m ? dload_ro(p.z, b * p.z.stride[0] +
+                                                 static_cast<int64_t>(tok(c0 + t)) * p.z.stride[1] +
+                                                 h * p.z.stride[2] + xx * p.z.stride[3])
+                             : 0.f;
+              };
+              za = make_float2(zl(tA, x), zl(tA, x + 1)),
+              zb = make_float2(zl(tB, x), zl(tB, x + 1));
+            }
+            if constexpr (decltype(with_zeta)::value) {
+              const float2 qa = *reinterpret_cast<const float2*>(zeta_s + rA * P + x);
+              const float2 qb = *reinterpret_cast<const float2*>(zeta_s + rB * P + x);
+              za.x *= qa.x, za.y *= qa.y, zb.x *= qb.x, zb.y *= qb.y;
+            }
+            ya[j][0] *= silu_approx(za.x), ya[j][1] *= silu_approx(za.y);
+            ya[j][2] *= silu_approx(zb.x), ya[j][3] *= silu_approx(zb.y);
           }
-          const float2 qa = *reinterpret_cast<const float2*>(zeta_s + rA * P + x);
-          const float2 qb = *reinterpret_cast<const float2*>(zeta_s + rB * P + x);
-          ya[j][0] *= gate(za.x, qa.x), ya[j][1] *= gate(za.y, qa.y);
-          ya[j][2] *= gate(zb.x, qb.x), ya[j][3] *= gate(zb.y, qb.y);
-        }
+        };
+        if (p.mimo_z.defined())
+          gate_loop(std::true_type{});
+        else
+          gate_loop(std::false_type{});
       }
       if (!p.per_rank_out) {
+        if (p.mimo_o.defined()) {  // phi (absent: 1)
 #pragma unroll
-        for (int j = 0; j < Cfg::kPH / 8; ++j) {
-          const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
-          const float2 fa = *reinterpret_cast<const float2*>(phi_s + rA * P + x);
-          const float2 fb = *reinterpret_cast<const float2*>(phi_s + rB * P + x);
-          ya[j][0] *= fa.x, ya[j][1] *= fa.y, ya[j][2] *= fb.x, ya[j][3] *= fb.y;
+          for (int j = 0; j < Cfg::kPH / 8; ++j) {
+            const int x = hh * Cfg::kPH + j * 8 + 2 * tq;
+            const float2 fa = *reinterpret_cast<const float2*>(phi_s + rA * P + x);
+            const float2 fb = *reinterpret_cast<const float2*>(phi_s + rB * P + x);
+            ya[j][0] *= fa.x, ya[j][1] *= fa.y, ya[j][2] *= fb.x, ya[j][3] *= fb.y;
+          }
         }
         for (int o = 4; o < 4 * R; o <<= 1)  // ranks of one token: lanes gq ^ 1, 2, 4
 #pragma unroll

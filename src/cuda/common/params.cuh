@@ -166,6 +166,16 @@ inline float ex2_approx(float x) { return std::exp2(x); }
 inline float silu_approx(float u) { return u / (1.f + std::exp(-u)); }
 #endif
 
+// tanh(x) = sign(x) (1 - 2 / (1 + e^(2|x|))) with ex2.approx / rcp.approx (through
+// __fdividef's reciprocal): absolute error about 2^-22 over the whole range (relative error large
+// only where |x| < ~1e-6), one MUFU pair and no branch, where tanhf takes a polynomial branch for
+// small |x|. For the angle increments, whose absolute error is what reaches theta. NaN stays NaN;
+// +-inf gives +-1.
+__device__ __forceinline__ float tanh_abs_err(float x) {
+  const float e = ex2_approx(fabsf(x) * (2.f * kLog2e));
+  return copysignf(1.f - __fdividef(2.f, 1.f + e), x);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
