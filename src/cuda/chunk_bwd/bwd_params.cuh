@@ -216,7 +216,10 @@ __device__ __forceinline__ float angle_at(const CoreParams& p, int b, int l, int
   return dload_ro(p.angles, b * p.angles.stride[0] + static_cast<int64_t>(l) * p.angles.stride[1] +
                                 h * p.angles.stride[2] + i * p.angles.stride[3]);
 }
-// The angle increment pi * tanh(angles) * dt of the forward, rounded the same way.
+// The angle increment pi * tanh(angles) * dt, rounded as the fp32 (SIMT) forward rounds it. The
+// tensor-core forward takes its tanh from tanh_abs_err (params.cuh; within ~2^-22 of tanhf), so
+// where this loader recomputes that path's angles (no saved tile records) they differ from the
+// forward's by that much; with the saved records the backward reads the forward's own.
 __device__ __forceinline__ double angle_inc(float angle, float dt) {
   return static_cast<double>(static_cast<float>(kPiD) * tanhf(angle) * dt);
 }
