@@ -94,6 +94,11 @@ TEST_P(CudaSegmented, SplitForwardMatchesReference) {
     expect_cuda_forward(p, true, c.dtype,
                         p.config().describe() + " MAMBA3_CUDA_SEG_LEN=" + seg);
   }
+  // The state pass cut finer (64-token state segments, output segments of 128).
+  ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "128");
+  ScopedEnv sub("MAMBA3_CUDA_SEG_SUB", "2");
+  expect_cuda_forward(p, true, c.dtype,
+                      p.config().describe() + " MAMBA3_CUDA_SEG_LEN=128 MAMBA3_CUDA_SEG_SUB=2");
 }
 
 // Many segments of one (sequence, head): 101 segments x NA = 64 start angles are more than the
@@ -105,6 +110,10 @@ TEST(CudaSegmentedForward, ManySegmentsOfOneSequence) {
   check::Problem p = make(c, 79);
   ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "64");
   expect_cuda_forward(p, true, c.dtype, p.config().describe() + " MAMBA3_CUDA_SEG_LEN=64");
+  ScopedEnv env2("MAMBA3_CUDA_SEG_LEN", "192");
+  ScopedEnv sub("MAMBA3_CUDA_SEG_SUB", "3");
+  expect_cuda_forward(p, true, c.dtype,
+                      p.config().describe() + " MAMBA3_CUDA_SEG_LEN=192 MAMBA3_CUDA_SEG_SUB=3");
 }
 
 TEST(CudaSegmentedForward, BitwiseDeterministicAndBadOverrideNamed) {
@@ -118,6 +127,9 @@ TEST(CudaSegmentedForward, BitwiseDeterministicAndBadOverrideNamed) {
   {
     ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "192");
     expect_bitwise_equal(run(p, Eval::kCuda, o), run(p, Eval::kCuda, o), "two split cuda runs");
+    ScopedEnv sub("MAMBA3_CUDA_SEG_SUB", "3");
+    expect_bitwise_equal(run(p, Eval::kCuda, o), run(p, Eval::kCuda, o),
+                         "two split cuda runs, state pass cut in 3");
   }
   ScopedEnv env("MAMBA3_CUDA_SEG_LEN", "100");
   check::HostTensor out = p.make_out(DType::kBF16);

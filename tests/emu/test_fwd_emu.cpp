@@ -60,6 +60,7 @@ struct EmuForward {
   Result r;                  // out and the final states, as run() names them
   std::vector<float> saved;  // the saved buffer (saving runs)
   int nseg = 0;              // segments of the sequence split (1: none)
+  int sub = 0;               // the state pass's segments per output-pass segment
 };
 
 // The emulated tensor-core forward of `p` (out in `out_dtype`), as dispatch.cu launches it;
@@ -93,6 +94,7 @@ EmuForward run_emu_forward(const check::Problem& p, DType out_dtype, bool save) 
   st = cuda::fwd_tc::choose_segments(d, max_len, &sp);
   EXPECT_TRUE(st.ok()) << st.ToString();
   e.nseg = sp.nseg;
+  e.sub = sp.sub;
   cuda::SavedPtrs sv;
   st = cuda::fwd_tc::forward_saved_ptrs(f, d, &sv);
   EXPECT_TRUE(st.ok()) << st.ToString();
@@ -152,8 +154,9 @@ void print_errors(const Result& got, const Result& ref, const Result& naive) {
   }
 }
 
-// Out and every final state within the GPU tests' bar; `want_split`: the sequence split ran.
-void check_forward(const Case& c, bool want_split) {
+// Out and every final state within the GPU tests' bar; `want_split`: the sequence split ran;
+// `want_sub`: its state pass cut each segment into that many.
+void check_forward(const Case& c, bool want_split, int want_sub = 1) {
   check::Problem p = make(c, 600 + c.L);
   Result ref, naive;
   references(p, c.dtype, false, &ref, &naive);
@@ -163,6 +166,7 @@ void check_forward(const Case& c, bool want_split) {
     EXPECT_GT(got.nseg, 1) << "the sequence split did not run";
   else
     EXPECT_EQ(got.nseg, 1) << "the sequence split ran";
+  EXPECT_EQ(got.sub, want_sub) << "state-pass segments per segment";
   print_errors(got.r, ref, naive);
   expect_tc_forward_within_bar(got.r, ref, naive, p.config().describe());
   if (std::getenv("MAMBA3_EMU_HASH")) print_hashes(got.r, p.config().describe());
@@ -201,7 +205,16 @@ class EmuForwardTcSplit : public testing::TestWithParam<Case> {};
 
 TEST_P(EmuForwardTcSplit, WithinBf16Bar) {
   ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", "64");
+  ScopedEnv sub("MAMBA3_CUDA_SEG_SUB", nullptr);  // short segments: the state pass as cut
   check_forward(GetParam(), true);
+}
+
+// The state pass cutting finer than the output pass (MAMBA3_CUDA_SEG_SUB=2: 64-token state
+// segments, 128-token output segments that start at every second one).
+TEST_P(EmuForwardTcSplit, StatePassCutFinerWithinBf16Bar) {
+  ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", "128");
+  ScopedEnv sub("MAMBA3_CUDA_SEG_SUB", "2");
+  check_forward(GetParam(), true, 2);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -227,6 +240,19 @@ TEST(EmuForwardTcSplitGate, BadSegmentLengthNamed) {
       cuda::fwd_tc::launch_forward_tc(cuda::make_params(f, d), d, d.L, cuda::SavedPtrs{}, nullptr);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
   EXPECT_NE(st.message().find("MAMBA3_CUDA_SEG_LEN"), std::string::npos) << st.message();
+  // A state-pass cut that is not a positive integer, or that leaves state segments of a length
+  // not a multiple of 64: named.
+  for (const auto& [len, sub] : {std::pair<const char*, const char*>{"128", "x"},
+                                 {"128", "0"},
+                                 {"128", "3"},
+                                 {nullptr, "-2"}}) {
+    ScopedEnv seg2("MAMBA3_CUDA_SEG_LEN", len);
+    ScopedEnv sub2("MAMBA3_CUDA_SEG_SUB", sub);
+    const Status s2 = cuda::fwd_tc::launch_forward_tc(cuda::make_params(f, d), d, d.L,
+                                                      cuda::SavedPtrs{}, nullptr);
+    EXPECT_EQ(s2.code(), StatusCode::kInvalidArgument) << s2.ToString();
+    EXPECT_NE(s2.message().find("MAMBA3_CUDA_SEG_SUB"), std::string::npos) << s2.message();
+  }
 }
 
 // The tensor-core forward addresses a chunk's rows with 32-bit offsets from a 64-bit chunk base

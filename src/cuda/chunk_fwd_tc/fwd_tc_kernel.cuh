@@ -12,16 +12,18 @@
 // completing on an mbarrier). q and k are (C tokens, R ranks, N + 8 columns) boxes of a rank-5
 // view whose last 8 columns lie past the tensor's N and arrive as zeros: the rows land with the
 // padded pitch that keeps the ldmatrix reads conflict-free.
-// Per-token scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6): rotated
-// q and k, v*psi, the masked scores, the state as the operand of Q S^T, and fw*v*psi. The
+// Per-token scalars are prefetched into registers. Rounded to bf16 on the way (DESIGN.md §2.6):
+// rotated q and k, v*psi, the masked scores, the state as the operand of Q S^T, and fw*v*psi. The
 // state itself and every sum stay fp32.
 //
 // Sequence parallelism (DESIGN.md §2.5): with `nseg` > 1 a sequence is cut into segments of
-// seg_len tokens. Pass 1 (kStates) runs segments 0..last-1 with zero state and zero angle
-// (segment 0 from the true initial states) and writes each segment's end state, angle and
-// decay; fwd_tc_combine turns them into absolute start states (a segment's local state is
+// seg_len tokens. Pass 1 (kStates) runs the segments before the last one with zero state and
+// zero angle (segment 0 from the true initial states) and writes each one's end state, angle
+// and decay; fwd_tc_combine turns them into absolute start states (a segment's local state is
 // rotated by its start angle, pair by pair, then decayed and summed in order); pass 2 runs
-// every segment from its start state.
+// every segment from its start state. Pass 1 may cut finer than pass 2 (`sub` > 1: each of
+// pass 2's segments is `sub` of pass 1's), so that it too fills the GPU where few segments
+// precede the last one; pass 2's segment j then starts at pass 1's segment j * sub.
 #pragma once
 
 #include <type_traits>
@@ -42,12 +44,19 @@ inline constexpr int kScp = kTcRows + 8;  // pitch of the score tile (bf16)
 struct SegParams {
   int nseg = 1;
   int seg_len = 0;                 // tokens per segment, a multiple of 64
+  int sub = 1;                     // pass 1's segments per pass 2 segment (see above)
   float* end_state = nullptr;      // (S*H*nseg, P, N)
   double* end_theta = nullptr;     // (S*H*nseg, NA): segment 0 absolute, others local
   float* end_decay = nullptr;      // (S*H*nseg,)
   float* start_state = nullptr;    // (S*H*nseg, P, N), segments >= 1
   double* start_theta = nullptr;   // (S*H*nseg, NA), segments >= 1
 };
+
+// Pass 2 (nseg segments, sub > 1): the slot of pass 1's arrays (nseg * sub segments per
+// sequence and head) where segment `slot` starts.
+__host__ __device__ inline int64_t seg_start_slot(const SegParams& sp, int slot) {
+  return static_cast<int64_t>(slot / sp.nseg) * sp.nseg * sp.sub + (slot % sp.nseg) * sp.sub;
+}
 
 template <int N, int P>
 struct TcCfg {
@@ -191,7 +200,8 @@ __device__ __forceinline__ TcCta tc_cta(const CoreParams& p, const SegParams& sp
   c.t_begin = 0, c.t_end = c.n_seq, c.last = 0, c.last_seg = true, c.idle = false;
   if (sp.nseg > 1) {
     c.last = c.n_seq == 0 ? 0 : (c.n_seq - 1) / sp.seg_len;
-    c.idle = c.seg > c.last || (states_pass && c.seg >= c.last);
+    // Pass 1 (segments of a sub-th of pass 2's): the segments before pass 2's last one.
+    c.idle = c.seg > c.last || (states_pass && c.seg >= c.last / sp.sub * sp.sub);
     c.t_begin = c.seg * sp.seg_len;
     c.t_end = min(c.n_seq, c.t_begin + sp.seg_len);
     c.last_seg = c.seg == c.last;
@@ -312,7 +322,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   if (tid < NA) {
     double th0 = 0.0;
     if (from_segment) {
-      th0 = kStates ? 0.0 : sp.start_theta[static_cast<int64_t>(slot) * NA + tid];
+      th0 = kStates ? 0.0 : sp.start_theta[seg_start_slot(sp, slot) * NA + tid];
     } else if (has_init) {
       th0 = dload_f64(p.init_angle, s * p.init_angle.stride[0] + h * p.init_angle.stride[1] +
                                         tid * p.init_angle.stride[2]);
@@ -420,7 +430,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
       const int x = i / N, n = i % N;
       float v0;
       if (from_segment)
-        v0 = kStates ? 0.f : sp.start_state[(static_cast<int64_t>(slot) * P + x) * N + n];
+        v0 = kStates ? 0.f : sp.start_state[(seg_start_slot(sp, slot) * P + x) * N + n];
       else
         v0 = initial_state_elem(p, s, h, x, n, sg0, psi_s);
       stage[i] = v0;
@@ -970,20 +980,24 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   }
 }
 
-// Absolute start states of segments 1..last of one (sequence, head): S_{j+1} = decay_j S_j +
-// rot(theta_j) E_j, where E_j is segment j's local end state (segment 0's is absolute) and the
-// rotation acts on the state's columns pair by pair like the rope of k.
+// Absolute start states of pass 1's segments 1..last of one (sequence, head), where `last`
+// starts pass 2's last segment: S_{j+1} = decay_j S_j + rot(theta_j) E_j, where E_j is segment
+// j's local end state (segment 0's is absolute) and the rotation acts on the state's columns
+// pair by pair like the rope of k. `sp` is pass 1's split; start angles are written for every
+// j, start states only where pass 2's segments start (j a multiple of sp.sub).
 template <int N, int P>
 __global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp) {
   const int sh = blockIdx.x;
   const int NA = p.NA, nseg = sp.nseg;
-  const int last = tc_cta(p, sp, sh * nseg, false).last;  // the split as fwd_tc_kernel sees it
+  // The split as fwd_tc_kernel sees it: pass 1's last segment, rounded down to a start of one
+  // of pass 2's.
+  const int last = tc_cta(p, sp, sh * nseg, false).last / sp.sub * sp.sub;
   if (last == 0) return;
   const int64_t slot0 = static_cast<int64_t>(sh) * nseg;
   for (int a = threadIdx.x; a < NA; a += blockDim.x) {
     double th = sp.end_theta[slot0 * NA + a];  // segment 0 ends at an absolute angle
     for (int j = 1; j <= last; ++j) {
-      sp.start_theta[(slot0 + j) * NA + a] = th;
+      sp.start_theta[(slot0 + j) * NA + a] = th;  // all: the rotations below read them
       if (j < last) th = wrap_2pi(th + sp.end_theta[(slot0 + j) * NA + a]);
     }
   }
@@ -1007,7 +1021,7 @@ __global__ void __launch_bounds__(256) fwd_tc_combine(CoreParams p, SegParams sp
     }
     float S = sp.end_state[slot0 * P * N + i];
     for (int j = 1; j <= last; ++j) {
-      sp.start_state[(slot0 + j) * P * N + i] = S;
+      if (j % sp.sub == 0) sp.start_state[(slot0 + j) * P * N + i] = S;
       if (j == last) break;
       const float* E = sp.end_state + (slot0 + j) * P * N + static_cast<int64_t>(x) * N;
       float e = E[n];

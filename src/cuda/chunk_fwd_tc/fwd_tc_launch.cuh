@@ -76,13 +76,39 @@ inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs*
   return Status::Ok();
 }
 
+// MAMBA3_CUDA_SEG_SUB: how many of the state pass's segments make one of the output pass's (a
+// positive integer; with MAMBA3_CUDA_SEG_LEN it must divide it into multiples of 64 tokens);
+// unset: chosen from the grid size.
+inline Status segment_sub_override(int64_t* sub) {
+  *sub = 0;
+  const char* env = std::getenv("MAMBA3_CUDA_SEG_SUB");
+  if (env == nullptr || *env == '\0') return Status::Ok();
+  char* endp = nullptr;
+  const long long v = std::strtoll(env, &endp, 10);
+  if (*endp != '\0' || v <= 0 || v > 1024)
+    return Status::InvalidArgument(std::string("MAMBA3_CUDA_SEG_SUB: expected a positive integer "
+                                               "(at most 1024), got '") +
+                                   env + "'");
+  *sub = v;
+  return Status::Ok();
+}
+
 // The sequence split of a call (DESIGN §2.5): MAMBA3_CUDA_SEG_LEN, else segments only when
-// (sequences x heads) CTAs would leave SMs idle. nseg == 1: no split.
+// (sequences x heads) CTAs would leave SMs idle. nseg == 1: no split. The state pass then cuts
+// each segment into `sub` (MAMBA3_CUDA_SEG_SUB, else as many as fill one wave with the
+// segments before the last one, none shorter than kMinSubLen tokens).
+inline constexpr int64_t kMinSubLen = 512;
 inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
   *sp = SegParams{};
   const int64_t heads = d.S * d.H;
-  int64_t seg_len = 0;
+  int64_t seg_len = 0, sub = 0;
   M3_RETURN_IF_ERROR(segment_override(&seg_len));
+  M3_RETURN_IF_ERROR(segment_sub_override(&sub));
+  const bool forced = seg_len > 0;
+  if (forced && sub > 0 && seg_len % (64 * sub) != 0)
+    return Status::InvalidArgument("MAMBA3_CUDA_SEG_SUB=" + std::to_string(sub) +
+                                   " does not cut MAMBA3_CUDA_SEG_LEN=" + std::to_string(seg_len) +
+                                   " into multiples of 64 tokens");
   if (seg_len == 0) {
     // Two CTAs per SM: split only when fewer (sequence, head) pairs than CTA slots, into as
     // many segments as fill one wave, none shorter than 1024 tokens.
@@ -94,8 +120,25 @@ inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
     }
   }
   if (seg_len > 0 && max_len > seg_len) {
-    sp->nseg = static_cast<int>((max_len + seg_len - 1) / seg_len);
-    sp->seg_len = static_cast<int>(seg_len);
+    int64_t nseg = (max_len + seg_len - 1) / seg_len;
+    const bool auto_sub = sub == 0;
+    if (auto_sub) {
+      // The state pass runs heads x (nseg - 1) segments at sub = 1; cut finer while that stays
+      // within one wave of two CTAs per SM.
+      sub = std::max<int64_t>(1, 2LL * sm_count() / (heads * (nseg - 1)));
+      sub = std::min<int64_t>(sub, std::max<int64_t>(1, seg_len / kMinSubLen));
+    }
+    if (!forced)  // the segment grows to a multiple of 64 x sub tokens (nseg stays or shrinks)
+      seg_len = (seg_len + 64 * sub - 1) / (64 * sub) * (64 * sub);
+    else if (auto_sub)
+      while (seg_len % (64 * sub) != 0) --sub;
+    nseg = (max_len + seg_len - 1) / seg_len;
+    if (nseg == 1) sub = 1;
+    if (nseg > 1) {
+      sp->nseg = static_cast<int>(nseg);
+      sp->seg_len = static_cast<int>(seg_len);
+      sp->sub = static_cast<int>(sub);
+    }
   }
   return Status::Ok();
 }
@@ -175,7 +218,12 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   if (sp.nseg == 1) return output_pass();
   // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the
   // call stays asynchronous and capturable.
-  const int64_t slots = heads * sp.nseg, pn = static_cast<int64_t>(d.P) * d.N;
+  // Pass 1's split: each segment cut into sp.sub (its arrays hold nseg * sub slots per
+  // sequence and head; pass 2 reads the start of its segment j at j * sub).
+  SegParams s1 = sp;
+  s1.nseg = sp.nseg * sp.sub;
+  s1.seg_len = sp.seg_len / sp.sub;
+  const int64_t slots = heads * s1.nseg, pn = static_cast<int64_t>(d.P) * d.N;
   const size_t ws_bytes = sizeof(float) * (2 * slots * pn + slots) +
                           sizeof(double) * 2 * slots * std::max<int64_t>(d.NA, 1);
   void* ws = nullptr;
@@ -186,19 +234,22 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   MAMBA3_CHECK_CUDA(workspace_alloc(&ws, ws_bytes, stream));
 #endif
   double* th = static_cast<double*>(ws);
-  sp.end_theta = th;
-  sp.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
-  float* f = reinterpret_cast<float*>(sp.start_theta + slots * std::max<int64_t>(d.NA, 1));
-  sp.end_state = f;
-  sp.start_state = f + slots * pn;
-  sp.end_decay = f + 2 * slots * pn;
+  s1.end_theta = th;
+  s1.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
+  float* f = reinterpret_cast<float*>(s1.start_theta + slots * std::max<int64_t>(d.NA, 1));
+  s1.end_state = f;
+  s1.start_state = f + slots * pn;
+  s1.end_decay = f + 2 * slots * pn;
+  sp.end_theta = s1.end_theta, sp.start_theta = s1.start_theta;
+  sp.end_state = s1.end_state, sp.start_state = s1.start_state, sp.end_decay = s1.end_decay;
   Status st = [&]() -> Status {
     auto states = fwd_tc_kernel<N, P, true>;
     M3_RETURN_IF_ERROR(allow_smem_max_carveout(states, bytes));  // two CTAs per SM, as pass 2
-    M3F_LAUNCH(states, grid, kTcThreads, bytes, stream, p, sp, SavedPtrs{}, mp);
+    M3F_LAUNCH(states, static_cast<unsigned>(slots), kTcThreads, bytes, stream, p, s1, SavedPtrs{},
+               mp);
     M3F_CHECK_LAUNCH("fwd_tc_kernel (segment states)");
     auto combine = fwd_tc_combine<N, P>;
-    M3F_LAUNCH(combine, static_cast<unsigned>(heads), 256, 0, stream, p, sp);
+    M3F_LAUNCH(combine, static_cast<unsigned>(heads), 256, 0, stream, p, s1);
     M3F_CHECK_LAUNCH("fwd_tc_combine");
     return output_pass();
   }();
