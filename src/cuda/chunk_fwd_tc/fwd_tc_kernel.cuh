@@ -61,6 +61,9 @@ __host__ __device__ inline int64_t seg_start_slot(const SegParams& sp, int slot)
 template <int N, int P>
 struct TcCfg {
   static constexpr int kQp = N + 8;  // bf16 pitches padded by 16 bytes: conflict-free ldmatrix
+  // fp32 q / k bias rows padded by 32 bytes: the rope's lanes (one column group, R ranks) read
+  // R rows that then start 8 banks apart instead of all in one bank.
+  static constexpr int kBp = N + 8;
   static constexpr int kVp = P + 8;
   static constexpr int kXT = P / 16;     // 16-row tiles of the state
   static constexpr int kWX = 8 / kXT;    // warps sharing one state row tile
@@ -76,9 +79,16 @@ struct TcLay {
 __host__ __device__ constexpr int tc_up16(int x) { return (x + 15) & ~15; }
 __host__ __device__ constexpr int tc_up128(int x) { return (x + 127) & ~127; }
 
+// Pitch (floats) of the angle tile's rows: NA + 4, so that consecutive token rows start 4 banks
+// apart (at NA = 32 an unpadded row starts in bank 0 and a warp reading one angle column of 32
+// rows conflicts 32 ways). The copy engine's box is 4 columns wider than the angles; the extra
+// ones lie past the tensor's NA and arrive as zeros (as q and k get N + 8).
+__host__ __device__ constexpr int tc_ang_pitch(int NA) { return NA + 4; }
+
 // The copy engine's maps of the tiles it moves (fwd_tc_launch.cuh, forward_maps): q and k rows
 // (boxes of C tokens x R ranks x (N + 8) bf16), v and z rows (C tokens x P bf16) and fp32
-// angle rows (C x NA). z unused without CoreParams::z_vec, ang without ang_vec4 or with NA = 0.
+// angle rows (C x NA, landing at the pitch tc_ang_pitch(NA)). z unused without
+// CoreParams::z_vec, ang without ang_vec4 or with NA = 0.
 struct FwdMaps {
   TmaMap q, k, v, z, ang;
 };
@@ -103,12 +113,13 @@ __host__ __device__ inline TcLay tc_layout(int R, int NA) {
   l.vraw = o, o += tc_up128(C * P * 2);
   l.z = o, o += tc_up128(C * P * 2);
   // Raw angles, then (after the rope) the chunk's masked bf16 scores (64 x 72).
-  l.ang = o, o += tc_up16(C * NA * 4 > kTcRows * kScp * 2 ? C * NA * 4 : kTcRows * kScp * 2);
+  const int ang_bytes = C * tc_ang_pitch(NA) * 4;
+  l.ang = o, o += tc_up16(ang_bytes > kTcRows * kScp * 2 ? ang_bytes : kTcRows * kScp * 2);
   l.theta = o, o += 64 * 8;
   l.scal = o, o += tc_up16(3 * (C + 1) * 4);     // adt, dt, trap of C + 1 tokens
   l.der = o, o += 5 * kTcRows * 4;               // cs, ex, gam, w, fw
   l.rowsq = o, o += 2 * kTcRows * 4;             // norm: partial sums of squares per half
-  l.par = o, o += tc_up16((3 * R * P + P + 2 * R * N) * 4);  // psi, zeta, phi, wn, qb, kb
+  l.par = o, o += tc_up16((3 * R * P + P + 2 * R * Cfg::kBp) * 4);  // psi, zeta, phi, wn, qb, kb
   l.cell = o, o += 16;  // kSave: the saved cell of the sequence's first chunk (int64); D (float)
   l.bytes = o;
   return l;
@@ -147,6 +158,24 @@ __device__ __forceinline__ void rope8_interleaved(float (&x)[8], int c, int NA, 
   }
 }
 
+// rope8_interleaved with the 4 angles th[c*4 .. c*4 + 3] read as one float4 (16-byte aligned:
+// NA a multiple of 4 and rows of tc_ang_pitch(NA) floats); a warp reading 8 consecutive token
+// rows per phase then touches every bank once.
+__device__ __forceinline__ void rope8_interleaved_v4(float (&x)[8], int c, int NA, const float* th,
+                                                     float (&y)[8]) {
+  if (c * 4 >= NA) return;
+  const float4 t4 = *reinterpret_cast<const float4*>(th + c * 4);
+  const float tv[4] = {t4.x, t4.y, t4.z, t4.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    float sn, cs;
+    __sincosf(tv[e], &sn, &cs);
+    const float xa = x[2 * e], xb = x[2 * e + 1], ya = y[2 * e], yb = y[2 * e + 1];
+    x[2 * e] = xa * cs - xb * sn, x[2 * e + 1] = xa * sn + xb * cs;
+    y[2 * e] = ya * cs - yb * sn, y[2 * e + 1] = ya * sn + yb * cs;
+  }
+}
+
 // x[e] += bias[e] for 8 floats at a 32-byte aligned shared address.
 __device__ __forceinline__ void add_bias8(float (&x)[8], const float* bias) {
   const float4 b0 = reinterpret_cast<const float4*>(bias)[0];
@@ -159,7 +188,7 @@ __device__ __forceinline__ void add_bias8(float (&x)[8], const float* bias) {
 // dtypes), out of line: rarely taken, and inlined its registers pushed the main loop to spill.
 __device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64_t base,
                                             int64_t s_t, int64_t s_a, float* ang, int m, int C,
-                                            int NA, int tid) {
+                                            int NA, int ap, int tid) {
   DTensor A;  // the angles as dload_ro sees them: element offsets computed here
   A.data = const_cast<void*>(data), A.dtype = dtype, A.ndim = 1, A.stride[0] = 1;
   auto off = [&](int t, int a) { return base + t * s_t + a * s_a; };
@@ -167,12 +196,12 @@ __device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64
     for (int i = tid; i < C * NA; i += kTcThreads) {
       const int t = i / NA, a = i % NA;
       const bool ok = t < m;
-      cp_async4(ang + i, static_cast<const float*>(A.data) + (ok ? off(t, a) : 0), ok);
+      cp_async4(ang + t * ap + a, static_cast<const float*>(A.data) + (ok ? off(t, a) : 0), ok);
     }
   } else {  // other dtypes: plain loads (visible after the next barrier)
     for (int i = tid; i < C * NA; i += kTcThreads) {
       const int t = i / NA, a = i % NA;
-      ang[i] = t < m ? dload_ro(A, off(t, a)) : 0.f;
+      ang[t * ap + a] = t < m ? dload_ro(A, off(t, a)) : 0.f;
     }
   }
 }
@@ -240,7 +269,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   constexpr int kQp = Cfg::kQp, kVp = Cfg::kVp;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   unsigned char* sm = tc_smem;
-  const int R = p.R, NA = p.NA, C = kTcRows / R;
+  const int R = p.R, NA = p.NA, C = kTcRows / R, AP = tc_ang_pitch(NA);
   const int lr = 31 - __clz(R);  // R is a power of two: row t * R + r = (t << lr) | r
   const TcLay lay = tc_layout<N, P>(R, NA);
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(sm + lay.q);
@@ -267,7 +296,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   float* phi_s = zeta_s + R * P;
   float* wn_s = phi_s + R * P;
   float* qb_s = wn_s + P;
-  float* kb_s = qb_s + R * N;
+  float* kb_s = qb_s + R * Cfg::kBp;                          // rows of kBp floats, as qb_s
   uint64_t* bar = reinterpret_cast<uint64_t*>(sm + lay.bar);  // a constant (0): no register
 
   const int slot = blockIdx.x;
@@ -316,8 +345,10 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
   load_head_params(p, h, psi_s, zeta_s, phi_s, wn_s, tid, kTcThreads);
   for (int i = tid; i < R * N; i += kTcThreads) {
     const int r = i / N, n = i % N;
-    qb_s[i] = p.q_bias.defined() ? dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n)) : 0.f;
-    kb_s[i] = p.k_bias.defined() ? dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n)) : 0.f;
+    qb_s[r * Cfg::kBp + n] =
+        p.q_bias.defined() ? dload_ro(p.q_bias, bias_off(p.q_bias, h, r, n)) : 0.f;
+    kb_s[r * Cfg::kBp + n] =
+        p.k_bias.defined() ? dload_ro(p.k_bias, bias_off(p.k_bias, h, r, n)) : 0.f;
   }
   if (tid < NA) {
     double th0 = 0.0;
@@ -353,16 +384,17 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     const bool ang_tma = p.ang_vec4 && NA > 0;
     if (tid_x_again() == 0) {
       mbar_arrive_expect_tx(bar, static_cast<uint32_t>((kStates ? 0 : kQkBytes) + C * P * 2 +
-                                                       (ang_tma ? C * NA * 4 : 0)));
+                                                       (ang_tma ? C * AP * 4 : 0)));
       if (!kStates) tma_load_5d(Qs, &mp.q, 0, 0, tok(c0), g, b, bar);
       tma_load_4d(Vr, &mp.v, 0, tok(c0), h, b, bar);
       if (ang_tma) tma_load_4d(ang, &mp.ang, 0, tok(c0), h, b, bar);
     }
     if (!p.ang_vec4) {
       const DTensor& A = p.angles;
-      pf_ang_general(A.data, A.dtype,
-                     b * A.stride[0] + static_cast<int64_t>(tok(c0)) * A.stride[1] + h * A.stride[2],
-                     A.stride[1], A.stride[3], ang, m, C, NA, tid_x_again());
+      pf_ang_general(
+          A.data, A.dtype,
+          b * A.stride[0] + static_cast<int64_t>(tok(c0)) * A.stride[1] + h * A.stride[2],
+          A.stride[1], A.stride[3], ang, m, C, NA, AP, tid_x_again());
     }
   };
   // After the wait for a chunk of m < C tokens: its q and k rows past m R, v rows (and
@@ -376,8 +408,8 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     uint4* v4 = reinterpret_cast<uint4*>(Vr + m * P);
     for (int i = tid; i < (C - m) * P / 8; i += kTcThreads) v4[i] = make_uint4(0, 0, 0, 0);
     if (p.ang_vec4) {
-      uint4* a4 = reinterpret_cast<uint4*>(ang + m * NA);
-      for (int i = tid; i < (C - m) * NA / 4; i += kTcThreads) a4[i] = make_uint4(0, 0, 0, 0);
+      uint4* a4 = reinterpret_cast<uint4*>(ang + m * AP);
+      for (int i = tid; i < (C - m) * AP / 4; i += kTcThreads) a4[i] = make_uint4(0, 0, 0, 0);
     }
   };
   // z rows of the chunk at token c0 (z_vec) on bar[1], for its own epilogue.
@@ -505,7 +537,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         const int a = a0 + tid / 8, l8 = tid & 7;
         const bool av = a < NA;
         const double th0 = av ? theta[a] : 0.0;
-        float* pa = ang + l8 * ts * NA + a;
+        float* pa = ang + l8 * ts * AP + a;
         // Unrolled over at most 8 tokens, leaving at ts (uniform: a branch, not predicated
         // work): the loads and the tanh of a lane's tokens are independent, the sums chains.
         float inc[8];
@@ -514,7 +546,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           if (u >= ts) break;
           const int t = l8 * ts + u;
           inc[u] =
-              av && t < m ? static_cast<float>(kPiD) * tanh_abs_err(pa[u * NA]) * dt_s[t] : 0.f;
+              av && t < m ? static_cast<float>(kPiD) * tanh_abs_err(pa[u * AP]) * dt_s[t] : 0.f;
         }
         double run = 0.0;
         float runf = 0.f, pre[8];
@@ -536,7 +568,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         for (int u = 0; u < 8; ++u) {
           if (u >= ts) break;
           const int t = l8 * ts + u;
-          if (av) pa[u * NA] = t < m ? wrap_2pi_f(start + pre[u]) : 0.f;
+          if (av) pa[u * AP] = t < m ? wrap_2pi_f(start + pre[u]) : 0.f;
         }
         __syncwarp();
         if (av && l8 == 7) theta[a] = wrap_2pi(th0 + incl);
@@ -574,32 +606,46 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     }
     __syncthreads();  // S2: cs, ex, gam, w, fw and the chunk's angles ready
 
-    // ---- P2: rotate (and bias) q and k in place; v * psi into Vs.
+    // ---- P2: rotate (and bias) q and k in place; v * psi into Vs. Item i: row i % 64 and
+    // 8-column group i / 64, so that a warp's lanes share one column group (whether it holds
+    // rotated pairs is uniform across the warp: half the sincos and rotation instructions of a
+    // row-major order) over 32 rows, which the padded pitches of the q / k rows and of the
+    // angle rows (tc_ang_pitch) put into different banks.
     {
       const float* th = ang;
       if constexpr (kSave) {
         unsigned char* rec = save_rec();
-        // The wrapped angles (C x NA; zero past the chunk).
-        uint4* dst = reinterpret_cast<uint4*>(rec + sv.tr.th);
-        for (int i = tid; i < C * NA / 4; i += kTcThreads)
-          __stcs(dst + i, reinterpret_cast<const uint4*>(ang)[i]);
+        // The wrapped angles (C x NA, unpadded; zero past the chunk) from the tile's padded rows.
+        if (NA % 4 == 0) {
+          uint4* dst = reinterpret_cast<uint4*>(rec + sv.tr.th);
+          const int q4 = NA / 4;
+          for (int i = tid; i < C * q4; i += kTcThreads)
+            __stcs(dst + i, *reinterpret_cast<const uint4*>(ang + (i / q4) * AP + 4 * (i % q4)));
+        } else {
+          float* dst = reinterpret_cast<float*>(rec + sv.tr.th);
+          for (int i = tid; i < C * NA; i += kTcThreads)
+            __stcs(dst + i, ang[(i / NA) * AP + i % NA]);
+        }
       }
       if (p.interleaved) {
         constexpr int kCh = N / 8;
 #pragma unroll 1
         for (int i = tid; i < kTcRows * kCh; i += kTcThreads) {
-          const int row = i / kCh, c = i % kCh, t = row >> lr, r = row & (R - 1);
+          const int row = i % kTcRows, c = i / kTcRows, t = row >> lr, r = row & (R - 1);
           if (t >= m) continue;
           uint4* kp = reinterpret_cast<uint4*>(Kc + row * kQp + c * 8);
           uint4* qp = reinterpret_cast<uint4*>(Qs + row * kQp + c * 8);
           float kf[8], qf[8] = {};
           bf16x8_to_float(*kp, kf);
-          add_bias8(kf, kb_s + r * N + c * 8);  // bias rows: 32-byte aligned (tc_layout)
+          add_bias8(kf, kb_s + r * Cfg::kBp + c * 8);  // bias rows: 32-byte aligned (tc_layout)
           if (!kStates) {
             bf16x8_to_float(*qp, qf);
-            add_bias8(qf, qb_s + r * N + c * 8);
+            add_bias8(qf, qb_s + r * Cfg::kBp + c * 8);
           }
-          rope8_interleaved(kf, c, NA, th + t * NA, qf);
+          if (NA % 4 == 0)
+            rope8_interleaved_v4(kf, c, NA, th + t * AP, qf);
+          else
+            rope8_interleaved(kf, c, NA, th + t * AP, qf);
           *kp = float8_to_bf16x8(kf);
           if (!kStates) *qp = float8_to_bf16x8(qf);
         }
@@ -607,7 +653,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         constexpr int kCh = N / 16, half = N / 2;
 #pragma unroll 1
         for (int i = tid; i < kTcRows * kCh; i += kTcThreads) {
-          const int row = i / kCh, c = i % kCh, t = row >> lr, r = row & (R - 1);
+          const int row = i % kTcRows, c = i / kTcRows, t = row >> lr, r = row & (R - 1);
           if (t >= m) continue;
           uint4* k0p = reinterpret_cast<uint4*>(Kc + row * kQp + c * 8);
           uint4* k1p = reinterpret_cast<uint4*>(Kc + row * kQp + half + c * 8);
@@ -616,13 +662,15 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           float k0[8], k1[8], q0[8] = {}, q1[8] = {};
           bf16x8_to_float(*k0p, k0);
           bf16x8_to_float(*k1p, k1);
-          add_bias8(k0, kb_s + r * N + c * 8), add_bias8(k1, kb_s + r * N + half + c * 8);
+          add_bias8(k0, kb_s + r * Cfg::kBp + c * 8),
+              add_bias8(k1, kb_s + r * Cfg::kBp + half + c * 8);
           if (!kStates) {
             bf16x8_to_float(*q0p, q0), bf16x8_to_float(*q1p, q1);
-            add_bias8(q0, qb_s + r * N + c * 8), add_bias8(q1, qb_s + r * N + half + c * 8);
+            add_bias8(q0, qb_s + r * Cfg::kBp + c * 8),
+                add_bias8(q1, qb_s + r * Cfg::kBp + half + c * 8);
           }
           if (c * 8 < NA) {
-            const float* tht = th + t * NA;
+            const float* tht = th + t * AP;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
               float sn, co;

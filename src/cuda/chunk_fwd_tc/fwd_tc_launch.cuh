@@ -155,15 +155,14 @@ inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
       return Status::Internal(std::string("tensor-core forward: ") + what + ": " + rv.error);
     return make_tma_map(rv.view, base, what, map);
   };
-  auto rows = [&](const DTensor& T, int64_t cols, int elem_bytes, const char* what,
+  auto rows = [&](const DTensor& T, int64_t cols, int box_cols, int elem_bytes, const char* what,
                   TmaMap* map) -> Status {
     RowTensor t;
     t.batch = d.B, t.tokens = d.L, t.ranks = 1, t.heads = d.H, t.cols = cols;
     t.s_batch = T.stride[0], t.s_token = T.stride[1], t.s_head = T.stride[2], t.s_col = T.stride[3];
     t.elem_bytes = elem_bytes;
-    return encode(
-        row_tile_view(t, reinterpret_cast<uintptr_t>(T.data), C, static_cast<int>(cols), 0), T.data,
-        what, map);
+    return encode(row_tile_view(t, reinterpret_cast<uintptr_t>(T.data), C, box_cols, 0), T.data,
+                  what, map);
   };
   // q and k: (B, L, R, G, N), or (B, L, G, N) shared by the R ranks (rank stride 0), boxes of
   // all R ranks of C tokens with N + 8 columns (the padded pitch of the kernel's tiles; the 8
@@ -181,9 +180,13 @@ inline Status forward_maps(const CoreParams& p, const Dims& d, FwdMaps* mp) {
   };
   M3_RETURN_IF_ERROR(qk(p.q, "q", &mp->q));
   M3_RETURN_IF_ERROR(qk(p.k, "k", &mp->k));
-  M3_RETURN_IF_ERROR(rows(p.v, d.P, 2, "v", &mp->v));
-  if (p.z_vec) M3_RETURN_IF_ERROR(rows(p.z, d.P, 2, "z", &mp->z));
-  if (p.ang_vec4 && d.NA > 0) M3_RETURN_IF_ERROR(rows(p.angles, d.NA, 4, "angles", &mp->ang));
+  const int P = static_cast<int>(d.P), NA = static_cast<int>(d.NA);
+  M3_RETURN_IF_ERROR(rows(p.v, P, P, 2, "v", &mp->v));
+  if (p.z_vec) M3_RETURN_IF_ERROR(rows(p.z, P, P, 2, "z", &mp->z));
+  // The angle rows land with the padded pitch tc_ang_pitch(NA): the box's last 4 columns lie
+  // past the tensor's NA and arrive as zeros.
+  if (p.ang_vec4 && NA > 0)
+    M3_RETURN_IF_ERROR(rows(p.angles, NA, tc_ang_pitch(NA), 4, "angles", &mp->ang));
   return Status::Ok();
 }
 
