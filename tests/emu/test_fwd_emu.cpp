@@ -228,6 +228,40 @@ INSTANTIATE_TEST_SUITE_P(
              {100, 0, 137, 63}, kH, kB}),
     [](const testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
+// The split the lane picks unforced, at the named shapes on an H200's 132 SMs (the emulation's
+// sm_count): none where (sequences x heads) fill the 264 CTA slots; at `megacpp` 2 segments and
+// a state pass cut in 2 (256 CTAs: one wave); at `long` 4 segments, state pass uncut (192 CTAs).
+TEST(EmuForwardTcSplitPolicy, ChoosesSegmentsAndStateCut) {
+  ScopedEnv seg("MAMBA3_CUDA_SEG_LEN", nullptr);
+  ScopedEnv sub("MAMBA3_CUDA_SEG_SUB", nullptr);
+  struct Want {
+    const char* name;
+    int64_t S, L, H;
+    int nseg, seg_len, sub;
+  };
+  for (const Want& w :
+       {Want{"train", 4, 4096, 64, 1, 0, 1}, Want{"wide", 8, 8192, 32, 1, 0, 1},
+        Want{"megacpp", 8, 8192, 16, 2, 4096, 2}, Want{"long", 1, 65536, 64, 4, 16384, 1},
+        Want{"short_long", 1, 1500, 1, 2, 1024, 2}}) {
+    Dims d;
+    d.S = d.B = w.S, d.L = w.L, d.H = w.H;
+    cuda::SegParams sp;
+    ASSERT_TRUE(cuda::fwd_tc::choose_segments(d, w.L, &sp).ok()) << w.name;
+    EXPECT_EQ(sp.nseg, w.nseg) << w.name;
+    EXPECT_EQ(sp.seg_len, w.seg_len) << w.name;
+    EXPECT_EQ(sp.sub, w.sub) << w.name;
+  }
+  // Forced: the state pass cut as asked, and the segments a multiple of 64 x sub tokens.
+  ScopedEnv sub3("MAMBA3_CUDA_SEG_SUB", "3");
+  Dims d;
+  d.S = d.B = 8, d.L = 8192, d.H = 16;
+  cuda::SegParams sp;
+  ASSERT_TRUE(cuda::fwd_tc::choose_segments(d, d.L, &sp).ok());
+  EXPECT_EQ(sp.sub, 3);
+  EXPECT_EQ(sp.seg_len % (64 * 3), 0);
+  EXPECT_EQ(sp.nseg, 2);
+}
+
 TEST(EmuForwardTcSplitGate, BadSegmentLengthNamed) {
   const Case c{"seg_bad", 1, 70, 1, 1, 64, 64, 1, 16, true, false, false, {}, kI, kB};
   check::Problem p = make(c, 5);
