@@ -4,7 +4,8 @@
 # warp-stall samples (source counters). Binaries from .devbin/ (tools/h200_build.sh).
 #   usage: [BIN=.devbin/mamba3] bash tools/h200_profile.sh [step|bwd|grad|out|state|fwd ...]
 #   (default: step bwd fwd; grad, out, state: chunk_grad_tc, chunk_out_tc or chunk_state_tc
-#   alone, at train and megacpp)
+#   alone, at train and megacpp; fwd: the training forward at train; fwd_inf: the inference
+#   forward there; fwd_mimo: the inference forward's output and state passes at megacpp)
 # Writes $OUT/<name>.txt (details), $OUT/<name>-hot.txt (hot instructions) and
 # $OUT/<name>-sass.csv.gz (the per-instruction table: with binaries built with
 # -DCMAKE_CUDA_FLAGS=-lineinfo, `tools/ncu_lines.py` turns it into totals per source line), and
@@ -54,6 +55,13 @@ for t in $targets; do
              --what bwd --warmup 0 --iters 1 ;;
     fwd) profile fwd_train 'fwd_tc_kernel' 0 --shape train --dtype bf16 --what fwd --warmup 0 \
            --iters 1 ;;
+    fwd_inf) profile fwd_train_inference 'fwd_tc_kernel' 0 --shape train --dtype bf16 --what fwd \
+               --recompute --warmup 0 --iters 1 ;;
+    # megacpp runs the sequence split: skip its first fwd_tc_kernel launch (the state pass).
+    fwd_mimo) profile fwd_megacpp 'fwd_tc_kernel' 1 --shape megacpp --dtype bf16 --what fwd \
+                --recompute --warmup 0 --iters 1
+              profile fwd_megacpp_states 'fwd_tc_kernel' 0 --shape megacpp --dtype bf16 \
+                --what fwd --recompute --warmup 0 --iters 1 ;;
     *) echo "unknown target $t" >&2 ;;
   esac
 done
