@@ -206,6 +206,14 @@ __device__ __noinline__ void pf_ang_general(const void* data, DType dtype, int64
   }
 }
 
+// The warp that runs a chunk's decay prefix beside its share of the angle prefix (8 lanes per
+// angle, 32 angles per round): the last warp, which has no angles where NA <= 28 (at NA = 16 the
+// state pass otherwise spent 28 % of its stall samples at the barrier after the two prefixes,
+// warp 0 doing both), else warp 0.
+__host__ __device__ constexpr int tc_decay_warp(int NA) {
+  return NA <= kTcThreads / 8 - 4 ? kTcThreads / 32 - 1 : 0;
+}
+
 // Where a CTA of fwd_tc_kernel works: its (sequence, head, segment) and token range.
 struct TcCta {
   int s, h, g, b, seg, seq_begin, seq_end, n_seq, t_begin, t_end;
@@ -527,7 +535,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     if (!kStates) pf_z(c0);
     const float scal_next = m1 > 0 ? ld_scal(c1) : 0.f;
 
-    // ---- P1: angle prefix (all warps) and decay prefix (warp 0). Angle a: 8 lanes, ts
+    // ---- P1: angle prefix and decay prefix (warp tc_decay_warp). Angle a: 8 lanes, ts
     // consecutive tokens each. The carry (the lanes' totals, the chunk's end angle) is summed in
     // float64 term by term; a token's angle is its lane's start, wrapped once in float64, plus
     // the lane's float prefix (at most 8 terms), wrapped in float. Rows past m: zero.
@@ -574,7 +582,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         if (av && l8 == 7) theta[a] = wrap_2pi(th0 + incl);
       }
     }
-    if (warp == 0) {
+    if (warp == tc_decay_warp(NA)) {
       const int t0 = 2 * lane, t1 = t0 + 1;
       const float a0 = t0 < m ? adt_s[t0] : 0.f, a1 = t1 < m ? adt_s[t1] : 0.f;
       const float pair = a0 + a1;
@@ -1006,7 +1014,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           sp.end_state[(static_cast<int64_t>(slot) * P + frag_x(e)) * N + frag_n(j, e)] = sreg[j][e];
       __syncthreads();
       if (tid2 < NA) sp.end_theta[static_cast<int64_t>(slot) * NA + tid2] = theta[tid2];
-      if (tid2 == 0) sp.end_decay[slot] = decay_prod;
+      if (tid2 == 32 * tc_decay_warp(NA)) sp.end_decay[slot] = decay_prod;  // its lane 0
     } else {
       // Coordinates again (not kept live across the loop).
       const TcCta e = tc_cta(p, sp, ctaid_x_again(), false);
