@@ -77,18 +77,15 @@ inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs*
 }
 
 // MAMBA3_CUDA_SEG_SUB: how many of the state pass's segments make one of the output pass's (a
-// positive integer; with MAMBA3_CUDA_SEG_LEN it must divide it into multiples of 64 tokens);
-// unset: chosen from the grid size.
+// positive integer up to kMaxSub; with MAMBA3_CUDA_SEG_LEN it must divide it into multiples of
+// 64 tokens); unset: chosen from the grid size.
+inline constexpr int kMaxSub = 1024;
 inline Status segment_sub_override(int64_t* sub) {
-  *sub = 0;
-  const char* env = std::getenv("MAMBA3_CUDA_SEG_SUB");
-  if (env == nullptr || *env == '\0') return Status::Ok();
-  char* endp = nullptr;
-  const long long v = std::strtoll(env, &endp, 10);
-  if (*endp != '\0' || v <= 0 || v > 1024)
-    return Status::InvalidArgument(std::string("MAMBA3_CUDA_SEG_SUB: expected a positive integer "
-                                               "(at most 1024), got '") +
-                                   env + "'");
+  int v = 0;
+  M3_RETURN_IF_ERROR(env_positive("MAMBA3_CUDA_SEG_SUB", &v));
+  if (v > kMaxSub)
+    return Status::InvalidArgument("MAMBA3_CUDA_SEG_SUB: at most " + std::to_string(kMaxSub) +
+                                   ", got " + std::to_string(v));
   *sub = v;
   return Status::Ok();
 }
@@ -133,7 +130,6 @@ inline Status choose_segments(const Dims& d, int64_t max_len, SegParams* sp) {
     else if (auto_sub)
       while (seg_len % (64 * sub) != 0) --sub;
     nseg = (max_len + seg_len - 1) / seg_len;
-    if (nseg == 1) sub = 1;
     if (nseg > 1) {
       sp->nseg = static_cast<int>(nseg);
       sp->seg_len = static_cast<int>(seg_len);
@@ -221,12 +217,9 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   if (sp.nseg == 1) return output_pass();
   // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the
   // call stays asynchronous and capturable.
-  // Pass 1's split: each segment cut into sp.sub (its arrays hold nseg * sub slots per
-  // sequence and head; pass 2 reads the start of its segment j at j * sub).
-  SegParams s1 = sp;
-  s1.nseg = sp.nseg * sp.sub;
-  s1.seg_len = sp.seg_len / sp.sub;
-  const int64_t slots = heads * s1.nseg, pn = static_cast<int64_t>(d.P) * d.N;
+  // Pass 1's arrays hold nseg * sub slots per sequence and head (pass 2 reads the start of its
+  // segment j at j * sub).
+  const int64_t slots = heads * sp.nseg * sp.sub, pn = static_cast<int64_t>(d.P) * d.N;
   const size_t ws_bytes = sizeof(float) * (2 * slots * pn + slots) +
                           sizeof(double) * 2 * slots * std::max<int64_t>(d.NA, 1);
   void* ws = nullptr;
@@ -237,14 +230,16 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   MAMBA3_CHECK_CUDA(workspace_alloc(&ws, ws_bytes, stream));
 #endif
   double* th = static_cast<double*>(ws);
-  s1.end_theta = th;
-  s1.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
-  float* f = reinterpret_cast<float*>(s1.start_theta + slots * std::max<int64_t>(d.NA, 1));
-  s1.end_state = f;
-  s1.start_state = f + slots * pn;
-  s1.end_decay = f + 2 * slots * pn;
-  sp.end_theta = s1.end_theta, sp.start_theta = s1.start_theta;
-  sp.end_state = s1.end_state, sp.start_state = s1.start_state, sp.end_decay = s1.end_decay;
+  sp.end_theta = th;
+  sp.start_theta = th + slots * std::max<int64_t>(d.NA, 1);
+  float* f = reinterpret_cast<float*>(sp.start_theta + slots * std::max<int64_t>(d.NA, 1));
+  sp.end_state = f;
+  sp.start_state = f + slots * pn;
+  sp.end_decay = f + 2 * slots * pn;
+  // Pass 1's split: each of pass 2's segments cut into sp.sub.
+  SegParams s1 = sp;
+  s1.nseg = sp.nseg * sp.sub;
+  s1.seg_len = sp.seg_len / sp.sub;
   Status st = [&]() -> Status {
     auto states = fwd_tc_kernel<N, P, true>;
     M3_RETURN_IF_ERROR(allow_smem_max_carveout(states, bytes));  // two CTAs per SM, as pass 2

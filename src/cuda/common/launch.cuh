@@ -5,7 +5,10 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstddef>
+#include <cstdlib>
+#include <string>
 
 #include "mamba3/mamba3.h"
 
@@ -14,6 +17,20 @@
 #endif
 
 namespace mamba3::cuda {
+
+// A positive integer from environment variable `name` (0 when unset); anything else is an error.
+inline Status env_positive(const char* name, int* value) {
+  *value = 0;
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return Status::Ok();
+  char* endp = nullptr;
+  const long long v = std::strtoll(env, &endp, 10);
+  if (*endp != '\0' || v <= 0 || v > INT_MAX)
+    return Status::InvalidArgument(std::string(name) + ": expected a positive integer, got '" +
+                                   env + "'");
+  *value = static_cast<int>(v);
+  return Status::Ok();
+}
 
 // SMs of the current device (132, an H200's, where the query fails).
 inline int sm_count() {

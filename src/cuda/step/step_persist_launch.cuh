@@ -140,20 +140,6 @@ inline bool step_persist_params(const StepArgs& a, const Dims& d, const CorePara
   return true;
 }
 
-// A positive integer from environment variable `name` (0 when unset); anything else is an error.
-inline Status env_positive(const char* name, int* value) {
-  *value = 0;
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return Status::Ok();
-  char* endp = nullptr;
-  const long long v = std::strtoll(env, &endp, 10);
-  if (*endp != '\0' || v <= 0 || v > INT_MAX)
-    return Status::InvalidArgument(std::string(name) + ": expected a positive integer, got '" +
-                                   env + "'");
-  *value = static_cast<int>(v);
-  return Status::Ok();
-}
-
 // MAMBA3_CUDA_STEP_PERSISTENT: 1 (default when unset) or 0.
 inline Status persistent_gate(bool* on, bool* forced) {
   *on = true, *forced = false;
