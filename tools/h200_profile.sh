@@ -2,9 +2,9 @@
 # Nsight Compute profiles of the cuda lane's hot kernels on the lent H200 (no clock control):
 # the full section set of one launch each, and the SASS instructions that collect the most
 # warp-stall samples (source counters). Binaries from .devbin/ (tools/h200_build.sh).
-#   usage: [BIN=.devbin/mamba3] bash tools/h200_profile.sh [step|bwd|grad|out|state|fwd ...]
-#   (default: step bwd fwd; grad, out, state: chunk_grad_tc, chunk_out_tc or chunk_state_tc
-#   alone, at train and megacpp; fwd: the training forward at train; fwd_inf: the inference
+#   usage: [BIN=.devbin/mamba3] bash tools/h200_profile.sh [step|bwd|grad|out|state|tokg|fwd ...]
+#   (default: step bwd fwd; grad, out, state, tokg: chunk_grad_tc, chunk_out_tc, chunk_state_tc
+#   or token_grads alone, at train and megacpp; fwd: the training forward at train; fwd_inf: the inference
 #   forward there; fwd_mimo: the inference forward's output and state passes at megacpp)
 # Writes $OUT/<name>.txt (details), $OUT/<name>-hot.txt (hot instructions) and
 # $OUT/<name>-sass.csv.gz (the per-instruction table: with binaries built with
@@ -53,6 +53,10 @@ for t in $targets; do
              --warmup 0 --iters 1
            profile bwd_chunk_state_megacpp 'bwd_chunk_state_tc' 0 --shape megacpp --dtype bf16 \
              --what bwd --warmup 0 --iters 1 ;;
+    tokg) profile bwd_token_grads 'bwd_token_grads' 0 --shape train --dtype bf16 --what bwd \
+            --warmup 0 --iters 1
+          profile bwd_token_grads_megacpp 'bwd_token_grads' 0 --shape megacpp --dtype bf16 \
+            --what bwd --warmup 0 --iters 1 ;;
     fwd) profile fwd_train 'fwd_tc_kernel' 0 --shape train --dtype bf16 --what fwd --warmup 0 \
            --iters 1 ;;
     fwd_inf) profile fwd_train_inference 'fwd_tc_kernel' 0 --shape train --dtype bf16 --what fwd \

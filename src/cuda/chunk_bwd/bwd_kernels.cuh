@@ -1071,65 +1071,90 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
 
 // grid (chunks, H): per-token gradients of angles, dt, trap (lambda) from d gamma, d w, the
 // rotation gradients and the angle carry; the sequence's first token takes the initial pair's
-// d sg0. Inputs are staged in shared memory (TH: raw angles, DTH: d theta, then d dt parts).
+// d sg0. Inputs are staged in shared memory, rows at pitch NA + 1 (the launcher's layout takes
+// NA + 1 columns) so that a thread per token walks its row without bank conflicts: TH holds
+// tanh of the raw angles, DTH d theta, then its suffix sums, then the d dt parts. Only the
+// suffix sum over the chunk's tokens is serial (one thread per angle, loads batched ahead of
+// the additions); the tanh before it and the products after it run on every thread, with the
+// same operations in the same order as one thread per angle doing all three.
 __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp, BwdSmem lay) {
   M3B_DYNAMIC_SMEM(sm);
   Chunk ck;
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck)) return;
   const CoreParams& p = bp.p;
-  const int tid = threadIdx.x, NA = p.NA, h = ck.h, b = ck.b, m = ck.m, l0 = ck.begin + ck.t0;
-  float* ang = sm + lay.th;       // (C, NA) raw angles
-  float* ddt_ang = sm + lay.dth;  // (C, NA) d theta, then its d dt parts
+  const int tid = threadIdx.x, NA = p.NA, ap = NA + 1, h = ck.h, b = ck.b, m = ck.m;
+  const int l0 = ck.begin + ck.t0;
+  float* th = sm + lay.th;        // (C, ap): tanh of the raw angles
+  float* ddt_ang = sm + lay.dth;  // (C, ap): d theta, its suffix sums, then their d dt parts
   float* dtv = sm + lay.scal + kDt * kMaxRows;
-  float* lam = sm + lay.scal + kLam * kMaxRows;
+  float* trap = sm + lay.scal + kLam * kMaxRows;  // raw trap (lambda = its sigmoid)
+  float* dgs = sm + lay.scal + kDgam * kMaxRows;  // d gamma + d w of token t
+  float* prev = sm + lay.scal + kDw * kMaxRows;   // d sgamma from token t - 1, or the initial sg0
   const float pi_f = static_cast<float>(kPiD);
-  if (tid < m) {
-    dtv[tid] = in_bhl(p.dt, b, h, l0 + tid);
-    lam[tid] = sigmoidf_(in_bhl(p.trap, b, h, l0 + tid));
-  }
 #pragma unroll 8
   for (int i = tid; i < m * NA; i += kThreads) {
-    const int t = i / NA, a = i % NA;
-    ang[i] = angle_at(p, b, l0 + t, h, a);
-    ddt_ang[i] = bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a];
+    const int t = i / NA, a = i - t * NA;
+    th[t * ap + a] = tanhf(angle_at(p, b, l0 + t, h, a));
+    ddt_ang[t * ap + a] = bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a];
+  }
+  if (tid < m) {  // staged, not held in registers across the phases
+    const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + tid;
+    const float* dwt = bp.ws.tok + static_cast<int64_t>(p.H) * bp.L_tot;
+    dtv[tid] = in_bhl(p.dt, b, h, l0 + tid);
+    trap[tid] = in_bhl(p.trap, b, h, l0 + tid);
+    dgs[tid] = bp.ws.tok[slot] + dwt[slot];
+    float pv = 0.f;
+    if (ck.t0 + tid > 0)
+      pv = dwt[slot - 1];
+    else if (bp.ws.initp)
+      pv = bp.ws.initp[(static_cast<int64_t>(ck.s) * p.H + h) * (p.R * p.P + 1) + p.R * p.P];
+    prev[tid] = pv;
   }
   __syncthreads();
-  if (tid < NA) {
+  if (tid < NA) {  // d theta of token t: the carry into the chunk's end plus tokens t.. m - 1
     float dtheta = bp.ws.dthc[(static_cast<int64_t>(ck.cid) * p.H + h) * NA + tid];
-    for (int t = m - 1; t >= 0; --t) {
-      dtheta += ddt_ang[t * NA + tid];
-      const float th = tanhf(ang[t * NA + tid]);
-      ang[t * NA + tid] = dtheta * pi_f * dtv[t] * (1.f - th * th);  // d angles
-      ddt_ang[t * NA + tid] = dtheta * pi_f * th;
+    float* col = ddt_ang + tid;
+    int t = m - 1;
+    constexpr int kB = 8;
+    for (; t >= kB - 1; t -= kB) {
+      float v[kB];
+#pragma unroll
+      for (int u = 0; u < kB; ++u) v[u] = col[(t - u) * ap];
+#pragma unroll
+      for (int u = 0; u < kB; ++u) {
+        dtheta += v[u];
+        col[(t - u) * ap] = dtheta;
+      }
+    }
+    for (; t >= 0; --t) {
+      dtheta += col[t * ap];
+      col[t * ap] = dtheta;
     }
   }
   __syncthreads();
-  if (bp.g_angles.defined()) {
+  {
     const DTensor& ga = bp.g_angles;
+    const bool store = ga.defined();
+    const int64_t base = store ? b * ga.stride[0] + h * ga.stride[2] : 0;
     for (int i = tid; i < m * NA; i += kThreads) {
-      const int t = i / NA, a = i % NA;
-      dstore(ga, b * ga.stride[0] + static_cast<int64_t>(l0 + t) * ga.stride[1] + h * ga.stride[2] +
-                     a * ga.stride[3],
-             ang[i]);
+      const int t = i / NA, a = i - t * NA;
+      const float dtheta = ddt_ang[t * ap + a], tt = th[t * ap + a];
+      if (store)
+        dstore(ga, base + static_cast<int64_t>(l0 + t) * ga.stride[1] + a * ga.stride[3],
+               dtheta * pi_f * dtv[t] * (1.f - tt * tt));  // d angles
+      ddt_ang[t * ap + a] = dtheta * pi_f * tt;
     }
   }
+  __syncthreads();
   if (tid < m) {
     const int t = tid, l = l0 + t;
     float ddt = 0.f;
-    for (int i = 0; i < NA; ++i) ddt += ddt_ang[t * NA + i];
-    const float la = lam[t], dl = dtv[t];
-    const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + t;
-    const float* dwt = bp.ws.tok + static_cast<int64_t>(p.H) * bp.L_tot;
-    const float dg = bp.ws.tok[slot] + dwt[slot];
+    for (int i = 0; i < NA; ++i) ddt += ddt_ang[t * ap + i];
+    const float la = sigmoidf_(trap[t]), dl = dtv[t], dg = dgs[t], pv = prev[t];
     float dlam = dg * dl;
     ddt += dg * la;
-    float prev = 0.f;  // d of sgamma = (1 - lambda_t) dt_t: from token t - 1, or the initial pair
-    if (ck.t0 + t > 0)
-      prev = dwt[slot - 1];
-    else if (bp.ws.initp)
-      prev = bp.ws.initp[(static_cast<int64_t>(ck.s) * p.H + h) * (p.R * p.P + 1) + p.R * p.P];
-    dlam -= prev * dl;
-    ddt += prev * (1.f - la);
+    dlam -= pv * dl;
+    ddt += pv * (1.f - la);
     if (bp.g_dt.defined())
       dstore(bp.g_dt, b * bp.g_dt.stride[0] + h * bp.g_dt.stride[1] + static_cast<int64_t>(l) * bp.g_dt.stride[2],
              ddt);

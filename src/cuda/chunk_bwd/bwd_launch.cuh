@@ -309,7 +309,8 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const int H = static_cast<int>(d.H), NA = static_cast<int>(d.NA), S = static_cast<int>(d.S);
   BwdSmem l3{}, l5{}, l7{};  // the SIMT kernels' layouts at `rows` (unused with tc)
   if (!tc) pick_rows(d, smem_limit, &l3, &l5, &l7);
-  const BwdSmem l9 = bwd_smem_layout(N, P, R, NA, rows, kPartTH | kPartDTH);
+  // token_grads keeps its two (C, NA) tiles at row pitch NA + 1.
+  const BwdSmem l9 = bwd_smem_layout(N, P, R, NA + 1, rows, kPartTH | kPartDTH);
   const int64_t C = bp.C, L = d.L;
   const int64_t ncu = d.varlen ? (L + C - 1) / C + S : S * ((L + C - 1) / C);
   const int64_t cells = ncu * H, PN = static_cast<int64_t>(P) * N;
