@@ -201,8 +201,11 @@ struct EpiAdjoint {
   float dphi;  // d phi contribution (0 for per-rank output)
 };
 
-__device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, float g, float z,
-                                                       int r, int x, float y, float rstd,
+// kFast (the tensor-core kernels): the gate's sigmoid on the MUFU (sigmoid_approx, ~2^-21
+// relative error) as the tensor-core forward's silu_approx, instead of expf and an IEEE division.
+template <bool kFast = false>
+__device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, float g, float z, int r,
+                                                       int x, float y, float rstd,
                                                        const float* zeta, const float* phi,
                                                        const float* wn) {
   const int P = p.P;
@@ -211,7 +214,7 @@ __device__ __forceinline__ EpiAdjoint epilogue_adjoint(const CoreParams& p, floa
   EpiAdjoint o{0.f, 0.f, 0.f};
   float gate = 1.f, dgate = 0.f;
   if (p.z.defined()) {
-    const float u = z * zeta[r * P + x], sg = sigmoidf_(u);
+    const float u = z * zeta[r * P + x], sg = kFast ? sigmoid_approx(u) : sigmoidf_(u);
     gate = u * sg;
     dgate = sg * (1.f + u * (1.f - sg));
   }

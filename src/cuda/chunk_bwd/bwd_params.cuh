@@ -481,10 +481,13 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
   __syncthreads();
 }
 
-// Coefficient of the time-level mask of DESIGN §2.5 for tokens (ti, tj) of a chunk.
-__device__ __forceinline__ float mask_coef(const float* cs, const float* w, const float* gam, int ti,
-                                           int tj) {
-  if (tj < ti) return expf(cs[ti] - cs[tj]) * w[tj];
+// Coefficient of the time-level mask of DESIGN §2.5 for tokens (ti, tj) of a chunk. kFast (the
+// tensor-core kernels): the decay on the MUFU (ex2_approx), as the tensor-core forward's mask.
+template <bool kFast = false>
+__device__ __forceinline__ float mask_coef(const float* cs, const float* w, const float* gam,
+                                           int ti, int tj) {
+  if (tj < ti)
+    return (kFast ? ex2_approx((cs[ti] - cs[tj]) * kLog2e) : expf(cs[ti] - cs[tj])) * w[tj];
   return tj == ti ? gam[ti] : 0.f;
 }
 

@@ -329,7 +329,9 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   float* par = bp.ws.par + cell * bp.pf.count;
   const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
   const float* dyg = bp.ws.dy + (ck0.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
-  auto dy_at = [&](int row, int x) { return dyg[(row >> lr) * dy_row + (row & (R - 1)) * P + x]; };
+  auto dy_at = [&](int row, int x) -> const float& {
+    return dyg[(row >> lr) * dy_row + (row & (R - 1)) * P + x];
+  };
   // Rows g and g + 8 of the warp's tile: their tokens' factors, zero past the chunk.
   const int row0 = i0 + g, row1 = i0 + g + 8;
   const bool split_states = R > 1;  // see the dK phase
@@ -383,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         if (i < mr && col < mr && tj <= ti) {
           const float rv = ra[j][e], dv = da[j][e], prod = dv * rv;
           if (tj < ti) {
-            const float ez = expf(cs[ti] - cs[tj]), coef = ez * w[tj];
+            const float ez = ex2_approx((cs[ti] - cs[tj]) * kLog2e), coef = ez * w[tj];
             a = rv * coef, d = dv * coef;
             rowa[e >> 1] += prod * coef;
             colb[j][e & 1] += prod * ez;
@@ -443,13 +445,18 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
     grad_row_dots<P>(c, V, vp, red + kRedX, i0, cg, lane);
     grad_scale_rows<P>(c, row0 < mr ? fw[row0 >> lr] : 0.f, row1 < mr ? fw[row1 >> lr] : 0.f);
     grad_mma<P, true, true>(c, AM, ap, DYb, vp, i0, cg, i0, kr, all, lane);
-    if (has_d)
+    if (has_d)  // dy of columns 2 tq, 2 tq + 1 as one float2 (the row offsets are even)
 #pragma unroll
       for (int j = 0; j < kNTp; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = i0 + g + 8 * (e >> 1);
-          if (i < mr) c[j][e] += dskip * dy_at(i, grad_col<P>(cg, j, e, tq));
+        for (int hr = 0; hr < 2; ++hr) {
+          const int i = i0 + g + 8 * hr;
+          if (i < mr) {
+            const float2 d2 =
+                *reinterpret_cast<const float2*>(&dy_at(i, grad_col<P>(cg, j, 0, tq)));
+            c[j][2 * hr] += dskip * d2.x;
+            c[j][2 * hr + 1] += dskip * d2.y;
+          }
         }
     const DTensor& gv = bp.g_v;
     if (gv.defined()) {
@@ -495,12 +502,14 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
 #pragma unroll
       for (int j = 0; j < kNTp; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = i0 + g + 8 * (e >> 1);
-          c[j][e] = i < mr ? c[j][e] * __uint_as_float(static_cast<unsigned int>(__ldg(
-                                            v0 + (i >> lr) * vt.stride[1] + grad_col<P>(cg, j, e, tq)))
-                                        << 16)
-                           : 0.f;
+        for (int hr = 0; hr < 2; ++hr) {  // columns 2 tq, 2 tq + 1 as one bf16 pair (tc_vec rows)
+          const int i = i0 + g + 8 * hr;
+          const unsigned int u =
+              i < mr ? __ldg(reinterpret_cast<const unsigned int*>(v0 + (i >> lr) * vt.stride[1] +
+                                                                   grad_col<P>(cg, j, 0, tq)))
+                     : 0u;
+          c[j][2 * hr] = i < mr ? c[j][2 * hr] * __uint_as_float(u << 16) : 0.f;
+          c[j][2 * hr + 1] = i < mr ? c[j][2 * hr + 1] * __uint_as_float(u & 0xffff0000u) : 0.f;
         }
       grad_rank_column_sums<P, kR>(c, red_psi, P, rt, cg, lane);
     }

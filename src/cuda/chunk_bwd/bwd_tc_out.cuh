@@ -36,7 +36,7 @@ __device__ __forceinline__ void frag_load_pairs(uint32_t (&u)[X / 16][2], const 
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int i = i0 + g + 8 * hr;
-      u[j][hr] = i < mr ? __ldg(d + (off(i) + grad_col<X>(cg, j, 0, tq)) / 2) : 0u;
+      u[j][hr] = i < mr ? __ldg(d + ((off(i) + grad_col<X>(cg, j, 0, tq)) >> 1)) : 0u;
     }
 }
 template <int X>
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         const int i = i0 + g + 8 * (e >> 1), col = grad_col<kRows>(cg, j, e, tq);
         const int ti = i >> lr, tj = col >> lr;
         float a = 0.f;
-        if (i < mr && col < mr && tj <= ti) a = ra[j][e] * mask_coef(cs, w, gam, ti, tj);
+        if (i < mr && col < mr && tj <= ti) a = ra[j][e] * mask_coef<true>(cs, w, gam, ti, tj);
         AM[i * ap + col] = __float2bfloat16_rn(a);
       }
   }
@@ -207,8 +207,8 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
     for (int j = 0; j < kNTp; ++j) zv[j][0] = zv[j][1] = zv[j][2] = zv[j][3] = 0.f;
   auto adjoint = [&](int j, int e, float rs) {
     const int i = i0 + g + 8 * (e >> 1);
-    return epilogue_adjoint(p, gov[j][e], zv[j][e], i & (R - 1), grad_col<P>(cg, j, e, tq),
-                            c[j][e], rs, zeta, phi, wn);
+    return epilogue_adjoint<true>(p, gov[j][e], zv[j][e], i & (R - 1), grad_col<P>(cg, j, e, tq),
+                                  c[j][e], rs, zeta, phi, wn);
   };
   // The fused norm: rstd per row, then xr = mean(dyn w y) per row.
   float rs[2] = {1.f, 1.f}, xr[2] = {0.f, 0.f};

@@ -161,9 +161,17 @@ __device__ __forceinline__ float silu_approx(float u) {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2_approx(u * -kLog2e)));
   return u * r;
 }
+// sigmoid(u) = 1 / (1 + 2^(-u log2 e)) the same way: 1 where 2^(-u log2 e) flushes to 0, 0 where
+// it overflows.
+__device__ __forceinline__ float sigmoid_approx(float u) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2_approx(u * -kLog2e)));
+  return r;
+}
 #else
 inline float ex2_approx(float x) { return std::exp2(x); }
 inline float silu_approx(float u) { return u / (1.f + std::exp(-u)); }
+inline float sigmoid_approx(float u) { return 1.f / (1.f + std::exp2(u * -kLog2e)); }
 #endif
 
 // tanh(x) = sign(x) (1 - 2 / (1 + e^(2|x|))) with ex2.approx / rcp.approx (through
