@@ -623,13 +623,16 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
 
 // Per-token results of a chunk (chunk_grad kernels, after a barrier): d adt (reverse cumulative
 // sum of d cs inside the chunk), d gamma, d w, d theta per token and the chunk's d theta sum.
+// The two serial loops (d adt: one thread over the tokens; the d theta sums: a thread per angle)
+// run on the last warps, which have no per-token store, so no warp carries all three.
 __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const Chunk& ck,
                                                     const float* dcs, const float* dgam,
                                                     const float* dwt, const float* DTH, int tid) {
   const CoreParams& p = bp.p;
   const int m = ck.m, h = ck.h, NA = p.NA;
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
-  if (tid == 0 && bp.g_adt.defined()) {
+  static_assert(kThreads >= 64 + 96, "d adt on warp kThreads / 32 - 3, the sums on the last two");
+  if (tid == kThreads - 96 && bp.g_adt.defined()) {
     const DTensor& g = bp.g_adt;
     const int64_t base = ck.b * g.stride[0] + h * g.stride[1] +
                          static_cast<int64_t>(ck.begin + ck.t0) * g.stride[2];
@@ -649,7 +652,7 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
   for (int t = tid / 32; t < m; t += kThreads / 32)  // a warp per token (no index division)
     for (int a = tid % 32; a < NA; a += 32)
       bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[t * NA + a];
-  for (int a = tid; a < NA; a += kThreads) {
+  for (int a = tid - (kThreads - 64); a >= 0 && a < NA; a += 64) {  // the last 64 threads
     float sum = 0.f;
     for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
     bp.ws.dthc[cell * NA + a] = sum;
