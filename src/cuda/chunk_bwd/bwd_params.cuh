@@ -187,16 +187,28 @@ struct Chunk {
 // Chunk `cid` of head h; false (for the whole block) past the last chunk of the call.
 __device__ __forceinline__ bool find_chunk(const BwdParams& bp, int cid, int h, Chunk* ck) {
   const CoreParams& p = bp.p;
-  const int32_t* off = bp.ws.chunk_off;
-  if (cid >= off[p.S]) return false;
-  int lo = 0, hi = p.S - 1;  // the largest s with off[s] <= cid (a non-empty sequence)
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (off[mid] <= cid) lo = mid; else hi = mid - 1;
+  int lo, first;        // the chunk's sequence and that sequence's first chunk id
+  if (!p.cu_seqlens) {  // S sequences of L tokens: chunk_off[s] = s ceil(L / C), no loads
+    const int per = (p.L + bp.C - 1) / bp.C;
+    if (cid >= p.S * per) return false;
+    lo = cid / per, first = lo * per;
+  } else {
+    const int32_t* off = bp.ws.chunk_off;
+    if (cid >= off[p.S]) return false;
+    lo = 0;
+    int hi = p.S - 1;  // the largest s with off[s] <= cid (a non-empty sequence)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (off[mid] <= cid)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    first = off[lo];
   }
   const SeqInfo q = seq_info(p, lo);
   ck->s = lo, ck->h = h, ck->g = h / p.hpg, ck->b = q.b, ck->begin = q.begin, ck->n = q.n;
-  ck->cid = cid, ck->c = cid - off[lo], ck->t0 = ck->c * bp.C;
+  ck->cid = cid, ck->c = cid - first, ck->t0 = ck->c * bp.C;
   ck->m = imin(bp.C, q.n - ck->t0), ck->mr = ck->m * p.R;
   ck->last = ck->t0 + ck->m == q.n;
   ck->l_abs0 = static_cast<int64_t>(q.b) * p.L + q.begin + ck->t0;
