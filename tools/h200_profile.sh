@@ -2,10 +2,12 @@
 # Nsight Compute profiles of the cuda lane's hot kernels on the lent H200 (no clock control):
 # the full section set of one launch each, and the SASS instructions that collect the most
 # warp-stall samples (source counters). Binaries from .devbin/ (tools/h200_build.sh).
-#   usage: [BIN=.devbin/mamba3] bash tools/h200_profile.sh [step|bwd|grad|out|state|tokg|fwd ...]
+#   usage: [BIN=.devbin/mamba3] bash tools/h200_profile.sh \
+#            [step|bwd|grad|out|state|tokg|fwd|fwd_inf|fwd_mimo ...]
 #   (default: step bwd fwd; grad, out, state, tokg: chunk_grad_tc, chunk_out_tc, chunk_state_tc
-#   or token_grads alone, at train and megacpp; fwd: the training forward at train; fwd_inf: the inference
-#   forward there; fwd_mimo: the inference forward's output and state passes at megacpp)
+#   or token_grads alone, at train and megacpp; fwd: the training forward at train; fwd_inf:
+#   the inference forward there; fwd_mimo: the inference forward's output and state passes at
+#   megacpp)
 # Writes $OUT/<name>.txt (details), $OUT/<name>-hot.txt (hot instructions) and
 # $OUT/<name>-sass.csv.gz (the per-instruction table: with binaries built with
 # -DCMAKE_CUDA_FLAGS=-lineinfo, `tools/ncu_lines.py` turns it into totals per source line), and
