@@ -493,13 +493,18 @@ __device__ void load_chunk(const BwdParams& bp, const Chunk& ck, const BwdSmem& 
   __syncthreads();
 }
 
-// Coefficient of the time-level mask of DESIGN §2.5 for tokens (ti, tj) of a chunk. kFast (the
-// tensor-core kernels): the decay on the MUFU (ex2_approx), as the tensor-core forward's mask.
+// The decay exp(cs_i - cs_j) between tokens ti and tj of a chunk. kFast (the tensor-core
+// kernels): on the MUFU (ex2_approx), as the tensor-core forward's mask.
+template <bool kFast = false>
+__device__ __forceinline__ float chunk_decay(const float* cs, int ti, int tj) {
+  return kFast ? ex2_approx((cs[ti] - cs[tj]) * kLog2e) : expf(cs[ti] - cs[tj]);
+}
+
+// Coefficient of the time-level mask of DESIGN §2.5 for tokens (ti, tj) of a chunk.
 template <bool kFast = false>
 __device__ __forceinline__ float mask_coef(const float* cs, const float* w, const float* gam,
                                            int ti, int tj) {
-  if (tj < ti)
-    return (kFast ? ex2_approx((cs[ti] - cs[tj]) * kLog2e) : expf(cs[ti] - cs[tj])) * w[tj];
+  if (tj < ti) return chunk_decay<kFast>(cs, ti, tj) * w[tj];
   return tj == ti ? gam[ti] : 0.f;
 }
 

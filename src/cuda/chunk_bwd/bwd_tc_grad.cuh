@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         if (i < mr && col < mr && tj <= ti) {
           const float rv = ra[j][e], dv = da[j][e], prod = dv * rv;
           if (tj < ti) {
-            const float ez = ex2_approx((cs[ti] - cs[tj]) * kLog2e), coef = ez * w[tj];
+            const float ez = chunk_decay<true>(cs, ti, tj), coef = ez * w[tj];
             a = rv * coef, d = dv * coef;
             rowa[e >> 1] += prod * coef;
             colb[j][e & 1] += prod * ez;

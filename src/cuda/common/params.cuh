@@ -156,18 +156,14 @@ __device__ __forceinline__ float ex2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x));
   return e;
 }
-__device__ __forceinline__ float silu_approx(float u) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2_approx(u * -kLog2e)));
-  return u * r;
-}
-// sigmoid(u) = 1 / (1 + 2^(-u log2 e)) the same way: 1 where 2^(-u log2 e) flushes to 0, 0 where
-// it overflows.
+// sigmoid(u) = 1 / (1 + 2^(-u log2 e)): 1 where 2^(-u log2 e) flushes to 0, 0 where it
+// overflows.
 __device__ __forceinline__ float sigmoid_approx(float u) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2_approx(u * -kLog2e)));
   return r;
 }
+__device__ __forceinline__ float silu_approx(float u) { return u * sigmoid_approx(u); }
 #else
 inline float ex2_approx(float x) { return std::exp2(x); }
 inline float silu_approx(float u) { return u / (1.f + std::exp(-u)); }
