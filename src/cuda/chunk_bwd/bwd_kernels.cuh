@@ -1097,11 +1097,48 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
   float* dgs = sm + lay.scal + kDgam * kMaxRows;  // d gamma + d w of token t
   float* prev = sm + lay.scal + kDw * kMaxRows;   // d sgamma from token t - 1, or the initial sg0
   const float pi_f = static_cast<float>(kPiD);
-#pragma unroll 8
-  for (int i = tid; i < m * NA; i += kThreads) {
-    const int t = i / NA, a = i - t * NA;
-    th[t * ap + a] = tanhf(angle_at(p, b, l0 + t, h, a));
-    ddt_ang[t * ap + a] = bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a];
+  {  // Element i is (token t, angle a) = (i / NA, i % NA). More elements than threads (`train`:
+    // 64 x 32): batches of kB per thread, every load of a batch issued before the first use,
+    // the dtype switch of angle_at taken once outside the loop, one division per batch and the
+    // batch's other elements stepped from it (kThreads = dt NA + da). At most one per thread
+    // (`megacpp`: 16 x 16): one element, as the batches cost 10 % there (H200, 2026-11-30).
+    constexpr int kB = 4;
+    const DTensor& an = p.angles;
+    const int64_t a_base = b * an.stride[0] + h * an.stride[2];
+    const float* dth = bp.ws.dth + ck.l_abs0 * p.H * NA + h * NA;
+    const int64_t dth_t = static_cast<int64_t>(p.H) * NA;
+    const int total = m * NA, dt = NA > 0 ? kThreads / NA : 0, da = kThreads - dt * NA;
+    if (total <= kThreads) {
+      if (tid < total) {
+        const int t = tid / NA, a = tid - t * NA;
+        th[t * ap + a] = tanhf(angle_at(p, b, l0 + t, h, a));
+        ddt_ang[t * ap + a] = dth[t * dth_t + a];
+      }
+    } else {
+      with_load_ro(an, [&](auto ld) {
+        for (int i0 = tid; i0 < total; i0 += kB * kThreads) {
+          float va[kB], vd[kB];
+          int ts[kB], as[kB];
+          int t = i0 / NA, a = i0 - t * NA;
+#pragma unroll
+          for (int u = 0; u < kB; ++u) {
+            ts[u] = t, as[u] = a;
+            const bool in = i0 + u * kThreads < total;
+            va[u] = in ? ld(a_base + static_cast<int64_t>(l0 + t) * an.stride[1] + a * an.stride[3])
+                       : 0.f;
+            vd[u] = in ? dth[t * dth_t + a] : 0.f;
+            t += dt, a += da;
+            if (a >= NA) a -= NA, ++t;
+          }
+#pragma unroll
+          for (int u = 0; u < kB; ++u)
+            if (i0 + u * kThreads < total) {
+              th[ts[u] * ap + as[u]] = tanhf(va[u]);
+              ddt_ang[ts[u] * ap + as[u]] = vd[u];
+            }
+        }
+      });
+    }
   }
   if (tid < m) {  // staged, not held in registers across the phases
     const int64_t slot = static_cast<int64_t>(h) * bp.L_tot + ck.l_abs0 + tid;
