@@ -198,18 +198,24 @@ __device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& 
   constexpr int kNT = N / 16, R = kR, lr = log2_const(kR);
   const int g = lane >> 2, tq = lane & 3, mr = ck.mr;
   if (ws) {
+    // The fragment's two rows as pointers, each store an offset from them (the address math
+    // per element, in 64 bits, was ~15 instructions a store: 9 % of the kernel's at `train`).
     const int64_t t_stride = static_cast<int64_t>(p.H) * R * N;
     float* base = ws + (ck.l_abs0 * p.H + ck.h) * static_cast<int64_t>(R * N);
+    float* row[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int i = i0 + g + 8 * hr;
+      row[hr] = base + (i >> lr) * t_stride + (i & (R - 1)) * N + grad_col<N>(cg, 0, 0, tq);
+    }
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int i = i0 + g + 8 * hr;
-        if (i < mr)
-          *reinterpret_cast<float2*>(base + (i >> lr) * t_stride + (i & (R - 1)) * N +
-                                     grad_col<N>(cg, j, 0, tq)) =
+      for (int hr = 0; hr < 2; ++hr)
+        if (i0 + g + 8 * hr < mr)
+          *reinterpret_cast<float2*>(row[hr] +
+                                     (grad_col<N>(cg, j, 0, tq) - grad_col<N>(cg, 0, 0, tq))) =
               make_float2(c[j][2 * hr], c[j][2 * hr + 1]);
-      }
   } else if (grad.defined()) {
     const int64_t base = qk_off(grad, ck.b, ck.begin + ck.t0, 0, ck.g, 0);
     const int64_t s_t = grad.stride[1], s_r = grad.ndim == 4 ? 0 : grad.stride[2];
@@ -445,19 +451,22 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
     grad_row_dots<P>(c, V, vp, red + kRedX, i0, cg, lane);
     grad_scale_rows<P>(c, row0 < mr ? fw[row0 >> lr] : 0.f, row1 < mr ? fw[row1 >> lr] : 0.f);
     grad_mma<P, true, true>(c, AM, ap, DYb, vp, i0, cg, i0, kr, all, lane);
-    if (has_d)  // dy of columns 2 tq, 2 tq + 1 as one float2 (the row offsets are even)
+    if (has_d) {            // dy of columns 2 tq, 2 tq + 1 as one float2 (the row offsets are even)
+      const float* row[2];  // the fragment's two rows, each load an offset from them
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) row[hr] = &dy_at(i0 + g + 8 * hr, grad_col<P>(cg, 0, 0, tq));
 #pragma unroll
       for (int j = 0; j < kNTp; ++j)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int i = i0 + g + 8 * hr;
-          if (i < mr) {
-            const float2 d2 =
-                *reinterpret_cast<const float2*>(&dy_at(i, grad_col<P>(cg, j, 0, tq)));
+          if (i0 + g + 8 * hr < mr) {
+            const float2 d2 = *reinterpret_cast<const float2*>(
+                row[hr] + (grad_col<P>(cg, j, 0, tq) - grad_col<P>(cg, 0, 0, tq)));
             c[j][2 * hr] += dskip * d2.x;
             c[j][2 * hr + 1] += dskip * d2.y;
           }
         }
+    }
     const DTensor& gv = bp.g_v;
     if (gv.defined()) {
       const bool dfv = ck.last && bp.df_v.defined();
@@ -470,7 +479,14 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         return v;
       };
       if (bf16_pairs(gv, vrow0, gv.stride[1], 0)) {
-        __nv_bfloat162* d = static_cast<__nv_bfloat162*>(gv.data);
+        // The fragment's two rows as pointers (every offset even: exact halves), each store an
+        // offset from them, as grad_store_qk.
+        __nv_bfloat162* row[2];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+          row[hr] =
+              static_cast<__nv_bfloat162*>(gv.data) +
+              (vrow0 + ((i0 + g + 8 * hr) >> lr) * gv.stride[1] + grad_col<P>(cg, 0, 0, tq)) / 2;
 #pragma unroll
         for (int j = 0; j < kNTp; ++j)
 #pragma unroll
@@ -478,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
             const int i = i0 + g + 8 * hr, x = grad_col<P>(cg, j, 0, tq);
             const float v0 = dv_of(c[j][2 * hr], i, x), v1 = dv_of(c[j][2 * hr + 1], i, x + 1);
             if (i < mr && (g & (R - 1)) == 0)
-              d[(vrow0 + (i >> lr) * gv.stride[1] + x) / 2] = __floats2bfloat162_rn(v0, v1);
+              row[hr][(x - grad_col<P>(cg, 0, 0, tq)) / 2] = __floats2bfloat162_rn(v0, v1);
           }
       } else {
         with_store(gv, [&](auto store) {
@@ -499,14 +515,18 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
       const unsigned short* v0 = static_cast<const unsigned short*>(vt.data) + ck.b * vt.stride[0] +
                                  static_cast<int64_t>(ck.begin + ck.t0) * vt.stride[1] +
                                  h * vt.stride[2];
+      const unsigned short* vrow[2];  // the fragment's two rows, each load an offset from them
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        vrow[hr] = v0 + ((i0 + g + 8 * hr) >> lr) * vt.stride[1] + grad_col<P>(cg, 0, 0, tq);
 #pragma unroll
       for (int j = 0; j < kNTp; ++j)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {  // columns 2 tq, 2 tq + 1 as one bf16 pair (tc_vec rows)
           const int i = i0 + g + 8 * hr;
           const unsigned int u =
-              i < mr ? __ldg(reinterpret_cast<const unsigned int*>(v0 + (i >> lr) * vt.stride[1] +
-                                                                   grad_col<P>(cg, j, 0, tq)))
+              i < mr ? __ldg(reinterpret_cast<const unsigned int*>(
+                           vrow[hr] + (grad_col<P>(cg, j, 0, tq) - grad_col<P>(cg, 0, 0, tq))))
                      : 0u;
           c[j][2 * hr] = i < mr ? c[j][2 * hr] * __uint_as_float(u << 16) : 0.f;
           c[j][2 * hr + 1] = i < mr ? c[j][2 * hr + 1] * __uint_as_float(u & 0xffff0000u) : 0.f;

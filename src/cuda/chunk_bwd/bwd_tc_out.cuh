@@ -30,14 +30,19 @@ template <int X, typename FO>
 __device__ __forceinline__ void frag_load_pairs(uint32_t (&u)[X / 16][2], const DTensor& t, FO off,
                                                 int i0, int cg, int lane, int mr) {
   const int g = lane >> 2, tq = lane & 3;
-  const unsigned int* d = static_cast<const unsigned int*>(t.data);
+  const unsigned int* row[2];  // the two rows' first pairs: each load an offset from them
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr)
+    row[hr] = static_cast<const unsigned int*>(t.data) +
+              ((off(i0 + g + 8 * hr) + grad_col<X>(cg, 0, 0, tq)) >> 1);
 #pragma unroll
   for (int j = 0; j < X / 16; ++j)
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int i = i0 + g + 8 * hr;
-      u[j][hr] = i < mr ? __ldg(d + ((off(i) + grad_col<X>(cg, j, 0, tq)) >> 1)) : 0u;
-    }
+    for (int hr = 0; hr < 2; ++hr)
+      u[j][hr] =
+          i0 + g + 8 * hr < mr
+              ? __ldg(row[hr] + ((grad_col<X>(cg, j, 0, tq) - grad_col<X>(cg, 0, 0, tq)) >> 1))
+              : 0u;
 }
 template <int X>
 __device__ __forceinline__ void frag_unpack(const uint32_t (&u)[X / 16][2], float (&v)[X / 16][4]) {
@@ -255,16 +260,18 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   if (gz.defined()) {
     const bool owner = (g & (R - 1)) == 0;
     if (gz_pairs) {
-      __nv_bfloat162* d = static_cast<__nv_bfloat162*>(gz.data);
+      __nv_bfloat162* row[2];  // as frag_load_pairs: row pointers, even offsets from them
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        row[hr] = static_cast<__nv_bfloat162*>(gz.data) +
+                  (gz0 + ((i0 + g + 8 * hr) >> lr) * gz.stride[1] + grad_col<P>(cg, 0, 0, tq)) / 2;
 #pragma unroll
       for (int j = 0; j < kNTp; ++j)
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int i = i0 + g + 8 * hr;
-          if (owner && i < mr)
-            d[(gz0 + (i >> lr) * gz.stride[1] + grad_col<P>(cg, j, 0, tq)) / 2] =
+        for (int hr = 0; hr < 2; ++hr)
+          if (owner && i0 + g + 8 * hr < mr)
+            row[hr][(grad_col<P>(cg, j, 0, tq) - grad_col<P>(cg, 0, 0, tq)) / 2] =
                 __floats2bfloat162_rn(dzv[j][2 * hr], dzv[j][2 * hr + 1]);
-        }
     } else {
       with_store(gz, [&](auto store) {
 #pragma unroll
@@ -283,6 +290,12 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   {
     const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
     float* dyg = bp.ws.dy + (ck.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
+    float* row[2];  // the fragment's two rows, each store an offset from them
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int i = i0 + g + 8 * hr;
+      row[hr] = dyg + (i >> lr) * dy_row + (i & (R - 1)) * P + grad_col<P>(cg, 0, 0, tq);
+    }
 #pragma unroll
     for (int j = 0; j < kNTp; ++j)
 #pragma unroll
@@ -290,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         const int i = i0 + g + 8 * hr, x = grad_col<P>(cg, j, 0, tq);
         const float e0 = i < mr ? ex[i >> lr] : 0.f;
         if (i < mr)
-          *reinterpret_cast<float2*>(dyg + (i >> lr) * dy_row + (i & (R - 1)) * P + x) =
+          *reinterpret_cast<float2*>(row[hr] + (x - grad_col<P>(cg, 0, 0, tq))) =
               make_float2(c[j][2 * hr], c[j][2 * hr + 1]);
         *reinterpret_cast<uint32_t*>(DYb + i * vp + x) =
             pack_bf16(e0 * c[j][2 * hr], e0 * c[j][2 * hr + 1]);
