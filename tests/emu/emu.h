@@ -98,6 +98,13 @@ T shfl_up(T v, int delta, int width = 32) {
     return (lane & (width - 1)) >= delta ? lane - delta : lane;
   });
 }
+// __shfl_down_sync: lanes whose index inside the segment plus delta leaves it keep their own value.
+template <typename T>
+T shfl_down(T v, int delta, int width = 32) {
+  return shfl_from(v, [delta, width](int lane) {
+    return (lane & (width - 1)) + delta < width ? lane + delta : lane;
+  });
+}
 // __shfl_sync: lane src of the segment.
 template <typename T>
 T shfl_idx(T v, int src, int width = 32) {
@@ -255,6 +262,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args)
 #define __syncthreads() ::m3emu::syncthreads()
 #define __shfl_xor_sync(mask, v, ...) ::m3emu::shfl_xor((v), __VA_ARGS__)
 #define __shfl_up_sync(mask, v, ...) ::m3emu::shfl_up((v), __VA_ARGS__)
+#define __shfl_down_sync(mask, v, ...) ::m3emu::shfl_down((v), __VA_ARGS__)
 #define __shfl_sync(mask, v, ...) ::m3emu::shfl_idx((v), __VA_ARGS__)
 #define __syncwarp(...) ::m3emu::syncwarp()
 #undef __launch_bounds__

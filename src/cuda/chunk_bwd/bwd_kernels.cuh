@@ -621,27 +621,39 @@ __device__ __forceinline__ void store_qk_grad(const BwdParams& bp, const Chunk& 
   }
 }
 
-// Per-token results of a chunk (chunk_grad kernels, after a barrier): d adt (reverse cumulative
-// sum of d cs inside the chunk), d gamma, d w, d theta per token and the chunk's d theta sum.
-// The two serial loops (d adt: one thread over the tokens; the d theta sums: a thread per angle)
-// run on the last warps, which have no per-token store, so no warp carries all three.
+// Per-token results of a chunk (chunk_grad kernels, after a barrier; every thread calls it, and it
+// has a barrier): d adt (reverse cumulative sum of d cs inside the chunk), d gamma, d w, d theta
+// per token and the chunk's d theta sum. No serial loop over the chunk's tokens holds the CTA:
+// d adt is a shuffle scan on the last warp (two tokens a lane), and the d theta sums are partial
+// sums over the tokens t = w mod 8 on every warp w, then added in warp order from `scratch`
+// (>= 8 NA floats of shared memory nothing reads any more). A fixed order: deterministic.
 __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const Chunk& ck,
                                                     const float* dcs, const float* dgam,
-                                                    const float* dwt, const float* DTH, int tid) {
+                                                    const float* dwt, const float* DTH,
+                                                    float* scratch, int tid) {
   const CoreParams& p = bp.p;
-  const int m = ck.m, h = ck.h, NA = p.NA;
+  const int m = ck.m, h = ck.h, NA = p.NA, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kThreads / 32;
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
-  static_assert(kThreads >= 64 + 96, "d adt on warp kThreads / 32 - 3, the sums on the last two");
-  if (tid == kThreads - 96 && bp.g_adt.defined()) {
+  static_assert(kMaxRows <= 64, "d adt: two tokens a lane of one warp");
+  if (warp == kWarps - 1 && bp.g_adt.defined()) {
+    const int t0 = 2 * lane;
+    const float v0 = t0 < m ? dcs[t0] : 0.f, v1 = t0 + 1 < m ? dcs[t0 + 1] : 0.f;
+    float s = v0 + v1;  // then the sum over this lane and every lane above it
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float up = __shfl_down_sync(0xffffffffu, s, o);
+      if (lane + o < 32) s += up;
+    }
+    float above = __shfl_down_sync(0xffffffffu, s, 1);
+    if (lane == 31) above = 0.f;
+    const float s1 = v1 + above, s0 = v0 + s1;  // d adt of tokens t0 + 1 and t0
     const DTensor& g = bp.g_adt;
     const int64_t base = ck.b * g.stride[0] + h * g.stride[1] +
                          static_cast<int64_t>(ck.begin + ck.t0) * g.stride[2];
     with_store(g, [&](auto store) {
-      float run = 0.f;
-      for (int t = m - 1; t >= 0; --t) {
-        run += dcs[t];
-        store(base + t * g.stride[2], run);
-      }
+      if (t0 < m) store(base + t0 * g.stride[2], s0);
+      if (t0 + 1 < m) store(base + (t0 + 1) * g.stride[2], s1);
     });
   }
   if (tid < m) {
@@ -649,12 +661,18 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
     bp.ws.tok[slot] = dgam[tid];
     bp.ws.tok[static_cast<int64_t>(p.H) * bp.L_tot + slot] = dwt[tid];
   }
-  for (int t = tid / 32; t < m; t += kThreads / 32)  // a warp per token (no index division)
-    for (int a = tid % 32; a < NA; a += 32)
+  for (int t = warp; t < m; t += kWarps)  // a warp per token (no index division)
+    for (int a = lane; a < NA; a += 32)
       bp.ws.dth[((ck.l_abs0 + t) * p.H + h) * NA + a] = DTH[t * NA + a];
-  for (int a = tid - (kThreads - 64); a >= 0 && a < NA; a += 64) {  // the last 64 threads
+  for (int a = lane; a < NA; a += 32) {
+    float part = 0.f;
+    for (int t = warp; t < m; t += kWarps) part += DTH[t * NA + a];
+    scratch[warp * NA + a] = part;
+  }
+  __syncthreads();
+  for (int a = tid; a < NA; a += kThreads) {
     float sum = 0.f;
-    for (int t = 0; t < m; ++t) sum += DTH[t * NA + a];
+    for (int w = 0; w < kWarps; ++w) sum += scratch[w * NA + a];
     bp.ws.dthc[cell * NA + a] = sum;
   }
 }
@@ -933,7 +951,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_chunk_grad_kernel(BwdParams b
   acc = block_sum(acc, sm + lay.red, tid);
   if (tid == 0) dcs[m - 1] += ex[m - 1] * acc;
   __syncthreads();
-  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
+  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, ST, tid);  // ST: read for the last time above
 }
 
 // grid (chunks, H): B_a = d loss / d eps for rotating rope pair a of every token after the

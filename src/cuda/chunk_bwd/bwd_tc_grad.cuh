@@ -648,7 +648,8 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   for (int i = tid; i < R * N; i += kT)
     par[bp.pf.qb + i] = red_bias[i] + red_bias[R * N + i] + red_bias[2 * R * N + i] +
                         red_bias[3 * R * N + i];
-  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, tid);
+  // The k tile as scratch: its last reads were before the barrier above.
+  chunk_token_outputs(bp, ck, dcs, dgam, dwt, DTH, reinterpret_cast<float*>(sm + lay.k), tid);
 }
 
 }  // namespace mamba3::cuda::bwd
