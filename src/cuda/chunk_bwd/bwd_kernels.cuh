@@ -1125,7 +1125,7 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
     const int64_t a_base = b * an.stride[0] + h * an.stride[2];
     const float* dth = bp.ws.dth + ck.l_abs0 * p.H * NA + h * NA;
     const int64_t dth_t = static_cast<int64_t>(p.H) * NA;
-    const int total = m * NA, dt = NA > 0 ? kThreads / NA : 0, da = kThreads - dt * NA;
+    const int total = m * NA;
     if (total <= kThreads) {
       if (tid < total) {
         const int t = tid / NA, a = tid - t * NA;
@@ -1133,6 +1133,7 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
         ddt_ang[t * ap + a] = dth[t * dth_t + a];
       }
     } else {
+      const int dt = kThreads / NA, da = kThreads - dt * NA;  // NA > 0: total > kThreads
       with_load_ro(an, [&](auto ld) {
         for (int i0 = tid; i0 < total; i0 += kB * kThreads) {
           float va[kB], vd[kB];

@@ -42,6 +42,13 @@ __device__ __forceinline__ int grad_col(int cg, int j, int e, int tq) {
   return grad_col0<X>(cg, j >> 1) + 8 * (j & 1) + 2 * tq + (e & 1);
 }
 
+// Column of n-tile j's first element relative to n-tile 0's: the same for every cg and tq, so a
+// row pointer at grad_col(cg, 0, 0, tq) plus this reaches n-tile j of the fragment.
+template <int X>
+__device__ __forceinline__ int grad_col_step(int j) {
+  return grad_col<X>(0, j, 0, 0) - grad_col<X>(0, 0, 0, 0);
+}
+
 // c += A (rows i0.., k in [kb, ke)) x B (k, the warp's X / 2 columns) on the tensor cores; A
 // row-major [i][k] (kATrans: stored [k][i]), B stored [j][k] (kBKn: [k][j]); groups whose bit is
 // clear in `live` are skipped. k tiles in increasing order.
@@ -213,8 +220,7 @@ __device__ __forceinline__ void grad_store_qk(const BwdParams& bp, const Chunk& 
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr)
         if (i0 + g + 8 * hr < mr)
-          *reinterpret_cast<float2*>(row[hr] +
-                                     (grad_col<N>(cg, j, 0, tq) - grad_col<N>(cg, 0, 0, tq))) =
+          *reinterpret_cast<float2*>(row[hr] + grad_col_step<N>(j)) =
               make_float2(c[j][2 * hr], c[j][2 * hr + 1]);
   } else if (grad.defined()) {
     const int64_t base = qk_off(grad, ck.b, ck.begin + ck.t0, 0, ck.g, 0);
@@ -460,8 +466,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           if (i0 + g + 8 * hr < mr) {
-            const float2 d2 = *reinterpret_cast<const float2*>(
-                row[hr] + (grad_col<P>(cg, j, 0, tq) - grad_col<P>(cg, 0, 0, tq)));
+            const float2 d2 = *reinterpret_cast<const float2*>(row[hr] + grad_col_step<P>(j));
             c[j][2 * hr] += dskip * d2.x;
             c[j][2 * hr + 1] += dskip * d2.y;
           }
@@ -494,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
             const int i = i0 + g + 8 * hr, x = grad_col<P>(cg, j, 0, tq);
             const float v0 = dv_of(c[j][2 * hr], i, x), v1 = dv_of(c[j][2 * hr + 1], i, x + 1);
             if (i < mr && (g & (R - 1)) == 0)
-              row[hr][(x - grad_col<P>(cg, 0, 0, tq)) / 2] = __floats2bfloat162_rn(v0, v1);
+              row[hr][grad_col_step<P>(j) / 2] = __floats2bfloat162_rn(v0, v1);
           }
       } else {
         with_store(gv, [&](auto store) {
@@ -525,8 +530,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         for (int hr = 0; hr < 2; ++hr) {  // columns 2 tq, 2 tq + 1 as one bf16 pair (tc_vec rows)
           const int i = i0 + g + 8 * hr;
           const unsigned int u =
-              i < mr ? __ldg(reinterpret_cast<const unsigned int*>(
-                           vrow[hr] + (grad_col<P>(cg, j, 0, tq) - grad_col<P>(cg, 0, 0, tq))))
+              i < mr ? __ldg(reinterpret_cast<const unsigned int*>(vrow[hr] + grad_col_step<P>(j)))
                      : 0u;
           c[j][2 * hr] = i < mr ? c[j][2 * hr] * __uint_as_float(u << 16) : 0.f;
           c[j][2 * hr + 1] = i < mr ? c[j][2 * hr + 1] * __uint_as_float(u & 0xffff0000u) : 0.f;

@@ -39,10 +39,7 @@ __device__ __forceinline__ void frag_load_pairs(uint32_t (&u)[X / 16][2], const 
   for (int j = 0; j < X / 16; ++j)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr)
-      u[j][hr] =
-          i0 + g + 8 * hr < mr
-              ? __ldg(row[hr] + ((grad_col<X>(cg, j, 0, tq) - grad_col<X>(cg, 0, 0, tq)) >> 1))
-              : 0u;
+      u[j][hr] = i0 + g + 8 * hr < mr ? __ldg(row[hr] + (grad_col_step<X>(j) >> 1)) : 0u;
 }
 template <int X>
 __device__ __forceinline__ void frag_unpack(const uint32_t (&u)[X / 16][2], float (&v)[X / 16][4]) {
@@ -270,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr)
           if (owner && i0 + g + 8 * hr < mr)
-            row[hr][(grad_col<P>(cg, j, 0, tq) - grad_col<P>(cg, 0, 0, tq)) / 2] =
+            row[hr][grad_col_step<P>(j) / 2] =
                 __floats2bfloat162_rn(dzv[j][2 * hr], dzv[j][2 * hr + 1]);
     } else {
       with_store(gz, [&](auto store) {
@@ -303,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
         const int i = i0 + g + 8 * hr, x = grad_col<P>(cg, j, 0, tq);
         const float e0 = i < mr ? ex[i >> lr] : 0.f;
         if (i < mr)
-          *reinterpret_cast<float2*>(row[hr] + (x - grad_col<P>(cg, 0, 0, tq))) =
+          *reinterpret_cast<float2*>(row[hr] + grad_col_step<P>(j)) =
               make_float2(c[j][2 * hr], c[j][2 * hr + 1]);
         *reinterpret_cast<uint32_t*>(DYb + i * vp + x) =
             pack_bf16(e0 * c[j][2 * hr], e0 * c[j][2 * hr + 1]);
