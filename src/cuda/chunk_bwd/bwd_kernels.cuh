@@ -1194,17 +1194,28 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
     }
   }
   __syncthreads();
-  {
+  if (tid < m * NA) {  // element i = (token t, angle a) as in the staging above, stepped
     const DTensor& ga = bp.g_angles;
-    const bool store = ga.defined();
-    const int64_t base = store ? b * ga.stride[0] + h * ga.stride[2] : 0;
-    for (int i = tid; i < m * NA; i += kThreads) {
-      const int t = i / NA, a = i - t * NA;
-      const float dtheta = ddt_ang[t * ap + a], tt = th[t * ap + a];
-      if (store)
-        dstore(ga, base + static_cast<int64_t>(l0 + t) * ga.stride[1] + a * ga.stride[3],
-               dtheta * pi_f * dtv[t] * (1.f - tt * tt));  // d angles
-      ddt_ang[t * ap + a] = dtheta * pi_f * tt;
+    const int dt = kThreads / NA, da = kThreads - dt * NA;  // per kThreads elements
+    const int t0 = tid / NA, a0 = tid - t0 * NA;
+    auto products = [&](auto store) {
+      int t = t0, a = a0;
+      for (int i = tid; i < m * NA; i += kThreads) {
+        const float dtheta = ddt_ang[t * ap + a], tt = th[t * ap + a];
+        store(t, a, dtheta * pi_f * dtv[t] * (1.f - tt * tt));  // d angles
+        ddt_ang[t * ap + a] = dtheta * pi_f * tt;
+        t += dt, a += da;
+        if (a >= NA) a -= NA, ++t;
+      }
+    };
+    if (ga.defined()) {
+      const int64_t base = b * ga.stride[0] + h * ga.stride[2] + l0 * ga.stride[1];
+      const int64_t s_t = ga.stride[1], s_a = ga.stride[3];
+      with_store(ga, [&](auto st) {
+        products([&](int t, int a, float v) { st(base + t * s_t + a * s_a, v); });
+      });
+    } else {
+      products([](int, int, float) {});
     }
   }
   __syncthreads();
