@@ -460,7 +460,9 @@ TEST_P(CudaBackwardGraph, CapturableInGraph) {
     cudaGraphExec_t exec;
     ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
     Status cap = backward(d);
-    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
+    ASSERT_EQ(ended, cudaSuccess) << cudaGetErrorString(ended) << " (backward: " << cap.ToString()
+                                  << ")";
     ASSERT_TRUE(cap.ok()) << cap.ToString();
     ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
     ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);

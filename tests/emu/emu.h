@@ -331,6 +331,7 @@ inline void cp_async16(void* smem, const void* gmem, bool valid = true) {
 inline void cp_async4(void* smem, const void* gmem, bool valid = true) {
   cp_async_emu<4>(smem, gmem, valid);
 }
+inline void prefetch_l2(const void*, uint32_t) {}  // a hint: nothing to emulate
 inline void cp_async_commit() {}
 template <int kPending>
 inline void cp_async_wait() {}

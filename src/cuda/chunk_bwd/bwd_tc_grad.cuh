@@ -294,6 +294,20 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck0)) return;
   const CoreParams& p = bp.p;
   constexpr int kT = kThreads, N = kN, P = kP, kRows = kMaxRows;
+  // The fp32 rows read after the record, asked of the L2 now (ncu: the packs of the dy and dS_end
+  // staging waited on their loads, ~8 % of the stall samples at `train`): dS_end, S_prev (read
+  // late, for dQ) and the chunk's dy rows. MIMO only: same run on the H200 (2026-11-30), the
+  // backward at `megacpp` (R = 4) 1.2 % faster with them, at `train` and `long` (R = 1) 0.8 and
+  // 3 % slower.
+  if constexpr (kR > 1) {
+    const int64_t cell = static_cast<int64_t>(ck0.cid) * p.H + ck0.h;
+    if (threadIdx.x == 0) prefetch_l2(bp.ws.ds_end + cell * P * N, P * N * 4);
+    if (threadIdx.x == 32) prefetch_l2(bp.ws.s_prev + cell * P * N, P * N * 4);
+    const int t = static_cast<int>(threadIdx.x) - 64;
+    if (t >= 0 && t < ck0.m)
+      prefetch_l2(bp.ws.dy + ((ck0.l_abs0 + t) * p.H + ck0.h) * static_cast<int64_t>(kR * P),
+                  kR * P * 4);
+  }
   float* red = reinterpret_cast<float*>(sm + lay.red);
   // The chunk as read back from shared memory after the first barrier: its fields are needed
   // again only by the stores of the last phases (128 registers leave no room to keep them).

@@ -113,6 +113,8 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
   const float* sprev = bp.ws.s_prev + cell * P * N;
   bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
+  if constexpr (R > 1)  // staged below, after the record's copies issue (MIMO: chunk_grad_tc)
+    if (tid == 0) prefetch_l2(sprev, P * N * 4);
   tc_chunk_tiles<true>(bp, ck, lay, sm, tid);  // the loader's output (chunk_state_tc or forward)
   tc_fetch_raw_v(bp, ck, lay, sm, tid);
   load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);

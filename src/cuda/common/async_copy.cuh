@@ -22,6 +22,12 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
                : "memory");
 }
 
+// Asks the L2 to fetch [gmem, gmem + bytes) ahead of the loads that will read it: a hint, no data
+// comes to the SM and nothing waits on it. gmem and bytes multiples of 16 (sm_90).
+__device__ __forceinline__ void prefetch_l2(const void* gmem, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(gmem), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
