@@ -638,16 +638,8 @@ __device__ __forceinline__ void chunk_token_outputs(const BwdParams& bp, const C
   static_assert(kMaxRows <= 64, "d adt: two tokens a lane of one warp");
   if (warp == kWarps - 1 && bp.g_adt.defined()) {
     const int t0 = 2 * lane;
-    const float v0 = t0 < m ? dcs[t0] : 0.f, v1 = t0 + 1 < m ? dcs[t0 + 1] : 0.f;
-    float s = v0 + v1;  // then the sum over this lane and every lane above it
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const float up = __shfl_down_sync(0xffffffffu, s, o);
-      if (lane + o < 32) s += up;
-    }
-    float above = __shfl_down_sync(0xffffffffu, s, 1);
-    if (lane == 31) above = 0.f;
-    const float s1 = v1 + above, s0 = v0 + s1;  // d adt of tokens t0 + 1 and t0
+    float s0, s1;  // d adt of tokens t0 and t0 + 1
+    warp_pair_scan<true>(t0 < m ? dcs[t0] : 0.f, t0 + 1 < m ? dcs[t0 + 1] : 0.f, lane, s0, s1);
     const DTensor& g = bp.g_adt;
     const int64_t base = ck.b * g.stride[0] + h * g.stride[1] +
                          static_cast<int64_t>(ck.begin + ck.t0) * g.stride[2];
@@ -1093,6 +1085,22 @@ __global__ void __launch_bounds__(kThreads) bwd_init_grads_kernel(BwdParams bp) 
   }
 }
 
+// Element i of a (token, angle) grid, row-major in NA columns, is (t, a) = (i / NA, i % NA).
+// A thread that takes i, i + kThreads, ... steps its (t, a) by kThreads = dt NA + da instead of
+// dividing per element: `at` once, then `next`.
+struct TokenAngleStep {
+  int NA, dt, da;
+  __device__ explicit TokenAngleStep(int na) : NA(na), dt(kThreads / na), da(kThreads - dt * na) {}
+  __device__ void at(int i, int& t, int& a) const {
+    t = i / NA;
+    a = i - t * NA;
+  }
+  __device__ void next(int& t, int& a) const {
+    t += dt, a += da;
+    if (a >= NA) a -= NA, ++t;
+  }
+};
+
 // grid (chunks, H): per-token gradients of angles, dt, trap (lambda) from d gamma, d w, the
 // rotation gradients and the angle carry; the sequence's first token takes the initial pair's
 // d sg0. Inputs are staged in shared memory, rows at pitch NA + 1 (the launcher's layout takes
@@ -1133,12 +1141,12 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
         ddt_ang[t * ap + a] = dth[t * dth_t + a];
       }
     } else {
-      const int dt = kThreads / NA, da = kThreads - dt * NA;  // NA > 0: total > kThreads
+      const TokenAngleStep step(NA);  // NA > 0: total > kThreads
       with_load_ro(an, [&](auto ld) {
         for (int i0 = tid; i0 < total; i0 += kB * kThreads) {
           float va[kB], vd[kB];
-          int ts[kB], as[kB];
-          int t = i0 / NA, a = i0 - t * NA;
+          int ts[kB], as[kB], t, a;
+          step.at(i0, t, a);
 #pragma unroll
           for (int u = 0; u < kB; ++u) {
             ts[u] = t, as[u] = a;
@@ -1146,8 +1154,7 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
             va[u] = in ? ld(a_base + static_cast<int64_t>(l0 + t) * an.stride[1] + a * an.stride[3])
                        : 0.f;
             vd[u] = in ? dth[t * dth_t + a] : 0.f;
-            t += dt, a += da;
-            if (a >= NA) a -= NA, ++t;
+            step.next(t, a);
           }
 #pragma unroll
           for (int u = 0; u < kB; ++u)
@@ -1196,16 +1203,15 @@ __global__ void __launch_bounds__(kThreads) bwd_token_grads_kernel(BwdParams bp,
   __syncthreads();
   if (tid < m * NA) {  // element i = (token t, angle a) as in the staging above, stepped
     const DTensor& ga = bp.g_angles;
-    const int dt = kThreads / NA, da = kThreads - dt * NA;  // per kThreads elements
-    const int t0 = tid / NA, a0 = tid - t0 * NA;
+    const TokenAngleStep step(NA);
     auto products = [&](auto store) {
-      int t = t0, a = a0;
+      int t, a;
+      step.at(tid, t, a);
       for (int i = tid; i < m * NA; i += kThreads) {
         const float dtheta = ddt_ang[t * ap + a], tt = th[t * ap + a];
         store(t, a, dtheta * pi_f * dtv[t] * (1.f - tt * tt));  // d angles
         ddt_ang[t * ap + a] = dtheta * pi_f * tt;
-        t += dt, a += da;
-        if (a >= NA) a -= NA, ++t;
+        step.next(t, a);
       }
     };
     if (ga.defined()) {

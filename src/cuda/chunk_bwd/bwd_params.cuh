@@ -397,6 +397,30 @@ __device__ __forceinline__ void load_chunk_inputs(const BwdParams& bp, const Chu
   }
 }
 
+// Cumulative sums over a warp holding two values a lane (lane l: items 2l and 2l + 1, m <= 64):
+// prefix sums (kReverse false) or suffix sums (true), item 2l's in r0 and 2l + 1's in r1, in one
+// fixed order of fp32 additions (deterministic). A Kogge-Stone scan of the lane pairs' sums, then
+// each lane adds its own items to the sum of the lanes before it.
+template <bool kReverse>
+__device__ __forceinline__ void warp_pair_scan(float v0, float v1, int lane, float& r0, float& r1) {
+  float s = v0 + v1;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float n =
+        kReverse ? __shfl_down_sync(0xffffffffu, s, o) : __shfl_up_sync(0xffffffffu, s, o);
+    if (kReverse ? lane + o < 32 : lane >= o) s += n;
+  }
+  float before = kReverse ? __shfl_down_sync(0xffffffffu, s, 1) : __shfl_up_sync(0xffffffffu, s, 1);
+  if (lane == (kReverse ? 31 : 0)) before = 0.f;
+  if (kReverse) {
+    r1 = v1 + before;
+    r0 = v0 + r1;
+  } else {
+    r0 = before + v0;
+    r1 = r0 + v1;
+  }
+}
+
 // After load_chunk_inputs and a barrier: cs summed in place (cumulative, warp 0; m <= 64) and the
 // raw angles replaced by their increments (float, as the forward rounds them).
 __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th, int m, int NA,
@@ -405,18 +429,10 @@ __device__ __forceinline__ void chunk_cumsum_and_increments(float* sc, float* th
   const float* dtv = sc + kDt * kMaxRows;
   if (tid < 32) {  // warp 0: two tokens per lane, a scan over the lanes (fixed order); m <= 64
     const int t0 = 2 * tid;
-    const float v0 = t0 < m ? cs[t0] : 0.f, v1 = t0 + 1 < m ? cs[t0 + 1] : 0.f;
-    float incl = v0 + v1;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const float n = __shfl_up_sync(0xffffffffu, incl, o);
-      if (tid >= o) incl = n + incl;
-    }
-    float before = __shfl_up_sync(0xffffffffu, incl, 1);
-    if (tid == 0) before = 0.f;
-    const float c0 = before + v0;
+    float c0, c1;
+    warp_pair_scan<false>(t0 < m ? cs[t0] : 0.f, t0 + 1 < m ? cs[t0 + 1] : 0.f, tid, c0, c1);
     if (t0 < m) cs[t0] = c0;
-    if (t0 + 1 < m) cs[t0 + 1] = c0 + v1;
+    if (t0 + 1 < m) cs[t0 + 1] = c1;
   }
   for (int t = tid / 32; t < m; t += kThreads / 32)  // a warp per token (no index division)
     for (int a = tid % 32; a < NA; a += 32)

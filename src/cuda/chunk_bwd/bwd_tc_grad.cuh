@@ -294,19 +294,22 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   if (!find_chunk(bp, blockIdx.x, blockIdx.y, &ck0)) return;
   const CoreParams& p = bp.p;
   constexpr int kT = kThreads, N = kN, P = kP, kRows = kMaxRows;
+  constexpr int R = kR, lr = log2_const(kR);  // p.R
+  const int64_t cell = static_cast<int64_t>(ck0.cid) * p.H + ck0.h;
+  const float* sprev = bp.ws.s_prev + cell * P * N;
+  const float* dsend = bp.ws.ds_end + cell * P * N;
+  const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
+  const float* dyg = bp.ws.dy + (ck0.l_abs0 * p.H + ck0.h) * static_cast<int64_t>(R * P);
   // The fp32 rows read after the record, asked of the L2 now (ncu: the packs of the dy and dS_end
   // staging waited on their loads, ~8 % of the stall samples at `train`): dS_end, S_prev (read
   // late, for dQ) and the chunk's dy rows. MIMO only: same run on the H200 (2026-11-30), the
   // backward at `megacpp` (R = 4) 1.2 % faster with them, at `train` and `long` (R = 1) 0.8 and
   // 3 % slower.
   if constexpr (kR > 1) {
-    const int64_t cell = static_cast<int64_t>(ck0.cid) * p.H + ck0.h;
-    if (threadIdx.x == 0) prefetch_l2(bp.ws.ds_end + cell * P * N, P * N * 4);
-    if (threadIdx.x == 32) prefetch_l2(bp.ws.s_prev + cell * P * N, P * N * 4);
+    if (threadIdx.x == 0) prefetch_l2(dsend, P * N * 4);
+    if (threadIdx.x == 32) prefetch_l2(sprev, P * N * 4);
     const int t = static_cast<int>(threadIdx.x) - 64;
-    if (t >= 0 && t < ck0.m)
-      prefetch_l2(bp.ws.dy + ((ck0.l_abs0 + t) * p.H + ck0.h) * static_cast<int64_t>(kR * P),
-                  kR * P * 4);
+    if (t >= 0 && t < ck0.m) prefetch_l2(dyg + t * dy_row, R * P * 4);
   }
   float* red = reinterpret_cast<float*>(sm + lay.red);
   // The chunk as read back from shared memory after the first barrier: its fields are needed
@@ -317,7 +320,6 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   constexpr int kNTn = N / 16, kNTp = P / 16, kNTs = kRows / 16;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3, cg = warp & 1, rt = warp >> 1, i0 = 16 * rt;
-  constexpr int R = kR, lr = log2_const(kR);  // p.R
   const int NA = p.NA, m = ck0.m, mr = ck0.mr, h = ck0.h;
   const int kr = (mr + 15) & ~15;  // rows rounded up to whole 16-row tiles (zero past mr)
   const bool rows_live = i0 < kr;
@@ -349,12 +351,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   const int qp = lay.qp, vp = lay.vp, ap = lay.ap;
   const bool has_d = p.d.defined();
   const float dskip = has_d ? dload_ro(p.d, h * p.d.stride[0]) : 0.f;
-  const int64_t cell = static_cast<int64_t>(ck0.cid) * p.H + h;
-  const float* sprev = bp.ws.s_prev + cell * P * N;
-  const float* dsend = bp.ws.ds_end + cell * P * N;
   float* par = bp.ws.par + cell * bp.pf.count;
-  const int64_t dy_row = static_cast<int64_t>(p.H) * R * P;  // workspace dy: token stride
-  const float* dyg = bp.ws.dy + (ck0.l_abs0 * p.H + h) * static_cast<int64_t>(R * P);
   auto dy_at = [&](int row, int x) -> const float& {
     return dyg[(row >> lr) * dy_row + (row & (R - 1)) * P + x];
   };
