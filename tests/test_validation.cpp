@@ -236,6 +236,13 @@ TEST(Gates, CudaGatesListedWithTheirState) {
   ASSERT_EQ(setenv("MAMBA3_CUDA_SAVE_TILES", "0", 1), 0);
   EXPECT_FALSE(find("MAMBA3_CUDA_SAVE_TILES").set);
   ASSERT_EQ(unsetenv("MAMBA3_CUDA_SAVE_TILES"), 0);
+  ASSERT_EQ(unsetenv("MAMBA3_CUDA_SAVE_Y"), 0);
+  EXPECT_TRUE(find("MAMBA3_CUDA_SAVE_Y").set);
+  ASSERT_EQ(setenv("MAMBA3_CUDA_SAVE_Y", "0", 1), 0);
+  EXPECT_FALSE(find("MAMBA3_CUDA_SAVE_Y").set);
+  ASSERT_EQ(setenv("MAMBA3_CUDA_SAVE_Y", "2", 1), 0);
+  EXPECT_NE(find("MAMBA3_CUDA_SAVE_Y").description.find("invalid: '2'"), std::string::npos);
+  ASSERT_EQ(unsetenv("MAMBA3_CUDA_SAVE_Y"), 0);
 }
 
 // Without a cuda call (no GPU here, or none yet) there is no cached workspace: releasing it is

@@ -8,7 +8,8 @@ Lanes: CUDA tensors run on the cuda lane (on torch's current stream of their dev
 must have it, see pyproject.toml); on CPU, float64 activations run on the float64 reference lane
 (so gradcheck works) and float32/bfloat16/float16 on the fast cpu lane. All tensors of a call
 must be on one device. On CUDA, when grad is needed, fwd saves the tile records, chunk-start
-states and decays of the tensor-core path (about 1.3 KB per token per head at N = 128, P = 64;
+states, decays and the pre-output y of the tensor-core path (about 1.4 KB per token per head at
+N = 128, P = 64, R = 1; `MAMBA3_CUDA_SAVE_Y=0` leaves y out, 256 B less there;
 `MAMBA3_CUDA_SAVE_TILES=0` or any configuration off the tensor cores: an empty `saved` output)
 and bwd reads them instead of recomputing.
 

@@ -67,15 +67,15 @@ Status check_saved(const Tensor& saved, Lane lane, const Inputs& in, const Dims&
   }
   if (saved.ndim != 1 || saved.dtype != DType::kF32 || saved.shape[0] != want ||
       saved.device != d.device || (want > 0 && saved.data == nullptr))
-    return Status::InvalidArgument("saved: expected a (" + std::to_string(want) +
-                                   ",) float32 tensor on the inputs' device for the " +
-                                   lane_name(lane) + " lane, got " + saved.shape_string() + " " +
-                                   dtype_name(saved.dtype) +
-                                   (lane == Lane::kCuda
-                                        ? " (the size follows MAMBA3_CUDA_SAVE_TILES, "
-                                          "MAMBA3_CUDA_BWD_MIMO_TC and MAMBA3_PSIV_CACHE: keep "
-                                          "them unchanged between the forward and its backward)"
-                                        : ""));
+    return Status::InvalidArgument(
+        "saved: expected a (" + std::to_string(want) +
+        ",) float32 tensor on the inputs' device for the " + lane_name(lane) + " lane, got " +
+        saved.shape_string() + " " + dtype_name(saved.dtype) +
+        (lane == Lane::kCuda ? " (the size follows MAMBA3_CUDA_SAVE_TILES, "
+                               "MAMBA3_CUDA_SAVE_Y, MAMBA3_CUDA_BWD_MIMO_TC and "
+                               "MAMBA3_PSIV_CACHE: keep them unchanged between the "
+                               "forward and its backward)"
+                             : ""));
   if (want > 0 && saved.strides[0] != 1)
     return Status::InvalidArgument("saved: must be contiguous (stride 1), got stride " +
                                    std::to_string(saved.strides[0]));
@@ -226,6 +226,13 @@ std::vector<GateInfo> gates() {
       "training forward writes the tensor-core path's tile records, chunk-start states and "
       "decays into ForwardArgs::saved for the backward (unset or 1, the default); 0 saves "
       "nothing and the backward recomputes them",
+      "cuda lane (bf16 q, k, v at N, P in {64, 128})"));
+  // Parsed by the cuda lane (src/cuda/common/tile_record.cuh), which rejects other values.
+  out.push_back(default_on_gate(
+      "MAMBA3_CUDA_SAVE_Y",
+      "with MAMBA3_CUDA_SAVE_TILES, the saved buffer also carries each chunk's fp32 y before the "
+      "output stage (R P 4 bytes per token and head), so the backward does not recompute it "
+      "(unset or 1, the default); 0 leaves it out and the backward recomputes y",
       "cuda lane (bf16 q, k, v at N, P in {64, 128})"));
   // Parsed by the cuda lane (src/cuda/step/step_persist_launch.cuh), which rejects other values
   // and a 1 where the persistent kernel does not apply.

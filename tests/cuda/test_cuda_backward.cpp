@@ -230,6 +230,49 @@ TEST(CudaBackward, SavedTilesTrainingMode) {
   }
 }
 
+// MAMBA3_CUDA_SAVE_Y=0 leaves y out of the saved buffer (R P fp32 fewer per 64-row cell), and the
+// backward's chunk_out recomputes y from the record and the start state: its gradients meet the
+// same bar as with y (the default, SavedTilesTrainingMode) and are bitwise reproducible. Another
+// value is an error naming the gate.
+TEST(CudaBackward, SaveYGate) {
+  REQUIRE_GPU();
+  for (const Case& c :
+       {Case{"no_y_siso", 1, 200, 4, 1, 128, 64, 1, 32, true, true, false, {}, kH, kB},
+        Case{"no_y_mimo_gqa", 2, 100, 4, 2, 64, 64, 4, 16, true, true, true, {}, kI, kB}}) {
+    SCOPED_TRACE(c.name);
+    check::Problem p = make(c, 950 + c.L);
+    check::HostTensor out = p.make_out(c.dtype);
+    const ForwardArgs f = forward_args(p, out, Lane::kCuda);
+    int64_t with_y = 0, without_y = 0;
+    ASSERT_TRUE(cuda::saved_numel_staged(f, &with_y).ok());
+    {
+      ScopedEnv off("MAMBA3_CUDA_SAVE_Y", "0");
+      ASSERT_TRUE(cuda::saved_numel_staged(f, &without_y).ok());
+    }
+    const int64_t cells = c.B * ((c.L + 64 / c.R - 1) / (64 / c.R)) * c.H;
+    EXPECT_GE(with_y - without_y, cells * 64 * c.P) << "y: 64 x P fp32 per cell";
+    EXPECT_LE(with_y - without_y, cells * 64 * c.P + 64) << "y: 64 x P fp32 per cell";
+    {
+      ScopedEnv bad("MAMBA3_CUDA_SAVE_Y", "yes");
+      int64_t n = 0;
+      const Status st = cuda::saved_numel_staged(f, &n);
+      EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+      EXPECT_NE(st.message().find("MAMBA3_CUDA_SAVE_Y"), std::string::npos) << st.message();
+    }
+    ScopedEnv off("MAMBA3_CUDA_SAVE_Y", "0");
+    RunOptions o;
+    o.out_dtype = c.dtype;
+    o.use_saved = true;
+    const Result saved = run(p, Eval::kCuda, o);
+    expect_bitwise_equal(run(p, Eval::kCuda, o), saved, "two saved-mode runs without y");
+    o.use_saved = false;
+    const Result ref = grads_only(run(p, Eval::kReference, o));
+    const Result naive = grads_only(run(p, Eval::kNaiveF32, o));
+    expect_within_bar_or_recipe(grads_only(saved), ref, naive, kTcGradTol,
+                                p.config().describe() + " (saved tiles without y)");
+  }
+}
+
 // MAMBA3_CUDA_SAVE_TILES=0 turns saving off (saved_numel 0); another value is an error naming it.
 TEST(CudaBackward, SaveTilesGate) {
   REQUIRE_GPU();

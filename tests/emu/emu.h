@@ -281,6 +281,11 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// Streaming (evict-first) load: a plain load here.
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
 // Streaming (evict-first) store: a plain store here.
 template <typename T>
 inline void __stcs(T* p, T v) {

@@ -40,6 +40,7 @@ void bind_fwd_smem_np() {
   m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, false>, tc_smem, sizeof tc_smem);
   m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, true>, tc_smem, sizeof tc_smem);
   m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, false, true>, tc_smem, sizeof tc_smem);
+  m3emu::bind_dynamic_smem(fwd_tc_kernel<N, P, false, true, true>, tc_smem, sizeof tc_smem);
   m3emu::bind_dynamic_smem(fwd_tc_combine<N, P>, th_s, sizeof th_s);
 }
 
@@ -368,6 +369,33 @@ INSTANTIATE_TEST_SUITE_P(
                    {100, 0, 37, 63}, kI, kB},
                   "64"}),
     [](const testing::TestParamInfo<SavedCase>& i) { return std::string(i.param.c.name); });
+
+// MAMBA3_CUDA_SAVE_Y=0: the saved buffer without y (smaller by 64 x P fp32 per cell, up to the
+// region's alignment); the emulated backward recomputes y in chunk_out and stays within the bar,
+// as CudaBackward.SaveYGate on the GPU. With y (the default) EmuForwardTcSaved covers it.
+TEST(EmuSaveY, OffRecomputesYWithinBar) {
+  ScopedEnv save("MAMBA3_CUDA_SAVE_TILES", nullptr);
+  ScopedEnv mimo_tc("MAMBA3_CUDA_BWD_MIMO_TC", nullptr);
+  const Case c{"no_y_mimo_r4", 1, 40, 2, 1, 64, 64, 4, 16, true, true, true, {}, kI, kB};
+  check::Problem p = make(c, 700 + c.L);
+  Result ref, naive;
+  references(p, c.dtype, true, &ref, &naive);
+  const EmuForward with_y = run_emu_forward(p, c.dtype, true);
+  if (with_y.r.empty()) return;
+  ScopedEnv off("MAMBA3_CUDA_SAVE_Y", "0");
+  EmuForward no_y = run_emu_forward(p, c.dtype, true);
+  expect_bitwise_equal(no_y.r, with_y.r, "forward outputs with and without y saved");
+  const int64_t cells = c.B * ((c.L + 64 / c.R - 1) / (64 / c.R)) * c.H;
+  const int64_t less = static_cast<int64_t>(with_y.saved.size() - no_y.saved.size());
+  EXPECT_GE(less, cells * 64 * c.P);
+  EXPECT_LE(less, cells * 64 * c.P + 64);
+  const Result grads = run_emu_backward_from_saved(p, c.dtype, no_y.saved);
+  const Result ref_g = grads_only(ref), naive_g = grads_only(naive);
+  print_errors(grads, ref_g, naive_g);
+  expect_within_bar_or_recipe(grads, ref_g, naive_g, kTcGradTol,
+                              p.config().describe() + " (backward from a saved buffer without y)");
+  if (std::getenv("MAMBA3_EMU_HASH")) print_hashes(grads, p.config().describe() + " without y");
+}
 
 // The PsiV cache (MAMBA3_PSIV_CACHE=1): the saved records carry v psi and the emulated backward
 // copies it back; with 0 the backward computes it again from the raw v. The same bits

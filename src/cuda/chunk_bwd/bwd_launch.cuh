@@ -8,7 +8,8 @@
 // for the next call (cuda/common/workspace.h), nothing else is kept between calls. With the
 // forward's saved buffer (BackwardArgs::saved, cuda/common/tile_record.cuh: the tile records,
 // chunk-start states and decays the tensor-core forward wrote) the backward skips its loader
-// pass (chunk_state_tc), the state scan and the angle scans; without it, it recomputes them.
+// pass (chunk_state_tc), the state scan and the angle scans, and chunk_out reads the saved y
+// instead of recomputing it; without it, it recomputes them.
 #pragma once
 
 #include <algorithm>
@@ -264,9 +265,10 @@ inline Status saved_layout_for(const Inputs& in, const Dims& d, bool forward_tc,
   bool tc = false;
   const int rows = pick_backward_rows(b, d, make_params(f, d), smem_limit, mimo_tc, &tc);
   if (!tc || rows != kRecordRows) return Status::Ok();
-  bool psiv = false;
+  bool psiv = false, y = true;
   M3_RETURN_IF_ERROR(psiv_cache_on(in, &psiv));
-  *out = saved_layout(in, d, psiv);
+  M3_RETURN_IF_ERROR(save_y_gate(&y));
+  *out = saved_layout(in, d, psiv, y);
   return Status::Ok();
 }
 
@@ -294,12 +296,14 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const bool from_saved = a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0;
   SavedLayout sl{};
   if (from_saved) {
-    sl = saved_layout(a.in, d, psiv);
+    bool y = true;
+    M3_RETURN_IF_ERROR(save_y_gate(&y));
+    sl = saved_layout(a.in, d, psiv, y);
     if (!tc || sl.bytes != a.saved.shape[0] * 4 || rows != kRecordRows)
       return Status::InvalidArgument(
           "saved: not a saved buffer of the tensor-core path for these inputs (its size must be "
           "saved_numel of them, with the same MAMBA3_CUDA_SAVE_TILES / MAMBA3_CUDA_BWD_MIMO_TC / "
-          "MAMBA3_PSIV_CACHE)");
+          "MAMBA3_PSIV_CACHE / MAMBA3_CUDA_SAVE_Y)");
     if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
       return Status::InvalidArgument("saved: data must be 16-byte aligned");
     bp.saved_hdr = static_cast<const int32_t*>(a.saved.data);
@@ -317,7 +321,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const bool has_init = a.in.initial.all();
   const bool shared_qk = d.heads_per_group() > 1;
   const TcSmem lt = tc_layout(kTcGrad, N, P, R, NA, rows, bp.g_psi.defined());
-  const TcSmem lo = tc_layout(kTcOut, N, P, R, NA, rows);
+  TcSmem lo = tc_layout(kTcOut, N, P, R, NA, rows);
   const TcSmem ls = tc_layout(kTcState, N, P, R, NA, rows);
 
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
@@ -353,6 +357,8 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
                               std::to_string(cells));
     const SavedPtrs sp = saved_ptrs(a.saved.data, sl);
     ws.decay = sp.decay, ws.s_prev = sp.s_prev, ws.tiles = sp.tiles, bp.tr = sp.tr;
+    ws.y = sp.y;
+    if (ws.y) lo = tc_layout(kTcOutY, N, P, R, NA, rows);  // chunk_out reads y
   }
 
   const unsigned grid_ch = static_cast<unsigned>(ncu), seq_heads = static_cast<unsigned>(S * H);
@@ -364,7 +370,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const size_t init_bytes = sizeof(float) * (4 * R * P + 2 * P);
   const size_t angle_bytes = sizeof(float) * (bp.C * NA + kMaxRows);
   GradTcKernel grad_tc = tc ? grad_tc_kernel(N, P, R) : nullptr;
-  OutTcKernel out_tc = tc ? out_tc_kernel(P, R) : nullptr;
+  OutTcKernel out_tc = tc ? out_tc_kernel(P, R, ws.y != nullptr) : nullptr;
   if (tc) {
     M3_RETURN_IF_ERROR(
         allow_smem_max_carveout(bwd_chunk_state_tc_kernel, static_cast<size_t>(ls.bytes)));

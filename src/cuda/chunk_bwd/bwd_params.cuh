@@ -61,6 +61,9 @@ struct Workspace {
                                    // and copied back by chunk_out_tc and chunk_grad_tc; with
                                    // the forward's saved buffer, theta is not allocated and
                                    // decay, s_prev and tiles point into that buffer
+  const float* y = nullptr;        // (ncu, H, 64, P): the forward's y before the output stage
+                                   // (saved buffer only; chunk_out reads it instead of
+                                   // recomputing y)
 };
 
 // Fields of one per-chunk partial record (Workspace::par), offsets in floats.

@@ -73,7 +73,8 @@ struct TcSmem {
 
 inline int tc_up16(int x) { return (x + 15) & ~15; }
 
-enum TcKernel { kTcState, kTcOut, kTcGrad };
+// kTcOutY: chunk_out reading the forward's saved y (no k, state, score or v psi tiles).
+enum TcKernel { kTcState, kTcOut, kTcGrad, kTcOutY };
 
 // Partial-sum slots of chunk_grad_tc in lay.red (floats): rows of the score pass (per column
 // half: d cs terms, d gamma terms), columns of the score pass (per row tile: d w terms), the
@@ -108,13 +109,13 @@ inline TcSmem tc_layout(TcKernel kind, int N, int P, int R, int NA, int rows,
     o += tc_up16(bytes);
     return at;
   };
-  const bool grad = kind == kTcGrad, out = kind == kTcOut;
+  const bool grad = kind == kTcGrad, out_y = kind == kTcOutY, out = kind == kTcOut || out_y;
   l.q = take(true, rows * l.qp * 2);  // chunk_state loads it for the tile record
-  l.k = take(true, rows * l.qp * 2);
+  l.k = take(!out_y, rows * l.qp * 2);
   if (out) {  // chunk_out (bwd_tc_out.cuh): the operands of y, the raw v of the D skip, e dy
-    l.s = take(true, P * l.qp * 2);
-    l.am = take(true, rows * l.ap * 2);
-    l.v = take(true, rows * l.vp * 2);
+    l.s = take(!out_y, P * l.qp * 2);
+    l.am = take(!out_y, rows * l.ap * 2);
+    l.v = take(!out_y, rows * l.vp * 2);
     l.vr = take(true, l.C * l.vp * 2);
     l.dy = take(true, rows * l.vp * 2);
     l.vf = -1;
@@ -474,7 +475,8 @@ __device__ __forceinline__ void tc_scale_v_rows(const BwdParams& bp, const TcSme
 // without the PsiV cache: the raw v rows, tc_fetch_v_rows). The caller then waits
 // (cp_async_wait_all) and synchronizes before reading them, and where tc_v_rows_need_psi
 // scales the v rows (tc_scale_v_rows) and synchronizes again.
-template <bool kFetch>
+// kQOnly (chunk_out from a saved y): the q tile and the scalar arrays only.
+template <bool kFetch, bool kQOnly = false>
 __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk& ck,
                                                const TcSmem& lay, unsigned char* sm, int tid) {
   const int N = bp.p.N, P = bp.p.P, rows = lay.rows;
@@ -496,11 +498,13 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
     }
   };
   tile(lay.q, tr.q, N, lay.qp);
-  tile(lay.k, tr.k, N, lay.qp);
-  if (tr.v >= 0)
-    tile(lay.v, tr.v, P, lay.vp);  // the PsiV cache
-  else if constexpr (kFetch)
-    tc_fetch_v_rows(bp, ck, lay, sm, tid);  // then tc_scale_v_rows where psi is given
+  if constexpr (!kQOnly) {
+    tile(lay.k, tr.k, N, lay.qp);
+    if (tr.v >= 0)
+      tile(lay.v, tr.v, P, lay.vp);  // the PsiV cache
+    else if constexpr (kFetch)
+      tc_fetch_v_rows(bp, ck, lay, sm, tid);  // then tc_scale_v_rows where psi is given
+  }
   // fp32 arrays, dense in both places: the wrapped angles and the loader's scalar arrays.
   auto flat = [&](int s_off, int g_off, int floats) {
     for (int i = tid; i < floats / 4; i += kThreads)
@@ -514,7 +518,7 @@ __device__ __forceinline__ void tc_chunk_tiles(const BwdParams& bp, const Chunk&
         *reinterpret_cast<float*>(g) = *reinterpret_cast<const float*>(s);
     }
   };
-  if (lay.th >= 0) flat(lay.th, tr.th, lay.C * bp.p.NA);  // chunk_out reads no angles
+  if (!kQOnly && lay.th >= 0) flat(lay.th, tr.th, lay.C * bp.p.NA);  // chunk_out reads no angles
   flat(lay.scal, tr.sc, kLoaderScalars * kMaxRows);
 }
 

@@ -90,8 +90,12 @@ __device__ __forceinline__ void out_row_sums(float (&s)[2], float* slot, int i0,
 }
 
 // grid (chunks, H), kThreads: see the top of this file. P = 128 runs one CTA per SM (shared
-// memory ~128 KB at N = 128, and 32-float accumulators), as chunk_grad_tc.
-template <int kP, int kR>
+// memory ~128 KB at N = 128, and 32-float accumulators), as chunk_grad_tc. kSavedY: y comes from
+// the forward's saved buffer (Workspace::y, the forward's own fp32 values) and only the q tile,
+// the scalars and the raw v are fetched: no S_prev, no k or v psi tiles, no products for y
+// (layout kTcOutY: ~41 KB at N = 128, P = 64). Still two CTAs per SM: capped at 80 registers for
+// three, ptxas spilled 8 (R = 1) to 112 (R = 8) bytes at P = 64 (2026-11-30).
+template <int kP, int kR, bool kSavedY>
 __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
     bwd_chunk_out_tc_kernel(BwdParams bp, TcSmem lay) {
   M3B_DYNAMIC_SMEM_TC(sm);
@@ -113,15 +117,17 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   const int64_t cell = static_cast<int64_t>(ck.cid) * p.H + h;
   const float* sprev = bp.ws.s_prev + cell * P * N;
   bf16* Sb = reinterpret_cast<bf16*>(sm + lay.s);
-  if constexpr (R > 1)  // staged below, after the record's copies issue (MIMO: chunk_grad_tc)
+  // S_prev is staged below, after the record's copies issue (MIMO: as chunk_grad_tc).
+  if constexpr (R > 1 && !kSavedY)
     if (tid == 0) prefetch_l2(sprev, P * N * 4);
-  tc_chunk_tiles<true>(bp, ck, lay, sm, tid);  // the loader's output (chunk_state_tc or forward)
+  // The loader's output (chunk_state_tc or the forward); with a saved y the q tile and scalars.
+  tc_chunk_tiles<true, kSavedY>(bp, ck, lay, sm, tid);
   tc_fetch_raw_v(bp, ck, lay, sm, tid);
   load_head_params(p, h, psi, zeta, phi, wn, tid, kThreads);
-  stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
+  if constexpr (!kSavedY) stage_state_bf16(sprev, Sb, P, N, lay.qp, tid);
   cp_async_wait_all();
   __syncthreads();
-  if (tc_v_rows_need_psi(bp)) {  // v psi of a record without the PsiV cache
+  if (!kSavedY && tc_v_rows_need_psi(bp)) {  // v psi of a record without the PsiV cache
     tc_scale_v_rows(bp, lay, sm, psi, ck.mr, tid);
     __syncthreads();
   }
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
 
   // A o M = (Q K^T) o M on the causal 16-column groups; every element of the warp's rows written
   // (zero above the diagonal and past the chunk): the (A o M) V product reads columns < i0 + 16.
-  {
+  if constexpr (!kSavedY) {
     float ra[kNTs][4] = {};
     const unsigned live = grad_causal_groups<kRows>(rows_live, i0, cg);
     grad_mma<kRows, false, false>(ra, Q, qp, K, qp, i0, cg, 0, N, live, lane);
@@ -179,22 +185,38 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
   if (go_pairs) frag_load_pairs<P>(go_raw, go, go_off, i0, cg, lane, mr);
   if (z_pairs) frag_load_pairs<P>(z_raw, z, z_off, i0, cg, lane, mr);
 
-  // Y = e (Q S_prev^T) + (A o M) V (key rows k < i0 + 16) + D v psi.
+  // Y = e (Q S_prev^T) + (A o M) V (key rows k < i0 + 16) + D v psi; or the forward's (fp32
+  // pairs, zero past the chunk).
   float c[kNTp][4] = {};
-  const unsigned all = (1u << (P / 32)) - 1;
-  grad_mma<P, false, false>(c, Q, qp, Sb, qp, i0, cg, 0, rows_live ? N : 0, all, lane);
-  grad_scale_rows<P>(c, row0 < mr ? ex[row0 >> lr] : 0.f, row1 < mr ? ex[row1 >> lr] : 0.f);
-  __syncthreads();  // A o M complete
-  grad_mma<P, false, true>(c, AM, ap, V, vp, i0, cg, 0, rows_live ? imin(i0 + 16, kr) : 0, all,
-                           lane);
-  if (dskip != 0.f)
+  if constexpr (kSavedY) {
+    const float* yrow[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+      yrow[hr] = bp.ws.y + cell * (kRows * P) + (i0 + g + 8 * hr) * P + grad_col<P>(cg, 0, 0, tq);
 #pragma unroll
     for (int j = 0; j < kNTp; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + g + 8 * (e >> 1);
-        if (i < mr) c[j][e] += dskip * vpsi(i, grad_col<P>(cg, j, e, tq));
-      }
+      for (int hr = 0; hr < 2; ++hr)
+        if (i0 + g + 8 * hr < mr) {
+          const float2 y = __ldcs(reinterpret_cast<const float2*>(yrow[hr] + grad_col_step<P>(j)));
+          c[j][2 * hr] = y.x, c[j][2 * hr + 1] = y.y;
+        }
+  } else {
+    const unsigned all = (1u << (P / 32)) - 1;
+    grad_mma<P, false, false>(c, Q, qp, Sb, qp, i0, cg, 0, rows_live ? N : 0, all, lane);
+    grad_scale_rows<P>(c, row0 < mr ? ex[row0 >> lr] : 0.f, row1 < mr ? ex[row1 >> lr] : 0.f);
+    __syncthreads();  // A o M complete
+    grad_mma<P, false, true>(c, AM, ap, V, vp, i0, cg, 0, rows_live ? imin(i0 + 16, kr) : 0, all,
+                             lane);
+    if (dskip != 0.f)
+#pragma unroll
+      for (int j = 0; j < kNTp; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e >> 1);
+          if (i < mr) c[j][e] += dskip * vpsi(i, grad_col<P>(cg, j, e, tq));
+        }
+  }
 
   // The output stage's adjoint on the fragment (epilogue_adjoint).
   float gov[kNTp][4], zv[kNTp][4];
@@ -346,19 +368,25 @@ __global__ void __launch_bounds__(kThreads, grad_tc_min_blocks(kP))
       warp, lane);
 }
 
-// chunk_out_tc's instance for P in {64, 128} and R in {1, 2, 4, 8} (tensor_core_inputs).
+// chunk_out_tc's instance for P in {64, 128} and R in {1, 2, 4, 8} (tensor_core_inputs), and
+// whether y comes from the forward's saved buffer.
 using OutTcKernel = void (*)(BwdParams, TcSmem);
-template <int kP>
+template <int kP, bool kSavedY>
 inline OutTcKernel out_tc_kernel_r(int R) {
   switch (R) {
-    case 1: return bwd_chunk_out_tc_kernel<kP, 1>;
-    case 2: return bwd_chunk_out_tc_kernel<kP, 2>;
-    case 4: return bwd_chunk_out_tc_kernel<kP, 4>;
-    default: return bwd_chunk_out_tc_kernel<kP, 8>;
+    case 1:
+      return bwd_chunk_out_tc_kernel<kP, 1, kSavedY>;
+    case 2:
+      return bwd_chunk_out_tc_kernel<kP, 2, kSavedY>;
+    case 4:
+      return bwd_chunk_out_tc_kernel<kP, 4, kSavedY>;
+    default:
+      return bwd_chunk_out_tc_kernel<kP, 8, kSavedY>;
   }
 }
-inline OutTcKernel out_tc_kernel(int P, int R) {
-  return P == 64 ? out_tc_kernel_r<64>(R) : out_tc_kernel_r<128>(R);
+inline OutTcKernel out_tc_kernel(int P, int R, bool saved_y) {
+  if (saved_y) return P == 64 ? out_tc_kernel_r<64, true>(R) : out_tc_kernel_r<128, true>(R);
+  return P == 64 ? out_tc_kernel_r<64, false>(R) : out_tc_kernel_r<128, false>(R);
 }
 
 }  // namespace mamba3::cuda::bwd

@@ -268,11 +268,13 @@ __device__ __forceinline__ int tid_x_again() { return index_again<false>(); }
 // kSave (training; not with kStates): every chunk also writes what the backward's loader would
 // compute (cuda/common/tile_record.cuh): its start state and decay, and its tile record (the
 // rotated q, k and v psi tiles, wrapped angles and scalar arrays exactly as this kernel uses
-// them), so the backward skips its own loader pass and state scan.
-template <int N, int P, bool kStates, bool kSave = false>
+// them), so the backward skips its own loader pass and state scan; kSaveY also y before the
+// output stage (SavedPtrs::y), so the backward's chunk_out does not recompute it.
+template <int N, int P, bool kStates, bool kSave = false, bool kSaveY = false>
 __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     fwd_tc_kernel(CoreParams p, SegParams sp, SavedPtrs sv, const __grid_constant__ FwdMaps mp) {
   static_assert(!(kStates && kSave), "the state pass saves nothing");
+  static_assert(kSave || !kSaveY, "y is saved with the records");
   using Cfg = TcCfg<N, P>;
   constexpr int kQp = Cfg::kQp, kVp = Cfg::kVp;
   extern __shared__ __align__(128) unsigned char tc_smem[];
@@ -847,6 +849,16 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
           const float2 pb = *reinterpret_cast<const float2*>(psi_s + rB * P + x);
           ya[j][0] += dskip * va.x * pa.x, ya[j][1] += dskip * va.y * pa.y;
           ya[j][2] += dskip * vb.x * pb.x, ya[j][3] += dskip * vb.y * pb.y;
+        }
+      }
+      if constexpr (kSaveY) {  // y before the output stage, for the backward's chunk_out
+        float* yc = sv.y + save_cell() * (kTcRows * P) + hh * Cfg::kPH + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < Cfg::kPH / 8; ++j) {
+          if (ra < mr)
+            __stcs(reinterpret_cast<float2*>(yc + ra * P + j * 8), make_float2(ya[j][0], ya[j][1]));
+          if (rb < mr)
+            __stcs(reinterpret_cast<float2*>(yc + rb * P + j * 8), make_float2(ya[j][2], ya[j][3]));
         }
       }
       if (p.norm_weight.defined()) {

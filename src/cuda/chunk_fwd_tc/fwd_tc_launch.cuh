@@ -58,14 +58,15 @@ inline bool forward_uses_tensor_cores(const Inputs& in, const Dims& d, const Cor
 }
 
 // Training: ForwardArgs::saved (its size already checked against saved_numel by the API, so
-// the layout applies) gets the tile records, chunk-start states and decays; `*sv` stays empty
+// the layout applies) gets the tile records, chunk-start states, decays and y; `*sv` stays empty
 // (null base) without a saved buffer.
 inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs* sv) {
   *sv = SavedPtrs{};
   if (!(a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0)) return Status::Ok();
-  bool psiv = false;
+  bool psiv = false, y = true;
   M3_RETURN_IF_ERROR(psiv_cache_on(a.in, &psiv));
-  const SavedLayout l = saved_layout(a.in, d, psiv);
+  M3_RETURN_IF_ERROR(save_y_gate(&y));
+  const SavedLayout l = saved_layout(a.in, d, psiv, y);
   if (l.bytes != a.saved.shape[0] * 4)
     return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
                                    " float32 elements for these inputs, got " +
@@ -199,9 +200,17 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   FwdMaps mp;
   M3_RETURN_IF_ERROR(forward_maps(p, d, &mp));
   const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
-  // The output pass: with a saved buffer (training) the instance that also writes the records.
+  // The output pass: with a saved buffer (training) the instance that also writes the records,
+  // and y where the buffer has it (its own instance: with y off, one instance with a runtime
+  // branch around the y stores was 8 % slower at `train` than before y existed, this one 6 %;
+  // H200, 2026-12-01, unexplained: NOTES.md, "Seventeenth session").
   auto output_pass = [&]() -> Status {
-    if (sv.base) {
+    if (sv.base && sv.y) {
+      auto kernel = fwd_tc_kernel<N, P, false, true, true>;
+      M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
+      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
+      M3F_CHECK_LAUNCH("fwd_tc_kernel (saving, with y)");
+    } else if (sv.base) {
       auto kernel = fwd_tc_kernel<N, P, false, true>;
       M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
       M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
