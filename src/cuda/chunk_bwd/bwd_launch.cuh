@@ -128,19 +128,6 @@ inline Status check_backward_supported(const Dims& d) {
   return Status::Ok();
 }
 
-// A cuda-lane gate that is on unless its variable is "0": unset, empty or "1" leave it on;
-// anything else is an error naming the variable.
-inline Status default_on_gate(const char* name, bool* on) {
-  *on = true;
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
-  if (std::strcmp(env, "0") == 0) {
-    *on = false;
-    return Status::Ok();
-  }
-  return Status::InvalidArgument(std::string(name) + ": expected 0 or 1, got '" + env + "'");
-}
-
 // MIMO (R > 1) takes the tensor-core backward unless MAMBA3_CUDA_BWD_MIMO_TC=0 (an opt-out to
 // the fp32 SIMT kernels). It was opt-in while its angle gradient was 1.7e-2 from float64 on the
 // H200 (2026-11-29, peers parity case B=2 L=512 H=8 N=128 P=64 R=4, bf16): the angle carry then

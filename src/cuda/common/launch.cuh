@@ -8,6 +8,7 @@
 #include <climits>
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "mamba3/mamba3.h"
@@ -30,6 +31,19 @@ inline Status env_positive(const char* name, int* value) {
                                    env + "'");
   *value = static_cast<int>(v);
   return Status::Ok();
+}
+
+// A cuda-lane gate that is on unless its variable is "0": unset, empty or "1" leave it on;
+// anything else is an error naming the variable.
+inline Status default_on_gate(const char* name, bool* on) {
+  *on = true;
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return Status::Ok();
+  if (std::strcmp(env, "0") == 0) {
+    *on = false;
+    return Status::Ok();
+  }
+  return Status::InvalidArgument(std::string(name) + ": expected 0 or 1, got '" + env + "'");
 }
 
 // SMs of the current device (132, an H200's, where the query fails).
