@@ -27,10 +27,11 @@ if ((${#missing[@]})); then
     sudo=(sudo)
   fi
   export DEBIAN_FRONTEND=noninteractive
+  apt=("${sudo[@]}" apt-get -o Acquire::Retries=3)  # a dropped download is retried, not fatal
   log "apt-get update"
-  "${sudo[@]}" apt-get update -q || die "apt-get update failed"
+  "${apt[@]}" update -q || die "apt-get update failed"
   log "apt-get install -y ${missing[*]}"
-  "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+  "${apt[@]}" install -y -q --no-install-recommends "${missing[@]}" ||
     die "apt-get install failed"
 else
   log "all packages present: ${packages[*]}"

@@ -43,7 +43,7 @@ if [[ ! -x $VENV/bin/python ]]; then
   if ! python3 -m venv "$VENV"; then
     log "venv module missing: apt-get install python3-venv"
     rm -rf "$VENV"
-    apt-get install -y -q --no-install-recommends python3-venv || die "apt-get install python3-venv"
+    apt-get -o Acquire::Retries=3 install -y -q --no-install-recommends python3-venv || die "apt-get install python3-venv"
     python3 -m venv "$VENV" || die "python3 -m venv $VENV"
   fi
 fi
