@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <sstream>
+#include <string>
 
 #include "test_util.h"
 
@@ -265,6 +267,32 @@ TEST(Lanes, CudaLaneSaysWhatItIs) {
       EXPECT_FALSE(l.available);
     }
   EXPECT_TRUE(found);
+}
+
+// build_options() names the source commit (cmake/build_commit.cmake). In a git checkout it is a
+// commit of this repository (with "-dirty" where tracked files differed at build time), never
+// "unknown"; commits made after the build do not make it wrong.
+TEST(BuildInfo, CommitOfTheSourceTree) {
+  std::string commit;
+  std::istringstream in(build_options());
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("commit=", 0) == 0) commit = line.substr(7);
+  ASSERT_FALSE(commit.empty()) << build_options();
+  const std::string src = MAMBA3_SOURCE_DIR;
+  if (std::system(("git -C '" + src + "' rev-parse --git-dir > /dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << "no git checkout at " << src << " (commit=" << commit << ")";
+  ASSERT_NE(commit, "unknown");
+  std::string hash = commit;
+  const std::string dirty = "-dirty";
+  if (hash.size() > dirty.size() &&
+      hash.compare(hash.size() - dirty.size(), dirty.size(), dirty) == 0)
+    hash.resize(hash.size() - dirty.size());
+  if (const size_t g = hash.rfind("-g"); g != std::string::npos)  // <tag>-<n>-g<hash>
+    hash = hash.substr(g + 2);
+  EXPECT_EQ(
+      std::system(("git -C '" + src + "' cat-file -e '" + hash + "^{commit}' 2>/dev/null").c_str()),
+      0)
+      << "commit=" << commit << " is not a commit of " << src;
 }
 
 }  // namespace

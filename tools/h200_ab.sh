@@ -15,6 +15,9 @@ shift 2
 shapes=${*:-train megacpp}
 export LD_LIBRARY_PATH="$PWD/.devbin/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 for bin in "$a" "$b"; do [[ -x $bin ]] || { echo "h200_ab: $bin is not an executable" >&2; exit 2; }; done
+for bin in "$a" "$b"; do  # the source each binary was built from (cmake/build_commit.cmake)
+  echo "$(basename "$bin"): $("$bin" info 2>/dev/null | grep -m1 -o 'commit=.*')"
+done
 fail=0
 for shape in $shapes; do
   for ((i = 1; i <= ${ROUNDS:-2}; ++i)); do

@@ -11,6 +11,7 @@
 
 #include "cli/commands.h"
 #include "cli/util.h"
+#include "core/build_commit.h"
 #include "cpu/cpu_lane.h"
 #include "cuda/cuda_lane.h"
 
@@ -237,9 +238,11 @@ int run_bench(const BenchOptions& o) {
                     : o.lane == "cuda"    ? Lane::kCuda
                                           : Lane::kCpu;
 
-  fmt::print(rep, "mamba3 bench: shape {} ({}), lane {}, {} warm-up + {} timed runs, threads {}\n",
+  fmt::print(rep,
+             "mamba3 bench: shape {} ({}), lane {}, {} warm-up + {} timed runs, threads {}, "
+             "commit {}\n",
              shape_label, cfg.describe(), o.lane, o.warmup, o.iters,
-             o.threads == 0 ? std::string("all") : std::to_string(o.threads));
+             o.threads == 0 ? std::string("all") : std::to_string(o.threads), build_commit());
   fmt::print(stderr, "[bench] generating inputs ...\n");
   const Problem problem(cfg);
 
@@ -335,6 +338,7 @@ int run_bench(const BenchOptions& o) {
   if (!o.json.empty()) {
     nlohmann::json doc;
     doc["version"] = version();
+    doc["commit"] = build_commit();
     doc["shape"] = o.shape;
     doc["config"] = {{"B", cfg.B}, {"L", cfg.L}, {"H", cfg.H},   {"G", cfg.G},      {"N", cfg.N},
                      {"P", cfg.P}, {"R", cfg.R}, {"NA", cfg.NA}, {"dtype", o.dtype}};

@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/build_commit.h"
 #include "core/return_if_error.h"
 #include "core/validate.h"
 #include "cpu/cpu_lane.h"
@@ -247,6 +248,7 @@ std::vector<GateInfo> gates() {
 std::string build_options() {
   std::string s;
   s += "version=" + std::string(version()) + "\n";
+  s += "commit=" + std::string(build_commit()) + "\n";
   s += "cuda=" + std::string(cuda::compiled() ? "on (sm_90a)" : "off") + "\n";
   s += "cpu_matrix_library=" + cpu::matrix_library() + "\n";
   s += "cpu_threads=" + std::to_string(cpu::max_threads()) + "\n";
