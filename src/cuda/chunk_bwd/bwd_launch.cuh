@@ -252,11 +252,7 @@ inline Status saved_layout_for(const Inputs& in, const Dims& d, bool forward_tc,
   bool tc = false;
   const int rows = pick_backward_rows(b, d, make_params(f, d), smem_limit, mimo_tc, &tc);
   if (!tc || rows != kRecordRows) return Status::Ok();
-  bool psiv = false, y = true;
-  M3_RETURN_IF_ERROR(psiv_cache_on(in, &psiv));
-  M3_RETURN_IF_ERROR(save_y_gate(&y));
-  *out = saved_layout(in, d, psiv, y);
-  return Status::Ok();
+  return gated_saved_layout(in, d, out);
 }
 
 // The whole backward on `a.stream`; arguments validated, tensors on the device.
@@ -283,9 +279,7 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
   const bool from_saved = a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0;
   SavedLayout sl{};
   if (from_saved) {
-    bool y = true;
-    M3_RETURN_IF_ERROR(save_y_gate(&y));
-    sl = saved_layout(a.in, d, psiv, y);
+    M3_RETURN_IF_ERROR(gated_saved_layout(a.in, d, &sl));
     if (!tc || sl.bytes != a.saved.shape[0] * 4 || rows != kRecordRows)
       return Status::InvalidArgument(
           "saved: not a saved buffer of the tensor-core path for these inputs (its size must be "

@@ -63,10 +63,8 @@ inline bool forward_uses_tensor_cores(const Inputs& in, const Dims& d, const Cor
 inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs* sv) {
   *sv = SavedPtrs{};
   if (!(a.saved.defined() && a.saved.ndim == 1 && a.saved.shape[0] > 0)) return Status::Ok();
-  bool psiv = false, y = true;
-  M3_RETURN_IF_ERROR(psiv_cache_on(a.in, &psiv));
-  M3_RETURN_IF_ERROR(save_y_gate(&y));
-  const SavedLayout l = saved_layout(a.in, d, psiv, y);
+  SavedLayout l;
+  M3_RETURN_IF_ERROR(gated_saved_layout(a.in, d, &l));
   if (l.bytes != a.saved.shape[0] * 4)
     return Status::InvalidArgument("saved: expected " + std::to_string(l.bytes / 4) +
                                    " float32 elements for these inputs, got " +
@@ -204,24 +202,18 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   // and y where the buffer has it (its own instance: with y off, one instance with a runtime
   // branch around the y stores was 8 % slower at `train` than before y existed, this one 6 %;
   // H200, 2026-12-01, unexplained: NOTES.md, "Seventeenth session").
-  auto output_pass = [&]() -> Status {
-    if (sv.base && sv.y) {
-      auto kernel = fwd_tc_kernel<N, P, false, true, true>;
-      M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
-      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
-      M3F_CHECK_LAUNCH("fwd_tc_kernel (saving, with y)");
-    } else if (sv.base) {
-      auto kernel = fwd_tc_kernel<N, P, false, true>;
-      M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
-      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
-      M3F_CHECK_LAUNCH("fwd_tc_kernel (saving)");
-    } else {
-      auto kernel = fwd_tc_kernel<N, P, false>;
-      M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
-      M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
-      M3F_CHECK_LAUNCH("fwd_tc_kernel");
-    }
+  auto launch_output = [&](auto kernel, const char* what) -> Status {
+    M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
+    M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
+    M3F_CHECK_LAUNCH(what);
     return Status::Ok();
+  };
+  auto output_pass = [&]() -> Status {
+    if (sv.base && sv.y)
+      return launch_output(fwd_tc_kernel<N, P, false, true, true>,
+                           "fwd_tc_kernel (saving, with y)");
+    if (sv.base) return launch_output(fwd_tc_kernel<N, P, false, true>, "fwd_tc_kernel (saving)");
+    return launch_output(fwd_tc_kernel<N, P, false>, "fwd_tc_kernel");
   };
   if (sp.nseg == 1) return output_pass();
   // Workspace for the split: stream-ordered (the lane's pool, cuda/common/workspace.h), so the

@@ -125,6 +125,17 @@ __host__ inline Status psiv_cache_on(const Inputs& in, bool* on) {
 // recomputes y from the record and the start state. Anything else is an error naming it.
 __host__ inline Status save_y_gate(bool* on) { return default_on_gate("MAMBA3_CUDA_SAVE_Y", on); }
 
+// The saved buffer's layout under this call's gates (MAMBA3_PSIV_CACHE, MAMBA3_CUDA_SAVE_Y): the
+// one place where the forward (forward_saved_ptrs), the size query (saved_layout_for) and the
+// backward read them, so that the three agree.
+__host__ inline Status gated_saved_layout(const Inputs& in, const Dims& d, SavedLayout* out) {
+  bool psiv = false, y = true;
+  M3_RETURN_IF_ERROR(psiv_cache_on(in, &psiv));
+  M3_RETURN_IF_ERROR(save_y_gate(&y));
+  *out = saved_layout(in, d, psiv, y);
+  return Status::Ok();
+}
+
 // An explicit MAMBA3_PSIV_CACHE=1 on a cuda path without the cache (the SIMT kernels): the
 // error naming the gate; Ok otherwise. `what`: "forward" or "backward".
 __host__ inline Status psiv_cache_refused(const char* what, const char* path) {
