@@ -336,9 +336,10 @@ inline Status backward_chunked(const BackwardArgs& a, const Dims& d) {
     if (sl.cells != cells)
       return Status::Internal("saved: layout of " + std::to_string(sl.cells) + " cells, the backward has " +
                               std::to_string(cells));
-    const SavedPtrs sp = saved_ptrs(a.saved.data, sl);
+    SavedPtrs sp;
+    M3_RETURN_IF_ERROR(saved_ptrs(a.saved.data, sl, &sp));
     ws.decay = sp.decay, ws.s_prev = sp.s_prev, ws.tiles = sp.tiles, bp.tr = sp.tr;
-    ws.y = sp.y;
+    ws.y = saved_y(sp);
     if (ws.y) lo = tc_layout(kTcOutY, N, P, R, NA, rows);  // chunk_out reads y
   }
 

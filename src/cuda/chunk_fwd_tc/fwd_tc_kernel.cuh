@@ -269,7 +269,7 @@ __device__ __forceinline__ int tid_x_again() { return index_again<false>(); }
 // compute (cuda/common/tile_record.cuh): its start state and decay, and its tile record (the
 // rotated q, k and v psi tiles, wrapped angles and scalar arrays exactly as this kernel uses
 // them), so the backward skips its own loader pass and state scan; kSaveY also y before the
-// output stage (SavedPtrs::y), so the backward's chunk_out does not recompute it.
+// output stage (saved_y), so the backward's chunk_out does not recompute it.
 template <int N, int P, bool kStates, bool kSave = false, bool kSaveY = false>
 __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
     fwd_tc_kernel(CoreParams p, SegParams sp, SavedPtrs sv, const __grid_constant__ FwdMaps mp) {
@@ -852,7 +852,7 @@ __global__ void __launch_bounds__(kTcThreads, TcCfg<N, P>::kMinBlocks)
         }
       }
       if constexpr (kSaveY) {  // y before the output stage, for the backward's chunk_out
-        float* yc = sv.y + save_cell() * (kTcRows * P) + hh * Cfg::kPH + 2 * tq;
+        float* yc = saved_y(sv) + save_cell() * (kTcRows * P) + hh * Cfg::kPH + 2 * tq;
 #pragma unroll
         for (int j = 0; j < Cfg::kPH / 8; ++j) {
           if (ra < mr)

@@ -71,8 +71,7 @@ inline Status forward_saved_ptrs(const ForwardArgs& a, const Dims& d, SavedPtrs*
                                    std::to_string(a.saved.shape[0]));
   if (reinterpret_cast<uintptr_t>(a.saved.data) % 16 != 0)
     return Status::InvalidArgument("saved: data must be 16-byte aligned");
-  *sv = saved_ptrs(a.saved.data, l);
-  return Status::Ok();
+  return saved_ptrs(a.saved.data, l, sv);
 }
 
 // MAMBA3_CUDA_SEG_SUB: how many of the state pass's segments make one of the output pass's (a
@@ -199,9 +198,8 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
   M3_RETURN_IF_ERROR(forward_maps(p, d, &mp));
   const unsigned grid = static_cast<unsigned>(heads * sp.nseg);
   // The output pass: with a saved buffer (training) the instance that also writes the records,
-  // and y where the buffer has it (its own instance: with y off, one instance with a runtime
-  // branch around the y stores was 8 % slower at `train` than before y existed, this one 6 %;
-  // H200, 2026-12-01, unexplained: NOTES.md, "Seventeenth session").
+  // and y where the buffer has it (its own instance: one instance with a runtime branch around
+  // the y stores was 8 % slower at `train` with y off than before y existed; H200, 2026-12-01).
   auto launch_output = [&](auto kernel, const char* what) -> Status {
     M3_RETURN_IF_ERROR(allow_smem_max_carveout(kernel, bytes));
     M3F_LAUNCH(kernel, grid, kTcThreads, bytes, stream, p, sp, sv, mp);
@@ -209,7 +207,7 @@ Status launch_forward_tc(const CoreParams& p, const Dims& d, int64_t max_len, co
     return Status::Ok();
   };
   auto output_pass = [&]() -> Status {
-    if (sv.base && sv.y)
+    if (saved_y(sv) != nullptr)
       return launch_output(fwd_tc_kernel<N, P, false, true, true>,
                            "fwd_tc_kernel (saving, with y)");
     if (sv.base) return launch_output(fwd_tc_kernel<N, P, false, true>, "fwd_tc_kernel (saving)");

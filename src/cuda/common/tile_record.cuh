@@ -60,6 +60,8 @@ inline constexpr int kSavedHeaderInts = 16;
 inline constexpr int32_t kSavedMagicCuda = 0x4d334355;  // "M3CU"
 inline constexpr int32_t kSavedVersionCuda = 3;  // 2: PsiV flag (header[11] bit 3); 3: y (bit 4)
 
+inline constexpr int32_t kSavedFlagY = 16;  // header[11]: the buffer carries y
+
 struct SavedLayout {
   int64_t cells = 0;   // ncu * H
   int64_t decay = 0, s_prev = 0, tiles = 0, y = 0, bytes = 0;  // y 0: not saved
@@ -98,7 +100,8 @@ __host__ inline SavedLayout saved_layout(const Inputs& in, const Dims& d, bool p
                                        static_cast<int32_t>(d.NA),
                                        static_cast<int32_t>(d.S),
                                        (d.varlen ? 1 : 0) | (interleaved ? 2 : 0) |
-                                           (d.per_rank_out ? 4 : 0) | (psiv ? 8 : 0) | (y ? 16 : 0),
+                                           (d.per_rank_out ? 4 : 0) | (psiv ? 8 : 0) |
+                                           (y ? kSavedFlagY : 0),
                                        static_cast<int32_t>(C),
                                        static_cast<int32_t>(s.cells & 0x7fffffff),
                                        static_cast<int32_t>(s.cells >> 31),
@@ -155,21 +158,38 @@ struct SavedPtrs {
   float* decay = nullptr;
   float* s_prev = nullptr;
   unsigned char* tiles = nullptr;
-  float* y = nullptr;  // (cells, kRecordRows, P); null: not saved
   TileRecord tr{};
   int32_t header[kSavedHeaderInts] = {};
 };
 
-__host__ inline SavedPtrs saved_ptrs(void* data, const SavedLayout& l) {
+// The y region of a saved buffer (saved_layout: right after the records; (cells, kRecordRows, P)
+// fp32), or null where the header says the buffer has none. Derived from the header rather than
+// kept as a member: the forward's saving instance without y then has the kernel parameters and
+// code it had before y existed (H200, 2026-12-01: with a y member it was 6 % slower at `train`).
+__host__ __device__ inline float* saved_y(const SavedPtrs& sv) {
+  if (sv.base == nullptr || (sv.header[11] & kSavedFlagY) == 0) return nullptr;
+  const int64_t cells =
+      static_cast<int64_t>(sv.header[13]) | (static_cast<int64_t>(sv.header[14]) << 31);
+  return reinterpret_cast<float*>(sv.tiles + (cells * sv.tr.bytes + 255) / 256 * 256);
+}
+
+// The pointers into a saved buffer at `data` with layout `l`; Internal where saved_y would not
+// find the layout's y region (the two must agree: the kernels locate y from the header).
+__host__ inline Status saved_ptrs(void* data, const SavedLayout& l, SavedPtrs* out) {
   SavedPtrs p;
   p.base = static_cast<unsigned char*>(data);
   p.decay = reinterpret_cast<float*>(p.base + l.decay);
   p.s_prev = reinterpret_cast<float*>(p.base + l.s_prev);
   p.tiles = p.base + l.tiles;
-  p.y = l.y > 0 ? reinterpret_cast<float*>(p.base + l.y) : nullptr;
   p.tr = l.tr;
   for (int i = 0; i < kSavedHeaderInts; ++i) p.header[i] = l.header[i];
-  return p;
+  const float* found = saved_y(p);
+  const int64_t at = found ? reinterpret_cast<const unsigned char*>(found) - p.base : 0;
+  if (at != l.y)
+    return Status::Internal("saved: the header locates y at byte " + std::to_string(at) +
+                            ", the layout at byte " + std::to_string(l.y) + " (0: none)");
+  *out = p;
+  return Status::Ok();
 }
 
 }  // namespace mamba3::cuda
