@@ -286,12 +286,17 @@ int run_bench(const BenchOptions& o) {
       "\n  useful FLOPs: forward 2*B*L*H*R*(64*(N+P) + 2*N*P) = {:.3g}; backward counted as 3x "
       "the forward; step: per-token time over a stream of {} steps (batch {})\n",
       forward_flops(cfg), kStepStream, cfg.B);
+  // What the backward row measured: with saved activations ("bwd") or without ("bwd-recompute":
+  // --recompute, or a configuration whose lane saves nothing, e.g. the cuda lane off its
+  // tensor-core path or with MAMBA3_CUDA_SAVE_TILES=0).
+  const bool saved_ran = bwd ? bwd->op == "bwd" : o.use_saved;
   fmt::print(rep, "  {}\n",
-             lane == Lane::kCuda
-                 ? "cuda lane: the backward recomputes the chunk-start states (it saves nothing)"
-             : o.use_saved ? "training mode: the forward also writes final states and the saved "
-                           "activations (ForwardArgs::saved) that the backward reads"
-                         : "--recompute: the backward recomputes the forward (no saved activations)");
+             saved_ran ? "training mode: the forward also writes final states and the saved "
+                         "activations (ForwardArgs::saved) that the backward reads"
+             : o.use_saved
+                 ? "the backward recomputes the forward's activations: the lane saves none for "
+                   "this configuration"
+                 : "--recompute: the backward recomputes the forward (no saved activations)");
   double copy_bw = 0, bf16_rate = 0;
   if (lane == Lane::kCuda) {
     fmt::print(stderr, "[bench] device copy bandwidth and bf16 matmul rate ...\n");
@@ -346,7 +351,7 @@ int run_bench(const BenchOptions& o) {
     doc["threads"] = o.threads;
     doc["warmup"] = o.warmup;
     doc["iters"] = o.iters;
-    doc["backward_mode"] = o.use_saved ? "saved" : "recompute";
+    doc["backward_mode"] = saved_ran ? "saved" : "recompute";
     doc["flop_model"] = "forward 2*B*L*H*R*(64*(N+P)+2*N*P); backward 3x forward";
     doc["ops"] = nlohmann::json::array();
     for (const OpResult& r : results) {
