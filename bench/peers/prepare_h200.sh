@@ -9,9 +9,12 @@
 #                composable_kernel headers left out to fit the 64 MiB carry limit) and
 #                tlcache.tar.xz (the official MIMO kernels compiled ahead into TileLang's cache)
 # Usage: bash bench/peers/prepare_h200.sh ROOT PYTHON
-#   ROOT: the checkout the device tool sends; PYTHON: a python with torch 2.11 (cu130) and
-#   mamba-ssm's build needs, used for the builds. Slow: nvcc for the extension, and TileLang
-#   compiles seven kernels (minutes each on 2 cores).
+#   ROOT: the checkout the device tool sends; PYTHON: a python 3.12 with torch 2.11 (cu130) and
+#   mamba-ssm's build needs (setuptools, wheel, packaging, ninja, einops), used for the builds
+#   (a fresh one: python3.12 -m venv V && V/bin/pip install "torch==2.11.*" numpy packaging
+#   setuptools wheel ninja einops "scikit-build-core>=0.10"); the script adds tilelang's
+#   pure-Python dependencies to it. Slow: nvcc for the extension, and TileLang compiles seven
+#   kernels (minutes each on 2 cores).
 set -euo pipefail
 root=$(realpath "$1")
 py=${2:-python3}
@@ -50,10 +53,15 @@ touch -d "$stamp" "$work/site312/tilelang/lib/libtilelang.so"
 tar -C "$work/site312" --sort=name -cf - . | xz -T0 -9 >"$root/.whl/tilelang-site.tar.xz"
 
 echo "[prepare] TileLang kernels -> $root/.whl/tlcache.tar.xz"
-# The same tilelang build for this python (abi3 wheel), with the same library mtime.
-"$py" -m pip install -q --no-deps --no-compile --target "$work/tl" "$work"/dl/tilelang-*.whl
+# The same tilelang build for this python (abi3 wheel), with the same library mtime, and the
+# official kernels' source from the wheel built above (PYTHON need not have mamba-ssm installed);
+# tilelang's own dependencies from the archive's site (tvm-ffi, z3) and, installed into PYTHON,
+# the pure-Python ones the device image already has.
+"$py" -m pip install -q cloudpickle ml-dtypes psutil tqdm typing-extensions
+"$py" -m pip install -q --no-deps --no-compile --target "$work/tl" "$work"/dl/tilelang-*.whl \
+  "$root"/.whl/mamba_ssm-*.whl
 touch -d "$stamp" "$work/tl/tilelang/lib/libtilelang.so"
-PYTHONPATH="$work/tl" TILELANG_TARGET="cuda -arch=sm_90a" TILELANG_CACHE_DIR="$work/tlcache" \
+PYTHONPATH="$work/tl:$work/site312" TILELANG_TARGET="cuda -arch=sm_90a" TILELANG_CACHE_DIR="$work/tlcache" \
   "$py" "$here/bench/peers/tilelang_precompile.py" --jobs "$(nproc)"
 rm -rf "$work/tlcache/tmp"
 tar -C "$work/tlcache" -cf - . | xz -T0 -9 >"$root/.whl/tlcache.tar.xz"
