@@ -53,15 +53,13 @@ touch -d "$stamp" "$work/site312/tilelang/lib/libtilelang.so"
 tar -C "$work/site312" --sort=name -cf - . | xz -T0 -9 >"$root/.whl/tilelang-site.tar.xz"
 
 echo "[prepare] TileLang kernels -> $root/.whl/tlcache.tar.xz"
-# The same tilelang build for this python (abi3 wheel), with the same library mtime, and the
-# official kernels' source from the wheel built above (PYTHON need not have mamba-ssm installed);
-# tilelang's own dependencies from the archive's site (tvm-ffi, z3) and, installed into PYTHON,
-# the pure-Python ones the device image already has.
+# tilelang and its tvm-ffi / z3 from the site just archived (the same files and library mtime the
+# device unpacks, so the cache keys match), the official kernels' source from the wheel built
+# above (PYTHON need not have mamba-ssm installed), and tilelang's pure-Python dependencies,
+# which the device image already has, installed into PYTHON.
 "$py" -m pip install -q cloudpickle ml-dtypes psutil tqdm typing-extensions
-"$py" -m pip install -q --no-deps --no-compile --target "$work/tl" "$work"/dl/tilelang-*.whl \
-  "$root"/.whl/mamba_ssm-*.whl
-touch -d "$stamp" "$work/tl/tilelang/lib/libtilelang.so"
-PYTHONPATH="$work/tl:$work/site312" TILELANG_TARGET="cuda -arch=sm_90a" TILELANG_CACHE_DIR="$work/tlcache" \
+"$py" -m pip install -q --no-deps --no-compile --target "$work/ms" "$root"/.whl/mamba_ssm-*.whl
+PYTHONPATH="$work/site312:$work/ms" TILELANG_TARGET="cuda -arch=sm_90a" TILELANG_CACHE_DIR="$work/tlcache" \
   "$py" "$here/bench/peers/tilelang_precompile.py" --jobs "$(nproc)"
 rm -rf "$work/tlcache/tmp"
 tar -C "$work/tlcache" -cf - . | xz -T0 -9 >"$root/.whl/tlcache.tar.xz"
